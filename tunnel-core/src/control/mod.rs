@@ -1,0 +1,452 @@
+//! The control channel's state machine, sans-IO.
+//!
+//! One [`Control`] per side of an agent link. The driver feeds it received messages
+//! ([`Control::handle_message`]) and expired deadlines ([`Control::handle_timeout`]), then drains
+//! [`Control::poll_transmit`] and [`Control::poll_event`] and re-arms one timer from
+//! [`Control::poll_timeout`]. It never touches a socket or a clock.
+//!
+//! ```text
+//! agent:  AwaitRegistered --Registered--> Active --GoAway(any side)--> Draining
+//! server: AwaitRegister --Register--> AwaitAccept --accept_registration--> Active --> Draining
+//! ```
+//! Once active, each side pings every `ping_interval` and declares the peer dead when the
+//! matching pong has not come back within `ping_timeout`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::proto::{self, control::Msg};
+
+/// Liveness and handshake timing.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Time between pings once registered. Default 15 s.
+    pub ping_interval: Duration,
+    /// Time allowed for the pong. Default 10 s.
+    pub ping_timeout: Duration,
+    /// Time allowed from link up to completed registration. Default 10 s.
+    pub register_timeout: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(10),
+            register_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the control channel reports to its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Server side: the agent registered with these claims. The owner checks them against the
+    /// certificate and answers with [`Control::accept_registration`].
+    RegisterReceived(proto::Register),
+    /// Agent side: the server accepted the registration.
+    Registered(proto::Registered),
+    /// The peer accepts no new streams.
+    GoAway {
+        /// The peer's reason.
+        reason: String,
+        /// How long existing streams may go on.
+        drain: Duration,
+    },
+}
+
+/// A control-channel failure; the link should be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// A message that is not allowed in the current state.
+    #[error("unexpected {message} in state {state}")]
+    Unexpected {
+        /// The message kind.
+        message: &'static str,
+        /// The state it arrived in.
+        state: &'static str,
+    },
+    /// The peer did not register (or answer the registration) in time.
+    #[error("registration timed out")]
+    RegisterTimeout,
+    /// No pong within the ping timeout.
+    #[error("ping {seq} not answered within the timeout")]
+    PingTimeout {
+        /// The unanswered ping.
+        seq: u64,
+    },
+    /// The peer sends faster than we can answer.
+    #[error("peer floods the control channel")]
+    Flood,
+    /// An empty control message.
+    #[error("empty control message")]
+    Empty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitRegister { deadline: Instant },
+    AwaitAccept { deadline: Instant },
+    AwaitRegistered { deadline: Instant },
+    Active,
+    Draining,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            Self::AwaitRegister { .. } => "await-register",
+            Self::AwaitAccept { .. } => "await-accept",
+            Self::AwaitRegistered { .. } => "await-registered",
+            Self::Active => "active",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+/// Bound on queued outgoing messages: a well-behaved peer never gets us past a handful.
+const MAX_OUTBOX: usize = 64;
+
+/// One side of the control channel.
+#[derive(Debug)]
+pub struct Control {
+    config: ControlConfig,
+    state: State,
+    outbox: VecDeque<proto::Control>,
+    events: VecDeque<Event>,
+    next_ping: Option<Instant>,
+    outstanding: Option<(u64, Instant)>,
+    seq: u64,
+}
+
+fn msg_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Register(_) => "register",
+        Msg::Registered(_) => "registered",
+        Msg::Ping(_) => "ping",
+        Msg::Pong(_) => "pong",
+        Msg::GoAway(_) => "go-away",
+    }
+}
+
+impl Control {
+    /// The agent's side; `register` is queued for sending at once.
+    pub fn agent(now: Instant, config: ControlConfig, register: proto::Register) -> Self {
+        let deadline = now + config.register_timeout;
+        let mut c = Self::new(config, State::AwaitRegistered { deadline });
+        c.outbox.push_back(wrap(Msg::Register(register)));
+        c
+    }
+
+    /// The server's side, waiting for the agent's Register.
+    pub fn server(now: Instant, config: ControlConfig) -> Self {
+        let deadline = now + config.register_timeout;
+        Self::new(config, State::AwaitRegister { deadline })
+    }
+
+    fn new(config: ControlConfig, state: State) -> Self {
+        Self {
+            config,
+            state,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            next_ping: None,
+            outstanding: None,
+            seq: 0,
+        }
+    }
+
+    /// True once registration completed and until a go-away.
+    pub fn is_active(&self) -> bool {
+        self.state == State::Active
+    }
+
+    /// True after a go-away in either direction.
+    pub fn is_draining(&self) -> bool {
+        self.state == State::Draining
+    }
+
+    /// Feeds one message from the peer.
+    pub fn handle_message(&mut self, now: Instant, msg: proto::Control) -> Result<(), ControlError> {
+        let msg = msg.msg.ok_or(ControlError::Empty)?;
+        let unexpected = |m: &Msg, s: State| ControlError::Unexpected {
+            message: msg_name(m),
+            state: s.name(),
+        };
+        match (self.state, msg) {
+            (State::AwaitRegister { deadline }, Msg::Register(r)) => {
+                self.state = State::AwaitAccept { deadline };
+                self.events.push_back(Event::RegisterReceived(r));
+            }
+            (State::AwaitRegistered { .. }, Msg::Registered(r)) => {
+                self.activate(now);
+                self.events.push_back(Event::Registered(r));
+            }
+            (State::Active | State::Draining, Msg::Ping(p)) => {
+                if self.outbox.len() >= MAX_OUTBOX {
+                    return Err(ControlError::Flood);
+                }
+                self.outbox.push_back(wrap(Msg::Pong(proto::Pong { seq: p.seq })));
+            }
+            (State::Active | State::Draining, Msg::Pong(p)) => {
+                // A pong for an older ping is late but harmless.
+                if self.outstanding.is_some_and(|(seq, _)| seq == p.seq) {
+                    self.outstanding = None;
+                }
+            }
+            (State::Active | State::Draining, Msg::GoAway(g)) => {
+                self.state = State::Draining;
+                self.events.push_back(Event::GoAway {
+                    reason: g.reason,
+                    drain: Duration::from_millis(u64::from(g.drain_ms)),
+                });
+            }
+            (state, m) => return Err(unexpected(&m, state)),
+        }
+        Ok(())
+    }
+
+    /// Server side: accepts the registration reported by [`Event::RegisterReceived`], answering
+    /// with `registered` (which carries the name from the certificate, not the claim).
+    pub fn accept_registration(
+        &mut self,
+        now: Instant,
+        registered: proto::Registered,
+    ) -> Result<(), ControlError> {
+        let State::AwaitAccept { .. } = self.state else {
+            return Err(ControlError::Unexpected {
+                message: "registered",
+                state: self.state.name(),
+            });
+        };
+        self.outbox.push_back(wrap(Msg::Registered(registered)));
+        self.activate(now);
+        Ok(())
+    }
+
+    /// Tells the peer that this side accepts no new streams.
+    pub fn go_away(&mut self, reason: impl Into<String>, drain: Duration) {
+        if self.state == State::Draining {
+            return;
+        }
+        self.state = State::Draining;
+        self.outbox.push_back(wrap(Msg::GoAway(proto::GoAway {
+            reason: reason.into(),
+            drain_ms: u32::try_from(drain.as_millis()).unwrap_or(u32::MAX),
+        })));
+    }
+
+    fn activate(&mut self, now: Instant) {
+        self.state = State::Active;
+        self.next_ping = Some(now + self.config.ping_interval);
+    }
+
+    /// The next instant at which [`Control::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let register = match self.state {
+            State::AwaitRegister { deadline }
+            | State::AwaitAccept { deadline }
+            | State::AwaitRegistered { deadline } => Some(deadline),
+            State::Active | State::Draining => None,
+        };
+        [register, self.next_ping, self.outstanding.map(|(_, d)| d)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Acts on every deadline that has passed by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ControlError> {
+        match self.state {
+            State::AwaitRegister { deadline }
+            | State::AwaitAccept { deadline }
+            | State::AwaitRegistered { deadline }
+                if now >= deadline =>
+            {
+                return Err(ControlError::RegisterTimeout);
+            }
+            _ => {}
+        }
+        if let Some((seq, deadline)) = self.outstanding
+            && now >= deadline
+        {
+            return Err(ControlError::PingTimeout { seq });
+        }
+        if let Some(at) = self.next_ping
+            && now >= at
+        {
+            self.seq += 1;
+            self.outbox.push_back(wrap(Msg::Ping(proto::Ping { seq: self.seq })));
+            if self.outstanding.is_none() {
+                self.outstanding = Some((self.seq, now + self.config.ping_timeout));
+            }
+            self.next_ping = Some(now + self.config.ping_interval);
+        }
+        Ok(())
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<proto::Control> {
+        self.outbox.pop_front()
+    }
+
+    /// The next event for the owner.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+fn wrap(msg: Msg) -> proto::Control {
+    proto::Control { msg: Some(msg) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shuttles messages between the two machines until both are quiet.
+    fn drive(now: Instant, a: &mut Control, b: &mut Control) -> Result<(), ControlError> {
+        loop {
+            let mut moved = false;
+            while let Some(m) = a.poll_transmit() {
+                b.handle_message(now, m)?;
+                moved = true;
+            }
+            while let Some(m) = b.poll_transmit() {
+                a.handle_message(now, m)?;
+                moved = true;
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    fn register() -> proto::Register {
+        proto::Register {
+            node_name: "claimed".into(),
+            ..Default::default()
+        }
+    }
+
+    fn registered_pair(now: Instant) -> (Control, Control) {
+        let cfg = ControlConfig::default();
+        let mut agent = Control::agent(now, cfg.clone(), register());
+        let mut server = Control::server(now, cfg);
+        drive(now, &mut agent, &mut server).unwrap();
+        assert_eq!(
+            server.poll_event(),
+            Some(Event::RegisterReceived(register()))
+        );
+        server
+            .accept_registration(
+                now,
+                proto::Registered {
+                    node_name: "from-cert".into(),
+                    server_id: "s1".into(),
+                },
+            )
+            .unwrap();
+        drive(now, &mut agent, &mut server).unwrap();
+        assert!(matches!(agent.poll_event(), Some(Event::Registered(r)) if r.node_name == "from-cert"));
+        assert!(agent.is_active() && server.is_active());
+        (agent, server)
+    }
+
+    #[test]
+    fn pings_keep_a_live_pair_up() {
+        let mut now = Instant::now();
+        let (mut agent, mut server) = registered_pair(now);
+        for _ in 0..10 {
+            now = agent.poll_timeout().unwrap().min(server.poll_timeout().unwrap());
+            agent.handle_timeout(now).unwrap();
+            server.handle_timeout(now).unwrap();
+            drive(now, &mut agent, &mut server).unwrap();
+        }
+        assert_eq!(agent.seq, 10);
+        assert!(agent.outstanding.is_none() && server.outstanding.is_none());
+    }
+
+    #[test]
+    fn silent_peer_is_declared_dead_after_interval_plus_timeout() {
+        let start = Instant::now();
+        let (mut agent, _server) = registered_pair(start);
+        let ping_at = agent.poll_timeout().unwrap();
+        assert_eq!(ping_at, start + Duration::from_secs(15));
+        agent.handle_timeout(ping_at).unwrap();
+        assert!(matches!(
+            agent.poll_transmit().and_then(|m| m.msg),
+            Some(Msg::Ping(_))
+        ));
+        let dead_at = agent.poll_timeout().unwrap();
+        assert_eq!(dead_at, start + Duration::from_secs(25));
+        assert_eq!(
+            agent.handle_timeout(dead_at),
+            Err(ControlError::PingTimeout { seq: 1 })
+        );
+    }
+
+    #[test]
+    fn registration_must_happen_in_time_and_in_order() {
+        let now = Instant::now();
+        let mut server = Control::server(now, ControlConfig::default());
+        assert_eq!(server.poll_timeout(), Some(now + Duration::from_secs(10)));
+        assert_eq!(
+            server.handle_timeout(now + Duration::from_secs(10)),
+            Err(ControlError::RegisterTimeout)
+        );
+
+        let mut server = Control::server(now, ControlConfig::default());
+        let ping = wrap(Msg::Ping(proto::Ping { seq: 1 }));
+        assert_eq!(
+            server.handle_message(now, ping),
+            Err(ControlError::Unexpected {
+                message: "ping",
+                state: "await-register"
+            })
+        );
+        let mut agent = Control::agent(now, ControlConfig::default(), register());
+        assert!(agent.handle_message(now, wrap(Msg::Register(register()))).is_err());
+        assert_eq!(
+            agent.handle_message(now, proto::Control { msg: None }),
+            Err(ControlError::Empty)
+        );
+    }
+
+    #[test]
+    fn go_away_reaches_the_peer_and_pings_go_on() {
+        let mut now = Instant::now();
+        let (mut agent, mut server) = registered_pair(now);
+        server.go_away("shutting down", Duration::from_secs(30));
+        drive(now, &mut agent, &mut server).unwrap();
+        assert_eq!(
+            agent.poll_event(),
+            Some(Event::GoAway {
+                reason: "shutting down".into(),
+                drain: Duration::from_secs(30)
+            })
+        );
+        assert!(agent.is_draining() && server.is_draining());
+        now += Duration::from_secs(15);
+        agent.handle_timeout(now).unwrap();
+        server.handle_timeout(now).unwrap();
+        drive(now, &mut agent, &mut server).unwrap();
+        assert!(agent.outstanding.is_none());
+    }
+
+    #[test]
+    fn ping_flood_is_an_error_not_unbounded_memory() {
+        let now = Instant::now();
+        let (_agent, mut server) = registered_pair(now);
+        let mut result = Ok(());
+        for seq in 0..1000 {
+            result = server.handle_message(now, wrap(Msg::Ping(proto::Ping { seq })));
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(ControlError::Flood));
+        assert!(server.outbox.len() <= MAX_OUTBOX);
+    }
+}

@@ -1,0 +1,242 @@
+//! rustls configuration builders (ring only, never a process-wide provider) and the node identity
+//! carried by an agent's certificate.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::ConfigError;
+use crate::route::{NodeRef, parse_host};
+
+/// ALPN protocol id of the QUIC tunnel.
+pub const ALPN_QUIC: &[u8] = b"edge-tunnel/1";
+
+/// The crypto provider every config of this crate uses: ring, passed explicitly so that an
+/// embedding program's own process default is neither needed nor changed.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct Identity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// Parses a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, ConfigError> {
+        Ok(Self {
+            chain: certs_from_pem(cert_pem, "certificate file")?,
+            key: PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+                rustls_pki_types::pem::Error::NoItemsFound => ConfigError::NoKey("key file"),
+                source => ConfigError::Pem {
+                    what: "key file",
+                    source,
+                },
+            })?,
+        })
+    }
+}
+
+/// All certificates in a PEM bundle; an empty bundle is an error.
+pub fn certs_from_pem(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ConfigError::Pem { what, source })?;
+    if certs.is_empty() {
+        return Err(ConfigError::NoCertificate(what));
+    }
+    Ok(certs)
+}
+
+/// A root store holding every certificate of a PEM CA bundle.
+pub fn roots_from_pem(pem: &[u8], what: &'static str) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(pem, what)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// Server side of the tunnel: TLS 1.3, client certificate required and verified against
+/// `client_roots`, ALPN `alpn`.
+pub fn server_config(
+    identity: Identity,
+    client_roots: RootCertStore,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, ConfigError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), provider.clone())
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Agent side of the tunnel: TLS 1.3, server verified against `server_roots`, client certificate
+/// presented.
+pub fn client_config(
+    identity: Identity,
+    server_roots: RootCertStore,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, ConfigError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(server_roots)
+        .with_client_auth_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Who an agent is, taken from its verified certificate: nothing else decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AgentIdentity {
+    /// The node name: the first DNS SAN, else the subject CN (without a `system:node:` prefix);
+    /// lowercased.
+    pub node_name: String,
+    /// The node's IPs: the certificate's IP SANs.
+    pub node_ips: Vec<IpAddr>,
+}
+
+/// Why a certificate does not name a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The peer sent no certificate.
+    #[error("no client certificate")]
+    Missing,
+    /// The certificate is not parseable X.509.
+    #[error("unparseable certificate")]
+    Unparseable,
+    /// Neither a DNS SAN nor a CN.
+    #[error("certificate names no node (no DNS SAN, no CN)")]
+    NoName,
+    /// The name is not a valid node name.
+    #[error("certificate names an invalid node {0:?}")]
+    InvalidName(String),
+}
+
+impl AgentIdentity {
+    /// Reads the identity from a leaf certificate that the TLS layer has already verified.
+    pub fn from_certificate(der: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparseable)?;
+        let mut dns = None;
+        let mut node_ips = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) if dns.is_none() => dns = Some((*d).to_owned()),
+                    GeneralName::IPAddress(b) => {
+                        if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                            node_ips.push(IpAddr::from(v4));
+                        } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                            node_ips.push(IpAddr::from(v6));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let name = match dns {
+            Some(d) => d,
+            None => cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                // Kubernetes node client certificates say `system:node:NAME`.
+                .map(|cn| cn.strip_prefix("system:node:").unwrap_or(cn).to_owned())
+                .ok_or(IdentityError::NoName)?,
+        };
+        match parse_host(&name) {
+            Ok(NodeRef::Name(node_name)) => Ok(Self {
+                node_name,
+                node_ips,
+            }),
+            _ => Err(IdentityError::InvalidName(name.chars().take(64).collect())),
+        }
+    }
+
+    /// From the peer certificates a rustls or quinn connection reports (leaf first).
+    pub fn from_chain(chain: Option<&[CertificateDer<'_>]>) -> Result<Self, IdentityError> {
+        let leaf = chain.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
+        Self::from_certificate(leaf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(params: rcgen::CertificateParams) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn identity_prefers_dns_san_and_collects_ips() {
+        let mut p = rcgen::CertificateParams::new(vec!["Node-A".into(), "other".into()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "cn-name");
+        p.subject_alt_names.push(rcgen::SanType::IpAddress("10.0.0.5".parse().unwrap()));
+        p.subject_alt_names.push(rcgen::SanType::IpAddress("fd00::5".parse().unwrap()));
+        let id = AgentIdentity::from_certificate(&cert(p)).unwrap();
+        assert_eq!(id.node_name, "node-a");
+        assert_eq!(
+            id.node_ips,
+            vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn identity_falls_back_to_cn_and_rejects_bad_names() {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "edge-7");
+        assert_eq!(AgentIdentity::from_certificate(&cert(p)).unwrap().node_name, "edge-7");
+
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "system:node:edge-8");
+        assert_eq!(AgentIdentity::from_certificate(&cert(p)).unwrap().node_name, "edge-8");
+
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "system:node:edge 7");
+        assert!(matches!(
+            AgentIdentity::from_certificate(&cert(p)),
+            Err(IdentityError::InvalidName(_))
+        ));
+
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        assert_eq!(
+            AgentIdentity::from_certificate(&cert(p)),
+            Err(IdentityError::NoName)
+        );
+        assert_eq!(AgentIdentity::from_chain(None), Err(IdentityError::Missing));
+    }
+}

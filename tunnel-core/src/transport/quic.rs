@@ -1,0 +1,543 @@
+//! The QUIC transport (quinn): the agent dials; its first bidirectional stream is the control
+//! channel; the server opens one bidirectional stream per proxied connection, writes the
+//! stream-open header, reads the agent's answer, then both sides move raw bytes.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use quinn::VarInt;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, debug_span, info, warn};
+
+use super::session::{AgentConn, Command, DriverTask, Link, RequestedInner, ServerConn};
+use super::{
+    AgentSession, LinkState, RequestedStream, ServerSession, SessionConfig, TunnelStream,
+};
+use crate::control::{Control, ControlError, Event};
+use crate::error::{ConfigError, OpenError, Refusal, SessionError};
+use crate::proto::{self, DecodeError, MAX_CONTROL_LEN, MAX_OPEN_LEN, OpenRequest};
+use crate::tls::{ALPN_QUIC, AgentIdentity};
+
+/// Connection close codes, so that each side's logs say who ended the link and why.
+pub(crate) const CLOSE_BY_SERVER: u32 = 0;
+pub(crate) const CLOSE_BY_AGENT: u32 = 0;
+const CLOSE_PROTOCOL: u32 = 1;
+const CLOSE_DEAD_PEER: u32 = 2;
+
+fn transport_config(config: &SessionConfig, accept_streams: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(accept_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(config.stream_window))
+        .receive_window(VarInt::from_u32(config.connection_window))
+        .send_window(u64::from(config.connection_window))
+        .keep_alive_interval(Some(config.keep_alive))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok())
+        .datagram_receive_buffer_size(None);
+    t
+}
+
+/// The server's QUIC endpoint for agents.
+#[derive(Debug)]
+pub struct QuicListener {
+    endpoint: quinn::Endpoint,
+    config: Arc<SessionConfig>,
+    server_id: Arc<str>,
+}
+
+impl QuicListener {
+    /// Binds UDP `addr`. `tls` must require client certificates (see [`crate::tls::server_config`]).
+    pub fn bind(
+        addr: SocketAddr,
+        mut tls: rustls::ServerConfig,
+        config: SessionConfig,
+        server_id: &str,
+    ) -> Result<Self, BindError> {
+        if tls.alpn_protocols.is_empty() {
+            tls.alpn_protocols = vec![ALPN_QUIC.to_vec()];
+        }
+        // 0-RTT data could be replayed; agents gain nothing from it.
+        tls.max_early_data_size = 0;
+        let crypto = QuicServerConfig::try_from(Arc::new(tls))
+            .map_err(|e| ConfigError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        // The agent opens only the control stream; the server opens the rest.
+        server.transport_config(Arc::new(transport_config(&config, 1)));
+        let endpoint = quinn::Endpoint::server(server, addr)?;
+        Ok(Self {
+            endpoint,
+            config: Arc::new(config),
+            server_id: server_id.into(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The next agent knocking; `None` once the listener is closed.
+    pub async fn accept(&self) -> Option<PendingSession> {
+        let incoming = self.endpoint.accept().await?;
+        Some(PendingSession {
+            incoming,
+            config: self.config.clone(),
+            server_id: self.server_id.clone(),
+        })
+    }
+
+    /// Stops accepting and closes every link.
+    pub fn close(&self, reason: &str) {
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_BY_SERVER), reason.as_bytes());
+    }
+
+    /// Resolves when every link of this endpoint is gone.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Why a listener or connector could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The TLS configuration does not fit QUIC.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The UDP socket could not be bound.
+    #[error("bind: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An agent's connection attempt, before the handshake.
+#[derive(Debug)]
+pub struct PendingSession {
+    incoming: quinn::Incoming,
+    config: Arc<SessionConfig>,
+    server_id: Arc<str>,
+}
+
+impl PendingSession {
+    /// Where the attempt comes from.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Completes TLS, takes the node identity from the client certificate, and runs the
+    /// registration. The node name comes from the certificate only; a differing claim is logged.
+    pub async fn establish(self) -> Result<ServerSession, SessionError> {
+        let remote = self.incoming.remote_address();
+        let config = self.config;
+        let conn = tokio::time::timeout(config.handshake_timeout, self.incoming.accept()?)
+            .await
+            .map_err(|_| SessionError::Timeout("quic handshake"))??;
+        let identity = peer_identity(&conn)?;
+        let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote);
+        let result = async {
+            let (send, recv) = tokio::time::timeout(
+                config.control.register_timeout,
+                conn.accept_bi(),
+            )
+            .await
+            .map_err(|_| SessionError::Timeout("control stream"))??;
+            let mut io = ControlIo::new(send, recv);
+            let mut control = Control::server(now(), config.control.clone());
+            let claims = match io.until_event(&mut control).await? {
+                Event::RegisterReceived(r) => r,
+                other => {
+                    return Err(SessionError::Protocol(ControlError::Unexpected {
+                        message: event_name(&other),
+                        state: "await-register",
+                    }));
+                }
+            };
+            if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
+                warn!(
+                    agent.claimed = %claims.node_name,
+                    "agent claims another node name; using its certificate's"
+                );
+            }
+            control.accept_registration(
+                now(),
+                proto::Registered {
+                    node_name: identity.node_name.clone(),
+                    server_id: self.server_id.to_string(),
+                },
+            )?;
+            io.flush(&mut control).await?;
+            let link = spawn_driver(control, io, conn.clone(), span.clone());
+            Ok(ServerSession::new(
+                identity,
+                claims,
+                remote,
+                config.clone(),
+                ServerConn::Quic(conn.clone()),
+                link,
+            ))
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &result {
+            close(&conn, if e.is_peer() { CLOSE_PROTOCOL } else { CLOSE_DEAD_PEER }, &e.to_string());
+        }
+        result
+    }
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<AgentIdentity, SessionError> {
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
+    Ok(AgentIdentity::from_chain(chain.as_deref().map(Vec::as_slice))?)
+}
+
+/// The agent's side: dials servers.
+#[derive(Debug, Clone)]
+pub struct QuicConnector {
+    client: quinn::ClientConfig,
+    config: Arc<SessionConfig>,
+}
+
+impl QuicConnector {
+    /// A connector presenting the client certificate in `tls`.
+    pub fn new(mut tls: rustls::ClientConfig, config: SessionConfig) -> Result<Self, BindError> {
+        if tls.alpn_protocols.is_empty() {
+            tls.alpn_protocols = vec![ALPN_QUIC.to_vec()];
+        }
+        let crypto =
+            QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| ConfigError::Quic(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(transport_config(&config, config.max_streams)));
+        Ok(Self {
+            client,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Dials `addr`, verifying the server as `server_name`, and registers with `register`'s
+    /// claims. Each link gets its own UDP socket, so a reconnect after a NAT rebinding starts
+    /// clean.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        register: proto::Register,
+    ) -> Result<AgentSession, SessionError> {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind)?;
+        let config = self.config.clone();
+        let connecting = endpoint.connect_with(self.client.clone(), addr, server_name)?;
+        let conn = tokio::time::timeout(config.handshake_timeout, connecting)
+            .await
+            .map_err(|_| SessionError::Timeout("quic handshake"))??;
+        let span = debug_span!("session", peer.addr = %addr);
+        let result = async {
+            let (send, recv) = conn.open_bi().await?;
+            let mut io = ControlIo::new(send, recv);
+            let mut control = Control::agent(now(), config.control.clone(), register);
+            let registered = match io.until_event(&mut control).await? {
+                Event::Registered(r) => r,
+                other => {
+                    return Err(SessionError::Protocol(ControlError::Unexpected {
+                        message: event_name(&other),
+                        state: "await-registered",
+                    }));
+                }
+            };
+            let link = spawn_driver(control, io, conn.clone(), span.clone());
+            Ok((registered, link))
+        }
+        .instrument(span.clone())
+        .await;
+        match result {
+            Ok((registered, link)) => Ok(AgentSession::new(
+                registered,
+                addr,
+                config,
+                AgentConn::Quic {
+                    conn,
+                    _endpoint: endpoint,
+                },
+                link,
+            )),
+            Err(e) => {
+                close(&conn, CLOSE_PROTOCOL, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+fn event_name(e: &Event) -> &'static str {
+    match e {
+        Event::RegisterReceived(_) => "register",
+        Event::Registered(_) => "registered",
+        Event::GoAway { .. } => "go-away",
+    }
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+pub(crate) fn close(conn: &quinn::Connection, code: u32, reason: &str) {
+    let reason: String = reason.chars().take(100).collect();
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+/// The control stream's bytes, framed.
+struct ControlIo {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl ControlIo {
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            buf: BytesMut::with_capacity(256),
+            out: BytesMut::with_capacity(256),
+        }
+    }
+
+    /// Writes every queued message. Bounded in time by the caller's deadlines: the control
+    /// stream's window is far larger than what a live peer leaves unread.
+    async fn flush(&mut self, control: &mut Control) -> Result<(), SessionError> {
+        while let Some(msg) = control.poll_transmit() {
+            proto::encode_frame(&msg, &mut self.out)?;
+        }
+        if !self.out.is_empty() {
+            self.send.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Feeds every complete frame in the buffer to `control`.
+    fn feed(&mut self, control: &mut Control) -> Result<(), SessionError> {
+        loop {
+            match proto::decode_frame::<proto::Control>(&self.buf, MAX_CONTROL_LEN) {
+                Ok((msg, used)) => {
+                    self.buf.advance(used);
+                    control.handle_message(now(), msg)?;
+                }
+                Err(e) if e.is_incomplete() => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads one chunk; an end of stream is an error (the control stream lives as long as the
+    /// link).
+    async fn read(&mut self) -> Result<(), SessionError> {
+        if self.recv.read_buf(&mut self.buf).await? == 0 {
+            return Err(SessionError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "control stream ended",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drives `control` until it reports an event (the handshake steps), honouring its deadlines.
+    async fn until_event(&mut self, control: &mut Control) -> Result<Event, SessionError> {
+        loop {
+            self.flush(control).await?;
+            if let Some(ev) = control.poll_event() {
+                return Ok(ev);
+            }
+            let deadline = control.poll_timeout();
+            tokio::select! {
+                r = self.read() => { r?; self.feed(control)?; }
+                () = sleep_until(deadline) => control.handle_timeout(now())?,
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn spawn_driver(
+    control: Control,
+    io: ControlIo,
+    conn: quinn::Connection,
+    span: tracing::Span,
+) -> Link {
+    let (commands, rx) = mpsc::channel(4);
+    let (state_tx, state) = watch::channel(LinkState::Active);
+    let task = tokio::spawn(drive(control, io, conn, rx, state_tx).instrument(span));
+    Link {
+        commands,
+        state,
+        _driver: DriverTask(task),
+    }
+}
+
+/// One task per link: control messages in and out, pings, go-away, and the link's end.
+async fn drive(
+    mut control: Control,
+    mut io: ControlIo,
+    conn: quinn::Connection,
+    mut commands: mpsc::Receiver<Command>,
+    state: watch::Sender<LinkState>,
+) {
+    let result: Result<(), SessionError> = async {
+        loop {
+            io.flush(&mut control).await?;
+            while let Some(ev) = control.poll_event() {
+                if let Event::GoAway { reason, drain } = ev {
+                    info!(%reason, ?drain, "peer sent go-away");
+                    state.send_replace(LinkState::Draining { reason });
+                }
+            }
+            let deadline = control.poll_timeout();
+            tokio::select! {
+                r = io.read() => { r?; io.feed(&mut control)?; }
+                () = sleep_until(deadline) => control.handle_timeout(now())?,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::GoAway { reason, drain }) => {
+                        control.go_away(reason.clone(), drain);
+                        state.send_replace(LinkState::Draining { reason });
+                    }
+                    None => return Ok(()),
+                },
+                e = conn.closed() => return Err(e.into()),
+            }
+        }
+    }
+    .await;
+    let reason = match &result {
+        Ok(()) => "closed".to_owned(),
+        Err(e) => {
+            let code = match e {
+                SessionError::Protocol(ControlError::PingTimeout { .. }) => CLOSE_DEAD_PEER,
+                e if e.is_peer() => CLOSE_PROTOCOL,
+                _ => CLOSE_DEAD_PEER,
+            };
+            close(&conn, code, &e.to_string());
+            e.to_string()
+        }
+    };
+    debug!(%reason, "link ended");
+    state.send_replace(LinkState::Closed { reason });
+}
+
+/// Reads exactly one frame from a stream, nothing past it.
+async fn read_frame<M: prost::Message + Default>(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<M, SessionError> {
+    let mut prefix = [0u8; proto::FRAME_HEADER_LEN];
+    recv.read_exact(&mut prefix).await?;
+    let len = proto::frame_len(&prefix, limit)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(M::decode(&body[..]).map_err(DecodeError::from)?)
+}
+
+pub(crate) async fn open(
+    conn: &quinn::Connection,
+    request: &OpenRequest,
+    config: &SessionConfig,
+) -> Result<TunnelStream, OpenError> {
+    let timeout = config.open_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.open_bi())
+        .await
+        .map_err(|_| OpenError::Timeout(timeout))?
+        .map_err(|e| OpenError::SessionClosed(e.to_string()))?;
+    let header = proto::frame(&request.to_proto())?;
+    let exchange = async {
+        send.write_all(&header)
+            .await
+            .map_err(|e| OpenError::Io(e.into()))?;
+        read_frame::<proto::StreamOpenReply>(&mut recv, MAX_OPEN_LEN)
+            .await
+            .map_err(|e| match e {
+                SessionError::Decode(d) => OpenError::Protocol(d),
+                other => OpenError::Io(std::io::Error::other(other)),
+            })
+    };
+    let reply = match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => {
+            abort(&mut send, &mut recv);
+            return Err(e);
+        }
+        Err(_) => {
+            // The agent may still be dialing; the reset tells it to drop the result.
+            abort(&mut send, &mut recv);
+            return Err(OpenError::Timeout(timeout));
+        }
+    };
+    let refusal = match proto::OpenResult::try_from(reply.result) {
+        Ok(proto::OpenResult::Ok) => return Ok(TunnelStream::quic(send, recv)),
+        Ok(proto::OpenResult::Forbidden) => Refusal::Forbidden,
+        Ok(proto::OpenResult::Refused) => Refusal::Refused,
+        Ok(proto::OpenResult::Timeout) => Refusal::Timeout,
+        Ok(proto::OpenResult::Unreachable) => Refusal::Unreachable,
+        Ok(proto::OpenResult::Unspecified) | Err(_) => {
+            abort(&mut send, &mut recv);
+            return Err(OpenError::Protocol(DecodeError::Invalid("unknown open result")));
+        }
+    };
+    Err(OpenError::Refused {
+        refusal,
+        detail: reply.detail.chars().take(200).collect(),
+        target: request.target,
+    })
+}
+
+fn abort(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) {
+    let code = VarInt::from_u32(1);
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
+
+pub(crate) async fn read_request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    timeout: Duration,
+) -> Result<RequestedStream, SessionError> {
+    let header = tokio::time::timeout(timeout, read_frame::<proto::StreamOpen>(&mut recv, MAX_OPEN_LEN))
+        .await
+        .map_err(|_| SessionError::Timeout("stream header"))
+        .and_then(|r| r)
+        .and_then(|m| Ok(OpenRequest::from_proto(m)?));
+    match header {
+        Ok(request) => Ok(RequestedStream {
+            request,
+            inner: RequestedInner::Quic { send, recv },
+        }),
+        Err(e) => {
+            abort(&mut send, &mut recv);
+            Err(e)
+        }
+    }
+}
+
+pub(crate) async fn write_reply(
+    send: &mut quinn::SendStream,
+    reply: &proto::StreamOpenReply,
+) -> Result<(), SessionError> {
+    let frame = proto::frame(reply)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}

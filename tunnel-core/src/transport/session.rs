@@ -1,0 +1,393 @@
+//! Session handles over any transport: what the server and the agent hold for one agent link.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::{SessionConfig, TransportKind, TunnelStream, quic};
+use crate::error::{OpenError, Refusal, SessionError};
+use crate::proto::{self, OpenRequest};
+use crate::tls::AgentIdentity;
+
+/// Where a link stands, as its driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// Registered and serving.
+    Active,
+    /// A go-away was sent or received: no new streams.
+    Draining {
+        /// Why.
+        reason: String,
+    },
+    /// The link is gone.
+    Closed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Requests from handles to the link's driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    GoAway { reason: String, drain: Duration },
+}
+
+/// The driver task of a link; aborted when the last handle goes.
+#[derive(Debug)]
+pub(crate) struct DriverTask(pub(crate) JoinHandle<()>);
+
+impl Drop for DriverTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The parts every link has, whatever its transport.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) state: watch::Receiver<LinkState>,
+    pub(crate) _driver: DriverTask,
+}
+
+impl Link {
+    fn go_away(&self, reason: &str, drain: Duration) {
+        // A full queue means a go-away is already on its way; a closed one, that the link is gone.
+        let _ = self.commands.try_send(Command::GoAway {
+            reason: reason.to_owned(),
+            drain,
+        });
+    }
+
+    fn current(&self) -> LinkState {
+        self.state.borrow().clone()
+    }
+
+    async fn wait_for(&self, pred: impl Fn(&LinkState) -> bool) -> LinkState {
+        let mut rx = self.state.clone();
+        match rx.wait_for(|s| pred(s)).await {
+            Ok(s) => s.clone(),
+            Err(_) => LinkState::Closed {
+                reason: "driver gone".into(),
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum ServerConn {
+    Quic(quinn::Connection),
+}
+
+#[derive(Debug)]
+struct ServerShared {
+    id: u64,
+    identity: AgentIdentity,
+    claims: proto::Register,
+    remote: SocketAddr,
+    config: Arc<SessionConfig>,
+    conn: ServerConn,
+    link: Link,
+    trace_ids: AtomicU64,
+}
+
+/// The server's handle on one agent link. Cheap to clone; the link lives while a handle does.
+#[derive(Debug, Clone)]
+pub struct ServerSession {
+    shared: Arc<ServerShared>,
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl ServerSession {
+    pub(crate) fn new(
+        identity: AgentIdentity,
+        claims: proto::Register,
+        remote: SocketAddr,
+        config: Arc<SessionConfig>,
+        conn: ServerConn,
+        link: Link,
+    ) -> Self {
+        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: Arc::new(ServerShared {
+                id,
+                identity,
+                claims,
+                remote,
+                config,
+                conn,
+                link,
+                trace_ids: AtomicU64::new(id << 32),
+            }),
+        }
+    }
+
+    /// Unique within this process; tells a replaced session from its successor.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The agent's identity, from its certificate.
+    pub fn identity(&self) -> &AgentIdentity {
+        &self.shared.identity
+    }
+
+    /// What the agent claimed when registering (for logs only; never trusted).
+    pub fn claims(&self) -> &proto::Register {
+        &self.shared.claims
+    }
+
+    /// The agent's address as seen by the server.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.shared.remote
+    }
+
+    /// The transport of this link.
+    pub fn transport(&self) -> TransportKind {
+        match self.shared.conn {
+            ServerConn::Quic(_) => TransportKind::Quic,
+        }
+    }
+
+    /// The link's state now.
+    pub fn state(&self) -> LinkState {
+        self.shared.link.current()
+    }
+
+    /// Opens a stream to `request`'s target. Resolves when the agent has answered: with the
+    /// stream, or with its typed refusal.
+    pub async fn open(&self, request: &OpenRequest) -> Result<TunnelStream, OpenError> {
+        match self.shared.link.current() {
+            LinkState::Active => {}
+            LinkState::Draining { reason } | LinkState::Closed { reason } => {
+                return Err(OpenError::SessionClosed(reason));
+            }
+        }
+        match &self.shared.conn {
+            ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config).await,
+        }
+    }
+
+    /// A fresh trace id for a stream of this session.
+    pub fn next_trace_id(&self) -> u64 {
+        self.shared.trace_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the agent to move away: no new streams here, existing ones may run for `drain`.
+    pub fn go_away(&self, reason: &str, drain: Duration) {
+        self.shared.link.go_away(reason, drain);
+    }
+
+    /// Closes the link now; open streams fail.
+    pub fn close(&self, reason: &str) {
+        match &self.shared.conn {
+            ServerConn::Quic(conn) => quic::close(conn, quic::CLOSE_BY_SERVER, reason),
+        }
+    }
+
+    /// Resolves when the link is closed, with the reason.
+    pub async fn closed(&self) -> String {
+        match self
+            .shared
+            .link
+            .wait_for(|s| matches!(s, LinkState::Closed { .. }))
+            .await
+        {
+            LinkState::Closed { reason } => reason,
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum AgentConn {
+    Quic {
+        conn: quinn::Connection,
+        // Owns the UDP socket of this link.
+        _endpoint: quinn::Endpoint,
+    },
+}
+
+/// The agent's handle on its link to a server.
+#[derive(Debug)]
+pub struct AgentSession {
+    registered: proto::Registered,
+    remote: SocketAddr,
+    config: Arc<SessionConfig>,
+    conn: AgentConn,
+    link: Link,
+}
+
+impl AgentSession {
+    pub(crate) fn new(
+        registered: proto::Registered,
+        remote: SocketAddr,
+        config: Arc<SessionConfig>,
+        conn: AgentConn,
+        link: Link,
+    ) -> Self {
+        Self {
+            registered,
+            remote,
+            config,
+            conn,
+            link,
+        }
+    }
+
+    /// The node name the server registered us under (from our certificate).
+    pub fn node_name(&self) -> &str {
+        &self.registered.node_name
+    }
+
+    /// The server replica's id.
+    pub fn server_id(&self) -> &str {
+        &self.registered.server_id
+    }
+
+    /// The server's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// The transport of this link.
+    pub fn transport(&self) -> TransportKind {
+        match self.conn {
+            AgentConn::Quic { .. } => TransportKind::Quic,
+        }
+    }
+
+    /// The link's state now.
+    pub fn state(&self) -> LinkState {
+        self.link.current()
+    }
+
+    /// The next stream the server opens. Returns quickly: the header is read by
+    /// [`IncomingStream::read_request`], so that a slow stream never holds up the others.
+    pub async fn accept(&self) -> Result<IncomingStream, SessionError> {
+        match &self.conn {
+            AgentConn::Quic { conn, .. } => {
+                let (send, recv) = conn.accept_bi().await?;
+                Ok(IncomingStream {
+                    inner: IncomingInner::Quic { send, recv },
+                    header_timeout: self.config.header_timeout,
+                })
+            }
+        }
+    }
+
+    /// Resolves when the server sent a go-away or the link closed, with the reason.
+    pub async fn draining(&self) -> LinkState {
+        self.link.wait_for(|s| *s != LinkState::Active).await
+    }
+
+    /// Resolves when the link is closed, with the reason.
+    pub async fn closed(&self) -> String {
+        match self
+            .link
+            .wait_for(|s| matches!(s, LinkState::Closed { .. }))
+            .await
+        {
+            LinkState::Closed { reason } => reason,
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Tells the server we are leaving, then closes the link after `drain`... or at once when
+    /// `drain` is zero.
+    pub fn go_away(&self, reason: &str, drain: Duration) {
+        self.link.go_away(reason, drain);
+    }
+
+    /// Closes the link now.
+    pub fn close(&self, reason: &str) {
+        match &self.conn {
+            AgentConn::Quic { conn, .. } => quic::close(conn, quic::CLOSE_BY_AGENT, reason),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum IncomingInner {
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+/// A stream the server opened, before its header is read.
+#[derive(Debug)]
+pub struct IncomingStream {
+    inner: IncomingInner,
+    header_timeout: Duration,
+}
+
+impl IncomingStream {
+    /// Reads and validates the stream-open header. A malformed or late header resets the
+    /// stream and is reported as an error.
+    pub async fn read_request(self) -> Result<RequestedStream, SessionError> {
+        match self.inner {
+            IncomingInner::Quic { send, recv } => {
+                quic::read_request(send, recv, self.header_timeout).await
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum RequestedInner {
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+/// A stream whose target is known; the agent accepts it after dialing, or refuses it.
+#[derive(Debug)]
+pub struct RequestedStream {
+    pub(crate) request: OpenRequest,
+    pub(crate) inner: RequestedInner,
+}
+
+impl RequestedStream {
+    /// What the server asks for.
+    pub fn request(&self) -> &OpenRequest {
+        &self.request
+    }
+
+    /// Answers OK; the returned stream carries the proxied bytes.
+    pub async fn accept(self) -> Result<TunnelStream, SessionError> {
+        let reply = proto::StreamOpenReply {
+            result: proto::OpenResult::Ok.into(),
+            detail: String::new(),
+        };
+        match self.inner {
+            RequestedInner::Quic { mut send, recv } => {
+                quic::write_reply(&mut send, &reply).await?;
+                Ok(TunnelStream::quic(send, recv))
+            }
+        }
+    }
+
+    /// Answers with a typed refusal and a one-line detail (no secrets: the client may see it).
+    pub async fn refuse(self, refusal: Refusal, detail: &str) -> Result<(), SessionError> {
+        let reply = proto::StreamOpenReply {
+            result: refusal.to_proto().into(),
+            detail: detail.chars().take(200).collect(),
+        };
+        match self.inner {
+            RequestedInner::Quic { mut send, recv } => {
+                quic::write_reply(&mut send, &reply).await?;
+                drop(recv);
+                // Finishing (rather than dropping) makes the reply reach the server intact.
+                let _ = send.finish();
+                Ok(())
+            }
+        }
+    }
+}
