@@ -28,6 +28,8 @@
 pub mod control;
 pub mod copy;
 pub mod error;
+#[cfg(feature = "meta")]
+pub mod meta;
 pub mod proto;
 pub mod route;
 pub mod sniff;

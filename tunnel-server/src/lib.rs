@@ -1,1 +1,259 @@
+//! # tunnel-server
+//!
+//! The cloud side of edge-tunnel. Agents dial in on the tunnel port (QUIC, mutual TLS; the node
+//! name comes from the agent's certificate). Clients reach nodes through the fronts:
+//!
+//! * **10263, TLS passthrough**: the ClientHello's SNI names the node; the connection goes to
+//!   its kubelet (10250). TLS is never terminated.
+//! * **10264, HTTP**: the Host header, an absolute-form target or `CONNECT host:port` names the
+//!   node (by name, or by an IP from its agent's certificate) and the port (default 10255).
+//! * **10265, meta** (loopback): `/healthz`, `/readyz`, `/metrics`.
+//!
+//! [`run`] serves until its shutdown future resolves, then drains: go-away to every agent, no
+//! new client connections, open streams may finish within the drain timeout.
+#![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod config;
+mod front;
+pub mod pki;
+pub mod registry;
+mod tunnel;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+use tunnel_core::QuicListener;
+
+pub use config::{ConfigError, ServerConfig};
+pub use registry::Registry;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is incomplete or its files are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A server whose listeners are bound, ready to [`run`](Self::run).
+#[derive(Debug)]
+pub struct Server {
+    config: Arc<ServerConfig>,
+    registry: Arc<Registry>,
+    quic: Arc<QuicListener>,
+    secure: TcpListener,
+    insecure: TcpListener,
+    meta: Option<TcpListener>,
+}
+
+fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn tls_config(config: &ServerConfig) -> Result<rustls::ServerConfig, ConfigError> {
+    config.validate()?;
+    let (Some(cert), Some(key), Some(ca)) = (
+        &config.tls_cert_file,
+        &config.tls_private_key_file,
+        &config.client_ca_file,
+    ) else {
+        return Err(ConfigError::Missing {
+            flag: "--tls-cert-file",
+        });
+    };
+    let tls = |flag| move |source| ConfigError::Tls { flag, source };
+    let identity = tunnel_core::Identity::from_pem(
+        &read("--tls-cert-file", cert)?,
+        &read("--tls-private-key-file", key)?,
+    )
+    .map_err(tls("--tls-cert-file/--tls-private-key-file"))?;
+    let roots = tunnel_core::tls::roots_from_pem(&read("--client-ca-file", ca)?, "client CA file")
+        .map_err(tls("--client-ca-file"))?;
+    tunnel_core::tls::server_config(identity, roots, &[tunnel_core::tls::ALPN_QUIC])
+        .map_err(tls("--tls-cert-file"))
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+impl Server {
+    /// Loads the TLS files and binds every listener. Port 0 picks a free port (see the
+    /// `*_addr` methods).
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let tls = tls_config(&config)?;
+        let tunnel_addr = config.addr(config.tunnel_port);
+        let quic = QuicListener::bind(tunnel_addr, tls, config.session.clone(), &config.server_id)
+            .map_err(|e| match e {
+                tunnel_core::transport::quic::BindError::Io(source) => ServerError::Bind {
+                    what: "--tunnel-port (UDP)",
+                    addr: tunnel_addr,
+                    source,
+                },
+                tunnel_core::transport::quic::BindError::Config(source) => {
+                    ServerError::Config(ConfigError::Tls {
+                        flag: "--tls-cert-file",
+                        source,
+                    })
+                }
+                other => ServerError::Bind {
+                    what: "--tunnel-port (UDP)",
+                    addr: tunnel_addr,
+                    source: std::io::Error::other(other.to_string()),
+                },
+            })?;
+        let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
+        let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
+        let meta = match config.meta_port {
+            0 => None,
+            port => Some(
+                bind_tcp(
+                    "--meta-port",
+                    SocketAddr::new(config.meta_bind_address, port),
+                )
+                .await?,
+            ),
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            registry: Arc::new(Registry::default()),
+            quic: Arc::new(quic),
+            secure,
+            insecure,
+            meta,
+        })
+    }
+
+    /// The tunnel listener's address (UDP).
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.quic.local_addr().unwrap_or_else(|_| self.config.addr(self.config.tunnel_port))
+    }
+
+    /// The TLS front's address.
+    pub fn secure_addr(&self) -> SocketAddr {
+        self.secure.local_addr().unwrap_or_else(|_| self.config.addr(self.config.secure_port))
+    }
+
+    /// The HTTP front's address.
+    pub fn insecure_addr(&self) -> SocketAddr {
+        self.insecure
+            .local_addr()
+            .unwrap_or_else(|_| self.config.addr(self.config.insecure_port))
+    }
+
+    /// The meta server's address, when it runs.
+    pub fn meta_addr(&self) -> Option<SocketAddr> {
+        self.meta.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The agent registry (to watch agents come and go).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Self {
+            config,
+            registry,
+            quic,
+            secure,
+            insecure,
+            meta,
+        } = self;
+        let (stop_tx, stop) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(true));
+        let fronts = Arc::new(front::Fronts::new(registry.clone(), config.clone()));
+        info!(
+            tunnel = %quic.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            secure = ?secure.local_addr().ok(),
+            insecure = ?insecure.local_addr().ok(),
+            server.id = %config.server_id,
+            "tunnel server listening"
+        );
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(tunnel::serve(quic.clone(), registry.clone(), stop.clone()));
+        tasks.spawn(front::serve_tcp(secure, fronts.clone(), stop.clone(), |f, tcp, peer| {
+            front::sni::handle(f, tcp, peer)
+        }));
+        tasks.spawn(front::serve_tcp(insecure, fronts.clone(), stop.clone(), |f, tcp, peer| {
+            front::http::handle(f, tcp, peer)
+        }));
+        // The meta server outlives the drain so that probes and scrapes see it.
+        let (meta_stop_tx, meta_stop) = watch::channel(false);
+        let mut meta_task = JoinSet::new();
+        if let Some(listener) = meta {
+            let state = tunnel_core::meta::MetaState {
+                ready: ready.clone(),
+                metrics: config.metrics.clone(),
+            };
+            meta_task.spawn(tunnel_core::meta::serve(listener, state, async move {
+                let mut meta_stop = meta_stop;
+                stopped(&mut meta_stop).await;
+            }));
+        }
+
+        shutdown.await;
+        info!(drain = ?config.drain_timeout, agents = registry.len(), "shutting down: draining");
+        ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+        for session in registry.sessions() {
+            session.go_away("server shutting down", config.drain_timeout);
+        }
+        if tokio::time::timeout(config.drain_timeout, fronts.idle())
+            .await
+            .is_err()
+        {
+            warn!("drain timeout reached; closing the remaining streams");
+        }
+        quic.close("server shutting down");
+        if tokio::time::timeout(std::time::Duration::from_secs(2), quic.wait_idle())
+            .await
+            .is_err()
+        {
+            warn!("agents did not acknowledge the close in time");
+        }
+        tasks.shutdown().await;
+        let _ = meta_stop_tx.send(true);
+        meta_task.shutdown().await;
+        info!("tunnel server stopped");
+        Ok(())
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Server::bind(config).await?.run(shutdown).await
+}
+
+/// Resolves when the stop flag turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard returned by wait_for is not Send; drop it here rather than in the caller's select.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}

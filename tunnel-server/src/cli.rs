@@ -1,0 +1,135 @@
+//! Command-line flags, kube-style (`--tunnel-port`, `--tls-cert-file`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ServerConfig;
+use crate::pki::{AgentSpec, PkiRequest};
+
+/// edge-tunnel server: accepts agents from edge nodes and carries kubelet-bound traffic to them.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel-server", version, about)]
+pub struct Cli {
+    /// A subcommand; without one, the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of the server.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Certificate helpers for development and tests.
+    Pki {
+        /// What to do.
+        #[command(subcommand)]
+        action: PkiAction,
+    },
+}
+
+/// `pki` actions.
+#[derive(Debug, Subcommand)]
+pub enum PkiAction {
+    /// Write a CA, a server certificate and agent certificates.
+    Init(PkiArgs),
+}
+
+/// Flags of `pki init`.
+#[derive(Debug, Args)]
+pub struct PkiArgs {
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Names and IPs of the server certificate, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub server_san: Vec<String>,
+    /// An agent certificate: `NODE` or `NODE=IP,IP…`; repeatable.
+    #[arg(long = "agent")]
+    pub agents: Vec<AgentSpec>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    pub validity_days: u32,
+}
+
+impl PkiArgs {
+    /// The request for [`crate::pki::init`].
+    pub fn into_request(self) -> PkiRequest {
+        PkiRequest {
+            out: self.out,
+            server_sans: self.server_san,
+            agents: self.agents,
+            validity_days: self.validity_days,
+        }
+    }
+}
+
+/// Flags of the server itself.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the tunnel and front listeners.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// UDP port for agents (QUIC).
+    #[arg(long, default_value_t = 10262)]
+    pub tunnel_port: u16,
+    /// TLS passthrough front for kubelet 10250 (node from SNI).
+    #[arg(long, default_value_t = 10263)]
+    pub secure_port: u16,
+    /// HTTP front and proxy (node and port from Host, absolute-form or CONNECT).
+    #[arg(long, default_value_t = 10264)]
+    pub insecure_port: u16,
+    /// Address of the meta server.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub meta_bind_address: IpAddr,
+    /// Port of the meta server (/healthz, /readyz, /metrics); 0 turns it off.
+    #[arg(long, default_value_t = 10265)]
+    pub meta_port: u16,
+    /// Server certificate (PEM) for the tunnel port.
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long)]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that agent certificates must chain to.
+    #[arg(long)]
+    pub client_ca_file: Option<PathBuf>,
+    /// This replica's id (default: $HOSTNAME, else edge-tunnel-server).
+    #[arg(long, env = "HOSTNAME", default_value = "edge-tunnel-server")]
+    pub server_id: String,
+    /// Node port reached through the TLS front.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// Node port used on the HTTP front when a request names none.
+    #[arg(long, default_value_t = 10255)]
+    pub kubelet_read_only_port: u16,
+    /// Seconds open streams may run on after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_seconds: u64,
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe (not yet validated).
+    pub fn into_config(self) -> ServerConfig {
+        ServerConfig {
+            bind_address: self.bind_address,
+            tunnel_port: self.tunnel_port,
+            secure_port: self.secure_port,
+            insecure_port: self.insecure_port,
+            meta_bind_address: self.meta_bind_address,
+            meta_port: self.meta_port,
+            tls_cert_file: self.tls_cert_file,
+            tls_private_key_file: self.tls_private_key_file,
+            client_ca_file: self.client_ca_file,
+            server_id: self.server_id,
+            kubelet_port: self.kubelet_port,
+            kubelet_read_only_port: self.kubelet_read_only_port,
+            drain_timeout: Duration::from_secs(self.drain_timeout_seconds),
+            ..ServerConfig::default()
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Server configuration: what the flags set, validated before anything binds.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tunnel_core::SessionConfig;
+use tunnel_core::copy::CopyConfig;
+
+/// Everything [`crate::run`] needs. Defaults are the production values (ports as in ACK@Edge).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the tunnel and front listeners. Default 0.0.0.0.
+    pub bind_address: IpAddr,
+    /// UDP port of the QUIC tunnel (agents). Default 10262.
+    pub tunnel_port: u16,
+    /// TLS passthrough front: SNI names the node, traffic goes to its kubelet port. Default 10263.
+    pub secure_port: u16,
+    /// HTTP front: Host, absolute-form or CONNECT names node and port. Default 10264.
+    pub insecure_port: u16,
+    /// Address of the meta server. Default 127.0.0.1.
+    pub meta_bind_address: IpAddr,
+    /// Port of the meta server (/healthz, /readyz, /metrics); 0 turns it off. Default 10265.
+    pub meta_port: u16,
+    /// Server certificate chain for the tunnel port (PEM).
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle that agent certificates must chain to (PEM).
+    pub client_ca_file: Option<PathBuf>,
+    /// This replica's id, told to agents. Default: the host name.
+    pub server_id: String,
+    /// Node port behind the TLS front. Default 10250 (kubelet).
+    pub kubelet_port: u16,
+    /// Port used on the HTTP front when the request names none. Default 10255 (kubelet
+    /// read-only).
+    pub kubelet_read_only_port: u16,
+    /// Agent link settings.
+    pub session: SessionConfig,
+    /// Copy loop settings for proxied connections.
+    pub copy: CopyConfig,
+    /// Time a client has to send its ClientHello or request head. Default 10 s.
+    pub sniff_timeout: Duration,
+    /// Most client connections per front at once; more wait in the kernel's backlog.
+    /// Default 10,000 (each costs two copy buffers, 64 KiB, while moving data).
+    pub max_front_connections: usize,
+    /// On shutdown, how long open streams may finish. Default 30 s.
+    pub drain_timeout: Duration,
+    /// Renders `/metrics`; `None` serves 404 there (the embedding program owns the recorder).
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            tunnel_port: 10262,
+            secure_port: 10263,
+            insecure_port: 10264,
+            meta_bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            meta_port: 10265,
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            client_ca_file: None,
+            server_id: "edge-tunnel-server".into(),
+            kubelet_port: 10250,
+            kubelet_read_only_port: 10255,
+            session: SessionConfig::default(),
+            copy: CopyConfig::default(),
+            sniff_timeout: Duration::from_secs(10),
+            max_front_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+            metrics: None,
+        }
+    }
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required flag is missing.
+    #[error("{flag} is required: the tunnel port only speaks mutual TLS")]
+    Missing {
+        /// The flag, as typed on the command line.
+        flag: &'static str,
+    },
+    /// A file could not be read.
+    #[error("cannot read {flag} {path}: {source}")]
+    Read {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS material is unusable.
+    #[error("{flag}: {source}")]
+    Tls {
+        /// The flag naming the file at fault.
+        flag: &'static str,
+        /// What is wrong.
+        #[source]
+        source: tunnel_core::ConfigError,
+    },
+    /// A value is out of range.
+    #[error("invalid {what}: {why}")]
+    Invalid {
+        /// The knob.
+        what: &'static str,
+        /// The reason.
+        why: String,
+    },
+}
+
+impl ServerConfig {
+    /// Checks what can be checked without touching files or sockets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (flag, value) in [
+            ("--tls-cert-file", &self.tls_cert_file),
+            ("--tls-private-key-file", &self.tls_private_key_file),
+            ("--client-ca-file", &self.client_ca_file),
+        ] {
+            if value.is_none() {
+                return Err(ConfigError::Missing { flag });
+            }
+        }
+        if self.kubelet_port == 0 || self.kubelet_read_only_port == 0 {
+            return Err(ConfigError::Invalid {
+                what: "kubelet port",
+                why: "must not be 0".into(),
+            });
+        }
+        if self.max_front_connections == 0 {
+            return Err(ConfigError::Invalid {
+                what: "max front connections",
+                why: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.bind_address, port)
+    }
+}

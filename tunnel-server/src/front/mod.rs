@@ -1,0 +1,247 @@
+//! The public listeners: find the node a client wants, open a stream on that node's session,
+//! and copy bytes. Each failure maps to an error the client can read.
+
+pub(crate) mod http;
+pub(crate) mod sni;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+use tunnel_core::copy::copy_bidirectional;
+use tunnel_core::{NodeRef, OpenError, OpenRequest, Refusal, Target, TunnelStream};
+
+use crate::config::ServerConfig;
+use crate::registry::Registry;
+
+/// Which front a stream came through (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Front {
+    Tls,
+    Http,
+    Connect,
+}
+
+impl Front {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Http => "http",
+            Self::Connect => "connect",
+        }
+    }
+}
+
+/// Why a stream could not be opened for a client.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("no agent connected for node {0}")]
+    NoAgent(NodeRef),
+    #[error("node {node}: {source}")]
+    Open {
+        node: NodeRef,
+        #[source]
+        source: OpenError,
+    },
+}
+
+impl DialError {
+    /// The `result` label of the streams counter.
+    pub(crate) fn result(&self) -> &'static str {
+        match self {
+            Self::NoAgent(_) => "no_agent",
+            Self::Open { source, .. } if !source.is_refusal() => match source {
+                OpenError::Timeout(_) => "timeout",
+                _ => "session_lost",
+            },
+            Self::Open { source, .. } => source.refusal().as_str(),
+        }
+    }
+
+    /// The HTTP status that tells a client what happened: no agent 503, agent could not reach
+    /// the target 502, dial timeout 504.
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            Self::NoAgent(_) => 503,
+            Self::Open { source, .. } if source.refusal() == Refusal::Timeout => 504,
+            Self::Open { source, .. } if !source.is_refusal() => 503,
+            Self::Open { .. } => 502,
+        }
+    }
+}
+
+/// State shared by the fronts.
+#[derive(Debug)]
+pub(crate) struct Fronts {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) config: Arc<ServerConfig>,
+    open_streams: AtomicUsize,
+    idle: Notify,
+}
+
+impl Fronts {
+    pub(crate) fn new(registry: Arc<Registry>, config: Arc<ServerConfig>) -> Self {
+        Self {
+            registry,
+            config,
+            open_streams: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
+    }
+
+    /// Opens a stream to `port` on `node`, counting the outcome.
+    pub(crate) async fn dial(
+        self: &Arc<Self>,
+        front: Front,
+        node: &NodeRef,
+        port: u16,
+    ) -> Result<(TunnelStream, StreamGuard), DialError> {
+        let started = Instant::now();
+        let result = match self.registry.lookup(node) {
+            None => Err(DialError::NoAgent(node.clone())),
+            Some((session, host)) => {
+                let request = OpenRequest::new(Target { host, port }, session.next_trace_id());
+                debug!(agent.id = %session.identity().node_name, target = %request.target, trace.id = request.trace_id, "opening stream");
+                session
+                    .open(&request)
+                    .await
+                    .map_err(|source| DialError::Open {
+                        node: node.clone(),
+                        source,
+                    })
+            }
+        };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.result(),
+        };
+        metrics::counter!("edge_tunnel_server_streams_total", "front" => front.as_str(), "result" => label)
+            .increment(1);
+        match result {
+            Ok(stream) => {
+                metrics::histogram!("edge_tunnel_server_dial_duration_seconds", "front" => front.as_str())
+                    .record(started.elapsed().as_secs_f64());
+                Ok((stream, StreamGuard::new(self.clone(), front)))
+            }
+            Err(e) => {
+                metrics::counter!("edge_tunnel_server_dial_failures_total", "reason" => label)
+                    .increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies between a client and a tunnel stream; `prefix` (bytes already read from the
+    /// client while sniffing) goes first.
+    pub(crate) async fn proxy<C>(&self, client: &mut C, stream: &mut TunnelStream, prefix: &[u8])
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        if !prefix.is_empty() && stream.write_all(prefix).await.is_err() {
+            stream.abort();
+            return;
+        }
+        let result = copy_bidirectional(client, stream, &self.config.copy).await;
+        let moved = match &result {
+            Ok(t) => *t,
+            Err(e) => e.transferred(),
+        };
+        metrics::counter!("edge_tunnel_server_bytes_total", "direction" => "to_agent")
+            .increment(moved.a_to_b + prefix.len() as u64);
+        metrics::counter!("edge_tunnel_server_bytes_total", "direction" => "from_agent")
+            .increment(moved.b_to_a);
+        if let Err(e) = result {
+            debug!(stream.id = stream.id(), error = %e, "proxied connection ended with an error");
+            stream.abort();
+        }
+    }
+
+    /// Resolves when no proxied stream is open.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open_streams.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counts a stream as open while it lives.
+#[derive(Debug)]
+pub(crate) struct StreamGuard {
+    fronts: Arc<Fronts>,
+    front: Front,
+}
+
+impl StreamGuard {
+    fn new(fronts: Arc<Fronts>, front: Front) -> Self {
+        fronts.open_streams.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!("edge_tunnel_server_streams_open", "front" => front.as_str()).increment(1.0);
+        Self { fronts, front }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("edge_tunnel_server_streams_open", "front" => self.front.as_str())
+            .decrement(1.0);
+        if self.fronts.open_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.fronts.idle.notify_waiters();
+        }
+    }
+}
+
+/// Accepts TCP clients until `stop` turns true, at most `max_front_connections` at once, and
+/// serves each with `handler`; then waits for the open ones to finish.
+pub(crate) async fn serve_tcp<F, Fut>(
+    listener: TcpListener,
+    fronts: Arc<Fronts>,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Arc<Fronts>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(fronts.config.max_front_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = crate::stopped(&mut stop) => break,
+        };
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    // Interactive traffic (exec, logs) must not wait for Nagle.
+                    let _ = tcp.set_nodelay(true);
+                    let conn = handler(fronts.clone(), tcp, peer);
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            () = crate::stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}

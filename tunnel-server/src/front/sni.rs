@@ -1,0 +1,86 @@
+//! The TLS front (10263): the node comes from the ClientHello's SNI; the connection goes to
+//! that node's kubelet port. TLS is passed through untouched: the kubelet sees the client's
+//! certificate, and the tunnel never holds kubelet credentials nor sees plaintext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, info_span};
+use tunnel_core::route::{NodeRef, parse_host};
+use tunnel_core::sniff::{SniffError, sni};
+
+use super::{Front, Fronts};
+
+pub(crate) async fn handle(fronts: Arc<Fronts>, mut tcp: TcpStream, peer: SocketAddr) {
+    let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty);
+    async move {
+        let mut hello = BytesMut::with_capacity(2048);
+        let sniffed = tokio::time::timeout(fronts.config.sniff_timeout, read_sni(&mut tcp, &mut hello)).await;
+        let node = match sniffed {
+            Ok(Ok(node)) => node,
+            Ok(Err(e)) => {
+                reject(&e.to_string());
+                return;
+            }
+            Err(_) => {
+                reject("no ClientHello within the sniff timeout");
+                return;
+            }
+        };
+        tracing::Span::current().record("node", tracing::field::display(&node));
+        let port = fronts.config.kubelet_port;
+        let (mut stream, _guard) = match fronts.dial(Front::Tls, &node, port).await {
+            Ok(s) => s,
+            Err(e) => {
+                // No readable error on a passthrough connection: close it, log and count.
+                info!(error = %e, "closing TLS connection");
+                return;
+            }
+        };
+        fronts.proxy(&mut tcp, &mut stream, &hello).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+fn reject(why: &str) {
+    metrics::counter!("edge_tunnel_server_streams_total", "front" => "tls", "result" => "bad_request")
+        .increment(1);
+    debug!(reason = why, "TLS front rejected a connection");
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SniError {
+    #[error("client hello: {0}")]
+    Sniff(#[from] SniffError),
+    #[error("client hello without SNI: the TLS front needs the node name")]
+    NoSni,
+    #[error("SNI is not a node name: {0}")]
+    NotANode(String),
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads until the ClientHello is complete; the bytes stay in `buf` to be forwarded.
+async fn read_sni(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<NodeRef, SniError> {
+    loop {
+        match sni::server_name(buf) {
+            Ok(Some(name)) => {
+                return match parse_host(&name) {
+                    Ok(node @ NodeRef::Name(_)) => Ok(node),
+                    _ => Err(SniError::NotANode(name.chars().take(64).collect())),
+                };
+            }
+            Ok(None) => return Err(SniError::NoSni),
+            Err(e) if e.is_incomplete() => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The sniffer bounds the total (TooLarge), so this buffer cannot grow past ~16 KiB.
+        if tcp.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+}

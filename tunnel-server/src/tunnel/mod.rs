@@ -1,0 +1,73 @@
+//! The agent-facing listener: mTLS handshake, identity from the certificate, registration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_core::{QuicListener, ServerSession};
+
+use crate::registry::Registry;
+
+/// Accepts agents until `stop` turns true; each link is served by its own task until it ends.
+pub(crate) async fn serve(
+    listener: Arc<QuicListener>,
+    registry: Arc<Registry>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut links = JoinSet::new();
+    loop {
+        tokio::select! {
+            pending = listener.accept() => {
+                let Some(pending) = pending else { break };
+                let registry = registry.clone();
+                let peer = pending.remote_addr();
+                links.spawn(
+                    async move {
+                        match pending.establish().await {
+                            Ok(session) => serve_link(session, &registry).await,
+                            Err(e) => {
+                                metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "rejected").increment(1);
+                                if e.is_peer() {
+                                    warn!(error = %e, "agent rejected");
+                                } else {
+                                    debug!(error = %e, "agent handshake failed");
+                                }
+                            }
+                        }
+                    }
+                    .instrument(info_span!("agent", peer.addr = %peer)),
+                );
+            }
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+            () = crate::stopped(&mut stop) => break,
+        }
+    }
+    // Links end when the endpoint closes at the end of the drain; keep serving until then.
+    while links.join_next().await.is_some() {}
+}
+
+async fn serve_link(session: ServerSession, registry: &Registry) {
+    let node = session.identity().node_name.clone();
+    let transport = session.transport().as_str();
+    metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "accepted").increment(1);
+    info!(
+        agent.id = %node,
+        agent.ips = ?session.identity().node_ips,
+        session.id = session.id(),
+        transport,
+        "agent registered"
+    );
+    if let Some(old) = registry.insert(session.clone()) {
+        info!(agent.id = %node, old.session = old.id(), "agent reconnected; closing its previous session");
+        old.go_away("replaced by a newer session", Duration::ZERO);
+        old.close("replaced by a newer session");
+    }
+    let gauge = metrics::gauge!("edge_tunnel_server_sessions", "transport" => transport);
+    gauge.increment(1.0);
+    let reason = session.closed().await;
+    gauge.decrement(1.0);
+    registry.remove(&session);
+    info!(agent.id = %node, session.id = session.id(), %reason, "agent session ended");
+}
