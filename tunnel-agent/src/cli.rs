@@ -1,0 +1,69 @@
+//! Command-line flags, kube-style.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use tunnel_core::PortSet;
+
+use crate::config::AgentConfig;
+
+/// edge-tunnel agent: dials out to the tunnel server and serves this node's allowed ports.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel-agent", version, about)]
+pub struct Cli {
+    /// The tunnel server, HOST:PORT (every address HOST resolves to is tried).
+    #[arg(long)]
+    pub server_address: String,
+    /// Name to verify in the server certificate (default: HOST of --server-address).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// This node's name (the server registers the name in the certificate).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// This node's IP; repeatable; each must be an IP SAN of the certificate (default: all of
+    /// them).
+    #[arg(long = "node-ip", env = "NODE_IP", value_delimiter = ',')]
+    pub node_ips: Vec<IpAddr>,
+    /// Agent certificate (PEM).
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Agent private key (PEM).
+    #[arg(long)]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) for the server certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Address of the meta server.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub meta_bind_address: IpAddr,
+    /// Port of the meta server (/healthz, /readyz, /metrics); 0 turns it off.
+    #[arg(long, default_value_t = 10266)]
+    pub meta_port: u16,
+    /// Ports dialed on the node's own IPs.
+    #[arg(long, default_value = "10250,10255")]
+    pub allowed_ports: PortSet,
+    /// Ports dialed on 127.0.0.1 instead of the node IP.
+    #[arg(long, default_value = "10250,10255,10266,10267")]
+    pub localhost_proxy_ports: PortSet,
+}
+
+impl Cli {
+    /// The agent configuration these flags describe (not yet validated).
+    pub fn into_config(self) -> AgentConfig {
+        AgentConfig {
+            server_address: self.server_address,
+            server_name: self.server_name,
+            node_name: self.node_name,
+            node_ips: self.node_ips,
+            tls_cert_file: self.tls_cert_file,
+            tls_private_key_file: self.tls_private_key_file,
+            ca_file: self.ca_file,
+            meta_bind_address: self.meta_bind_address,
+            meta_port: self.meta_port,
+            allowed_ports: self.allowed_ports,
+            localhost_proxy_ports: self.localhost_proxy_ports,
+            ..AgentConfig::default()
+        }
+    }
+}

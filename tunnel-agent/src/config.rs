@@ -1,0 +1,197 @@
+//! Agent configuration: what the flags set, validated before anything dials.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tunnel_core::copy::CopyConfig;
+use tunnel_core::{PortSet, SessionConfig};
+
+/// Reconnect delays: exponential with jitter, capped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    /// First delay. Default 1 s.
+    pub initial: Duration,
+    /// Growth per failed attempt. Default 1.6.
+    pub factor: f64,
+    /// Random spread around each delay, as a fraction. Default 0.2 (±20 %).
+    pub jitter: f64,
+    /// Largest delay. Default 30 s.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            factor: 1.6,
+            jitter: 0.2,
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `failures + 1`, with `unit` (in 0..1) choosing the jitter.
+    pub fn delay(&self, failures: u32, unit: f64) -> Duration {
+        let base = self.initial.as_secs_f64() * self.factor.powi(i32::try_from(failures).unwrap_or(i32::MAX));
+        let capped = base.min(self.max.as_secs_f64());
+        let spread = 1.0 + self.jitter * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
+        Duration::from_secs_f64((capped * spread).max(0.0))
+    }
+}
+
+/// Everything [`crate::run`] needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The server, `HOST:PORT`; every address HOST resolves to is tried.
+    pub server_address: String,
+    /// Name to verify in the server's certificate. Default: HOST of `server_address`.
+    pub server_name: Option<String>,
+    /// This node's name, as claimed at registration. The server uses the certificate's.
+    pub node_name: String,
+    /// This node's IPs, for dialing: each must be an IP SAN of the certificate. Empty: all of
+    /// the certificate's IP SANs.
+    pub node_ips: Vec<IpAddr>,
+    /// Agent certificate (PEM): the node name in a DNS SAN or CN, node IPs as IP SANs.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) the server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// Address of the meta server. Default 127.0.0.1.
+    pub meta_bind_address: IpAddr,
+    /// Port of the meta server; 0 turns it off. Default 10266.
+    pub meta_port: u16,
+    /// Ports the agent dials on the node's own IPs. Default 10250, 10255.
+    pub allowed_ports: PortSet,
+    /// Ports the agent dials on 127.0.0.1 instead. Default 10250, 10255, 10266, 10267.
+    pub localhost_proxy_ports: PortSet,
+    /// Time for a local dial. Shorter than the server's open timeout. Default 5 s.
+    pub dial_timeout: Duration,
+    /// Link settings (must match the server's view of windows and pings).
+    pub session: SessionConfig,
+    /// Copy loop settings.
+    pub copy: CopyConfig,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// On shutdown, how long open streams may finish. Default 10 s.
+    pub drain_timeout: Duration,
+    /// Renders `/metrics`; `None` serves 404 there.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            server_address: String::new(),
+            server_name: None,
+            node_name: String::new(),
+            node_ips: Vec::new(),
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            ca_file: None,
+            meta_bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            meta_port: 10266,
+            allowed_ports: PortSet::new([10250, 10255]),
+            localhost_proxy_ports: PortSet::new([10250, 10255, 10266, 10267]),
+            dial_timeout: Duration::from_secs(5),
+            session: SessionConfig::default(),
+            copy: CopyConfig::default(),
+            backoff: Backoff::default(),
+            drain_timeout: Duration::from_secs(10),
+            metrics: None,
+        }
+    }
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required flag is missing.
+    #[error("{flag} is required")]
+    Missing {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// A file could not be read.
+    #[error("cannot read {flag} {path}: {source}")]
+    Read {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS material is unusable.
+    #[error("{flag}: {source}")]
+    Tls {
+        /// The flag naming the file at fault.
+        flag: &'static str,
+        /// What is wrong.
+        #[source]
+        source: tunnel_core::ConfigError,
+    },
+    /// The certificate does not name a node.
+    #[error("--tls-cert-file: {0}")]
+    Identity(#[from] tunnel_core::tls::IdentityError),
+    /// A value is out of range or inconsistent.
+    #[error("invalid {what}: {why}")]
+    Invalid {
+        /// The knob.
+        what: &'static str,
+        /// The reason.
+        why: String,
+    },
+}
+
+impl AgentConfig {
+    /// Checks what can be checked without touching files or the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server_address.is_empty() {
+            return Err(ConfigError::Missing {
+                flag: "--server-address",
+            });
+        }
+        crate::dialer::split_host_port(&self.server_address)?;
+        for (flag, value) in [
+            ("--tls-cert-file", &self.tls_cert_file),
+            ("--tls-private-key-file", &self.tls_private_key_file),
+            ("--ca-file", &self.ca_file),
+        ] {
+            if value.is_none() {
+                return Err(ConfigError::Missing { flag });
+            }
+        }
+        if self.dial_timeout >= self.session.open_timeout {
+            return Err(ConfigError::Invalid {
+                what: "dial timeout",
+                why: format!(
+                    "{:?} must be shorter than the server's open timeout {:?}",
+                    self.dial_timeout, self.session.open_timeout
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_factor_with_bounded_jitter_and_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(0, 0.5), Duration::from_secs(1));
+        assert_eq!(b.delay(1, 0.5), Duration::from_secs_f64(1.6));
+        assert_eq!(b.delay(0, 0.0), Duration::from_secs_f64(0.8));
+        assert_eq!(b.delay(0, 1.0), Duration::from_secs_f64(1.2));
+        assert_eq!(b.delay(50, 0.5), Duration::from_secs(30));
+        assert!(b.delay(50, 1.0) <= Duration::from_secs(36));
+    }
+}

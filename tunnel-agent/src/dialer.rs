@@ -1,0 +1,159 @@
+//! Reaching the server: resolve its name (hickory; every address tried), connect, register.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_resolver::TokioResolver;
+use tracing::debug;
+use tunnel_core::{AgentSession, QuicConnector, SessionError, proto};
+
+use crate::config::ConfigError;
+
+/// Splits `HOST:PORT` (IPv6 in brackets).
+pub fn split_host_port(addr: &str) -> Result<(String, u16), ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid {
+        what: "--server-address",
+        why: format!("{addr:?}: {why}"),
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid("expected HOST:PORT"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return Err(invalid("empty host"));
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid("bad port"))?;
+    Ok((host.to_owned(), port))
+}
+
+/// Why no session came up.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The name did not resolve.
+    #[error("resolving {host}: {message}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's message.
+        message: String,
+    },
+    /// Every address failed; the last error is kept.
+    #[error("{addr}: {source}")]
+    Connect {
+        /// The last address tried.
+        addr: SocketAddr,
+        /// Its failure.
+        #[source]
+        source: SessionError,
+    },
+}
+
+impl DialError {
+    /// True when retrying cannot help without operator action (the server rejects our identity
+    /// or protocol).
+    pub fn is_peer(&self) -> bool {
+        matches!(self, Self::Connect { source, .. } if source.is_peer())
+    }
+}
+
+/// Resolves the server and connects to the first address that works.
+#[derive(Debug)]
+pub struct ServerDialer {
+    host: String,
+    port: u16,
+    server_name: String,
+    resolver: Option<TokioResolver>,
+    connector: QuicConnector,
+}
+
+impl ServerDialer {
+    /// A dialer for `address` (`HOST:PORT`), verifying the server as `server_name` (default
+    /// HOST).
+    pub fn new(
+        address: &str,
+        server_name: Option<&str>,
+        connector: QuicConnector,
+    ) -> Result<Self, ConfigError> {
+        let (host, port) = split_host_port(address)?;
+        let resolver = if host.parse::<IpAddr>().is_ok() {
+            None
+        } else {
+            Some(
+                TokioResolver::builder_tokio()
+                    .map_err(|e| ConfigError::Invalid {
+                        what: "resolver configuration (/etc/resolv.conf)",
+                        why: e.to_string(),
+                    })?
+                    .build()
+                    .map_err(|e| ConfigError::Invalid {
+                        what: "resolver",
+                        why: e.to_string(),
+                    })?,
+            )
+        };
+        Ok(Self {
+            server_name: server_name.map_or_else(|| host.clone(), str::to_owned),
+            host,
+            port,
+            resolver,
+            connector,
+        })
+    }
+
+    /// Every address of the server, in resolver order.
+    pub async fn addresses(&self) -> Result<Vec<SocketAddr>, DialError> {
+        let Some(resolver) = &self.resolver else {
+            let ip: IpAddr = self.host.parse().map_err(|_| DialError::Resolve {
+                host: self.host.clone(),
+                message: "not an IP".into(),
+            })?;
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        };
+        let lookup = resolver
+            .lookup_ip(self.host.as_str())
+            .await
+            .map_err(|e| DialError::Resolve {
+                host: self.host.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(lookup.iter().map(|ip| SocketAddr::new(ip, self.port)).collect())
+    }
+
+    /// Connects to the first address that completes the handshake and registration.
+    pub async fn connect(&self, register: &proto::Register) -> Result<AgentSession, DialError> {
+        let addrs = self.addresses().await?;
+        let mut last = None;
+        for addr in addrs {
+            match self
+                .connector
+                .connect(addr, &self.server_name, register.clone())
+                .await
+            {
+                Ok(session) => return Ok(session),
+                Err(source) => {
+                    debug!(%addr, error = %source, "server address failed");
+                    last = Some(DialError::Connect { addr, source });
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| DialError::Resolve {
+            host: self.host.clone(),
+            message: "no addresses".into(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("tunnel.example:10262").unwrap(), ("tunnel.example".into(), 10262));
+        assert_eq!(split_host_port("[::1]:10262").unwrap(), ("::1".into(), 10262));
+        for bad in ["tunnel", ":10262", "tunnel:0", "tunnel:x"] {
+            assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! One stream the server opened: read its target, check it against the allowlist, dial, answer,
+//! copy. Forbidden targets are refused before any dial.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, debug_span, info};
+use tunnel_core::copy::copy_bidirectional;
+use tunnel_core::{IncomingStream, Refusal};
+
+use crate::Shared;
+
+/// Serves one incoming stream to its end.
+pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
+    let requested = match incoming.read_request().await {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!("edge_tunnel_agent_streams_total", "result" => "bad_header").increment(1);
+            info!(error = %e, "stream with a bad header reset");
+            return;
+        }
+    };
+    let request = requested.request().clone();
+    let span = debug_span!("stream", target = %request.target, trace.id = request.trace_id);
+    async move {
+        let addr = match shared.allowlist.resolve(&request.target) {
+            Ok(addr) => addr,
+            Err(denied) => {
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "forbidden").increment(1);
+                info!(reason = %denied, "refused a forbidden target");
+                if let Err(e) = requested.refuse(Refusal::Forbidden, &denied.to_string()).await {
+                    debug!(error = %e, "refusal not delivered");
+                }
+                return;
+            }
+        };
+        let dialed = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr)).await;
+        let mut tcp = match dialed {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                let refusal = Refusal::from_io(&e);
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => refusal.as_str()).increment(1);
+                debug!(%addr, error = %e, "dial failed");
+                let _ = requested.refuse(refusal, &format!("dial {addr}: {e}")).await;
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "timeout").increment(1);
+                let _ = requested
+                    .refuse(Refusal::Timeout, &format!("dial {addr}: no answer within {:?}", shared.config.dial_timeout))
+                    .await;
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match requested.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // The server gave up (timeout, client gone): drop the local connection.
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "abandoned").increment(1);
+                debug!(error = %e, "server abandoned the stream");
+                return;
+            }
+        };
+        metrics::counter!("edge_tunnel_agent_streams_total", "result" => "ok").increment(1);
+        let open = metrics::gauge!("edge_tunnel_agent_streams_open");
+        open.increment(1.0);
+        let result = copy_bidirectional(&mut stream, &mut tcp, &shared.config.copy).await;
+        open.decrement(1.0);
+        let moved = match &result {
+            Ok(t) => *t,
+            Err(e) => e.transferred(),
+        };
+        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "to_target").increment(moved.a_to_b);
+        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "from_target").increment(moved.b_to_a);
+        if let Err(e) = result {
+            debug!(error = %e, "stream ended with an error");
+            stream.abort();
+        }
+    }
+    .instrument(span)
+    .await;
+}
