@@ -1,1 +1,71 @@
+//! Test support for edge-tunnel: certificates, a fake kubelet, and an in-process cluster
+//! (server plus agents on loopback, ports from :0). Used by the end-to-end tests and the
+//! quickstart example.
+#![forbid(unsafe_code)]
+#![allow(clippy::missing_panics_doc)]
 
+pub mod client;
+pub mod cluster;
+pub mod kubelet;
+pub mod pki;
+
+pub use cluster::{AgentHandle, TestCluster};
+pub use kubelet::{FakeKubelet, LogFeed};
+pub use pki::TestPki;
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// The process-wide metrics recorder for tests, installed on first use.
+pub fn metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .expect("no other recorder in a test process")
+        })
+        .clone()
+}
+
+/// Serialises the tests of one process that start servers or agents. Metrics are
+/// process-wide, so two clusters in one process would count into the same series; under
+/// `cargo nextest` (a process per test) the lock is never contended.
+pub async fn exclusive() -> tokio::sync::OwnedMutexGuard<()> {
+    static LOCK: OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
+    LOCK.get_or_init(Default::default).clone().lock_owned().await
+}
+
+/// The value of a counter or gauge in Prometheus text, summed over series whose labels contain
+/// every `label="value"` pair given.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Installs a compact tracing subscriber once (RUST_LOG controls it; default warnings only).
+pub fn init_tracing() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}

@@ -86,7 +86,7 @@ pub struct ServeArgs {
     /// Address of the meta server.
     #[arg(long, default_value = "127.0.0.1")]
     pub meta_bind_address: IpAddr,
-    /// Port of the meta server (/healthz, /readyz, /metrics); 0 turns it off.
+    /// Port of the meta server (/healthz, /readyz, /metrics).
     #[arg(long, default_value_t = 10265)]
     pub meta_port: u16,
     /// Server certificate (PEM) for the tunnel port.

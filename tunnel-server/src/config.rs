@@ -21,7 +21,8 @@ pub struct ServerConfig {
     pub insecure_port: u16,
     /// Address of the meta server. Default 127.0.0.1.
     pub meta_bind_address: IpAddr,
-    /// Port of the meta server (/healthz, /readyz, /metrics); 0 turns it off. Default 10265.
+    /// Port of the meta server (/healthz, /readyz, /metrics). Default 10265. As for every port
+    /// here, 0 lets the kernel pick one.
     pub meta_port: u16,
     /// Server certificate chain for the tunnel port (PEM).
     pub tls_cert_file: Option<PathBuf>,

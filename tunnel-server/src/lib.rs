@@ -129,16 +129,13 @@ impl Server {
             })?;
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
-        let meta = match config.meta_port {
-            0 => None,
-            port => Some(
-                bind_tcp(
-                    "--meta-port",
-                    SocketAddr::new(config.meta_bind_address, port),
-                )
-                .await?,
-            ),
-        };
+        let meta = Some(
+            bind_tcp(
+                "--meta-port",
+                SocketAddr::new(config.meta_bind_address, config.meta_port),
+            )
+            .await?,
+        );
         Ok(Self {
             config: Arc::new(config),
             registry: Arc::new(Registry::default()),

@@ -1,0 +1,117 @@
+//! Clients as the apiserver and Prometheus would be: TLS with SNI through the TLS front, plain
+//! HTTP/1.1 (with upgrades) through the HTTP front.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A TLS connection to `addr` with SNI `server_name` (the node, as the apiserver dials it).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(std::io::Error::other)?;
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// An HTTP/1.1 client connection over `io`; the connection task runs until the peer closes or
+/// the sender is dropped.
+pub async fn http1<IO>(io: IO) -> hyper::Result<http1::SendRequest<Full<Bytes>>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// A GET with `Host: host`; the status and the whole body.
+pub async fn get(
+    sender: &mut http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+) -> hyper::Result<(StatusCode, Bytes)> {
+    let req = Request::get(path)
+        .header(http::header::HOST, host)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    sender.ready().await?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Kinds of exec upgrade the kubelet speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    /// `GET` with `Upgrade: websocket`, subprotocol `v5.channel.k8s.io` (kubectl ≥ 1.30).
+    WebSocket,
+    /// `POST` with `Upgrade: SPDY/3.1` (older kubectl, the apiserver's default before 1.30).
+    Spdy,
+}
+
+/// Sends an exec upgrade request and returns the upgraded connection after `101`.
+pub async fn exec_upgrade(
+    sender: &mut http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    kind: Upgrade,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+    let path = "/exec/default/pod-1/app?command=cat&input=1&output=1";
+    let builder = match kind {
+        Upgrade::WebSocket => Request::get(path)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", "v5.channel.k8s.io, v4.channel.k8s.io"),
+        Upgrade::Spdy => Request::post(path)
+            .header("upgrade", "SPDY/3.1")
+            .header("connection", "Upgrade")
+            .header("x-stream-protocol-version", "v4.channel.k8s.io"),
+    };
+    let req = builder
+        .header(http::header::HOST, host)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let mut resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(format!("expected 101, got {}", resp.status()));
+    }
+    if kind == Upgrade::WebSocket {
+        let accept = resp
+            .headers()
+            .get("sec-websocket-accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if accept != crate::kubelet::websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==") {
+            return Err(format!("bad Sec-WebSocket-Accept {accept:?}"));
+        }
+    }
+    hyper::upgrade::on(&mut resp)
+        .await
+        .map(TokioIo::new)
+        .map_err(|e| e.to_string())
+}
+
+/// `len` bytes of a pattern that shows misplaced or lost bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(u64::from(seed)) as u8 ^ (i >> 13) as u8)
+        .collect()
+}

@@ -1,0 +1,211 @@
+//! An in-process cluster: a tunnel server and agents on loopback, ports from :0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tunnel_agent::{Agent, AgentConfig, AgentError, AgentStatus};
+use tunnel_core::PortSet;
+use tunnel_server::{Registry, Server, ServerConfig, ServerError};
+
+use crate::pki::TestPki;
+
+/// A running server.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// Certificates.
+    pub pki: TestPki,
+    /// Tunnel (UDP) address.
+    pub tunnel_addr: SocketAddr,
+    /// TLS front.
+    pub secure_addr: SocketAddr,
+    /// HTTP front.
+    pub insecure_addr: SocketAddr,
+    /// Meta server.
+    pub meta_addr: SocketAddr,
+    /// The server's agent registry.
+    pub registry: Arc<Registry>,
+    /// Ports the test agents serve (dialed on loopback).
+    pub ports: PortSet,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+    _exclusive: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// The agent's status.
+    pub status: watch::Receiver<AgentStatus>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), AgentError>>>,
+}
+
+impl AgentHandle {
+    /// Stops the agent and waits for it.
+    pub async fn stop(mut self) -> Result<(), AgentError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(t) => t.await.expect("agent task"),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the agent's task to end on its own (a startup error, for instance).
+    pub async fn join(mut self) -> Result<(), AgentError> {
+        match self.task.take() {
+            Some(t) => t.await.expect("agent task"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+impl TestCluster {
+    /// Starts a server whose TLS front targets `kubelet_port` and whose HTTP front defaults to
+    /// `read_only_port`.
+    pub async fn start(pki: TestPki, kubelet_port: u16, read_only_port: u16) -> Self {
+        Self::start_with(pki, kubelet_port, read_only_port, |_| {}).await
+    }
+
+    /// As [`start`](Self::start), with a hook to adjust the server configuration.
+    pub async fn start_with(
+        pki: TestPki,
+        kubelet_port: u16,
+        read_only_port: u16,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        crate::init_tracing();
+        let exclusive = crate::exclusive().await;
+        let mut config = ServerConfig {
+            meta_bind_address: "127.0.0.1".parse().expect("ip"),
+            bind_address: "127.0.0.1".parse().expect("ip"),
+            tunnel_port: 0,
+            secure_port: 0,
+            insecure_port: 0,
+            meta_port: 0,
+            tls_cert_file: Some(pki.tunnel.server_cert.clone()),
+            tls_private_key_file: Some(pki.tunnel.server_key.clone()),
+            client_ca_file: Some(pki.tunnel.ca_cert.clone()),
+            server_id: "test-server".into(),
+            kubelet_port,
+            kubelet_read_only_port: read_only_port,
+            metrics: Some(crate::metrics()),
+            ..ServerConfig::default()
+        };
+        tweak(&mut config);
+        let server = Server::bind(config).await.expect("server binds");
+        let (tunnel_addr, secure_addr, insecure_addr) =
+            (server.tunnel_addr(), server.secure_addr(), server.insecure_addr());
+        let meta_addr = server.meta_addr().expect("meta runs");
+        let registry = server.registry();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            pki,
+            tunnel_addr,
+            secure_addr,
+            insecure_addr,
+            meta_addr,
+            registry,
+            ports: PortSet::new([kubelet_port, read_only_port]),
+            shutdown: Some(tx),
+            task: Some(task),
+            _exclusive: exclusive,
+        }
+    }
+
+    /// An agent configuration for `node` (certificate from the test PKI) that serves the
+    /// cluster's ports on loopback.
+    pub fn agent_config(&self, node: &str) -> AgentConfig {
+        let (crt, key) = self.pki.agent(node);
+        AgentConfig {
+            server_address: self.tunnel_addr.to_string(),
+            server_name: Some("localhost".into()),
+            node_name: node.into(),
+            tls_cert_file: Some(crt),
+            tls_private_key_file: Some(key),
+            ca_file: Some(self.pki.tunnel.ca_cert.clone()),
+            meta_port: 0,
+            allowed_ports: self.ports.clone(),
+            localhost_proxy_ports: self.ports.clone(),
+            metrics: Some(crate::metrics()),
+            ..AgentConfig::default()
+        }
+    }
+
+    /// Starts an agent without waiting for it to connect.
+    pub fn spawn_agent(&self, config: AgentConfig) -> AgentHandle {
+        let agent = Agent::new(config);
+        let status = agent.status();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(agent.run(async move {
+            let _ = rx.await;
+        }));
+        AgentHandle {
+            status,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Starts an agent and waits until the server has registered it; returns the handle and
+    /// the node name the server registered.
+    pub async fn start_agent(&self, config: AgentConfig) -> (AgentHandle, String) {
+        let mut handle = self.spawn_agent(config);
+        let node = {
+            let status = handle
+                .status
+                .wait_for(|s| matches!(s, AgentStatus::Connected { .. }))
+                .await
+                .expect("agent running");
+            match &*status {
+                AgentStatus::Connected { node_name, .. } => node_name.clone(),
+                AgentStatus::Disconnected => unreachable!("waited for connected"),
+            }
+        };
+        self.registry.wait_for(&node).await;
+        (handle, node)
+    }
+
+    /// The server's `/metrics` text.
+    pub async fn scrape(&self) -> String {
+        let tcp = tokio::net::TcpStream::connect(self.meta_addr).await.expect("meta");
+        let mut sender = crate::client::http1(tcp).await.expect("meta http");
+        let (status, body) = crate::client::get(&mut sender, "meta", "/metrics")
+            .await
+            .expect("scrape");
+        assert_eq!(status, 200, "metrics endpoint");
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Stops the server (drain included) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server ran");
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
