@@ -1,0 +1,59 @@
+//! The binary's command line: refuses to start without TLS, and writes a PKI.
+
+use std::process::Command;
+
+fn server() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tunnel-server"))
+}
+
+#[test]
+fn refuses_to_start_without_the_three_tls_files() {
+    let out = server()
+        .args(["--tunnel-port", "0", "--secure-port", "0", "--insecure-port", "0", "--meta-port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--tls-cert-file is required"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("missing.crt");
+    let out = server()
+        .args(["--tls-cert-file", cert.to_str().unwrap(), "--tls-private-key-file", "x.key"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--client-ca-file is required"), "{stderr}");
+}
+
+#[test]
+fn unreadable_tls_files_are_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server()
+        .current_dir(dir.path())
+        .args([
+            "--tls-cert-file", "nope.crt", "--tls-private-key-file", "nope.key", "--client-ca-file", "ca.crt",
+            "--tunnel-port", "0", "--secure-port", "0", "--insecure-port", "0", "--meta-port", "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read --tls-cert-file nope.crt"), "{stderr}");
+}
+
+#[test]
+fn pki_init_writes_the_layout_the_docs_promise() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server()
+        .args(["pki", "init", "--out"])
+        .arg(dir.path())
+        .args(["--server-san", "localhost,127.0.0.1", "--agent", "node-a=10.0.0.5", "--agent", "node-b"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["ca.crt", "ca.key", "server.crt", "server.key", "agents/node-a.crt", "agents/node-a.key", "agents/node-b.crt", "agents/node-b.key"] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+}
