@@ -78,7 +78,10 @@ pub async fn exec_upgrade(
             .header("connection", "Upgrade")
             .header("sec-websocket-version", "13")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("sec-websocket-protocol", "v5.channel.k8s.io, v4.channel.k8s.io"),
+            .header(
+                "sec-websocket-protocol",
+                "v5.channel.k8s.io, v4.channel.k8s.io",
+            ),
         Upgrade::Spdy => Request::post(path)
             .header("upgrade", "SPDY/3.1")
             .header("connection", "Upgrade")

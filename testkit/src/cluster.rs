@@ -105,8 +105,11 @@ impl TestCluster {
         };
         tweak(&mut config);
         let server = Server::bind(config).await.expect("server binds");
-        let (tunnel_addr, secure_addr, insecure_addr) =
-            (server.tunnel_addr(), server.secure_addr(), server.insecure_addr());
+        let (tunnel_addr, secure_addr, insecure_addr) = (
+            server.tunnel_addr(),
+            server.secure_addr(),
+            server.insecure_addr(),
+        );
         let meta_addr = server.meta_addr().expect("meta runs");
         let registry = server.registry();
         let (tx, rx) = oneshot::channel::<()>();
@@ -182,7 +185,9 @@ impl TestCluster {
 
     /// The server's `/metrics` text.
     pub async fn scrape(&self) -> String {
-        let tcp = tokio::net::TcpStream::connect(self.meta_addr).await.expect("meta");
+        let tcp = tokio::net::TcpStream::connect(self.meta_addr)
+            .await
+            .expect("meta");
         let mut sender = crate::client::http1(tcp).await.expect("meta http");
         let (status, body) = crate::client::get(&mut sender, "meta", "/metrics")
             .await

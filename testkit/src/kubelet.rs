@@ -65,7 +65,13 @@ impl FakeKubelet {
     /// Starts both listeners on 127.0.0.1 with ports from the kernel. `node` is reported by
     /// `/pods` so tests can tell kubelets apart.
     pub async fn start(node: &str, tls: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
-        Self::start_on(node, tls, "127.0.0.1:0".parse().expect("addr"), "127.0.0.1:0".parse().expect("addr")).await
+        Self::start_on(
+            node,
+            tls,
+            "127.0.0.1:0".parse().expect("addr"),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
     }
 
     /// Starts the listeners on the given addresses.
@@ -93,7 +99,9 @@ impl FakeKubelet {
                 let acceptor = acceptor.clone();
                 let s = s.clone();
                 conns.spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let subject = tls
                         .get_ref()
                         .1
@@ -161,7 +169,9 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 
 /// Prometheus text as a kubelet exposes it.
 pub fn metrics_text(node: &str) -> String {
-    let mut s = String::from("# HELP kubelet_running_pods Number of pods running.\n# TYPE kubelet_running_pods gauge\n");
+    let mut s = String::from(
+        "# HELP kubelet_running_pods Number of pods running.\n# TYPE kubelet_running_pods gauge\n",
+    );
     s.push_str(&format!("kubelet_running_pods{{node=\"{node}\"}} 12\n"));
     s.push_str("# TYPE kubelet_http_requests_total counter\n");
     for path in ["pods", "metrics", "containerLogs", "exec"] {
@@ -181,17 +191,29 @@ async fn answer(state: &State, mut req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_ascii_lowercase);
     match (req.method().clone(), path.as_str()) {
-        (_, p) if p.starts_with("/exec/") || p.starts_with("/attach/") || p.starts_with("/portForward/") => {
+        (_, p)
+            if p.starts_with("/exec/")
+                || p.starts_with("/attach/")
+                || p.starts_with("/portForward/") =>
+        {
             match (req.method().clone(), upgrade.as_deref()) {
                 (Method::GET, Some("websocket")) => {
                     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
-                        return full(StatusCode::BAD_REQUEST, "text/plain", "missing Sec-WebSocket-Key\n");
+                        return full(
+                            StatusCode::BAD_REQUEST,
+                            "text/plain",
+                            "missing Sec-WebSocket-Key\n",
+                        );
                     };
                     let protocol = req
                         .headers()
                         .get("sec-websocket-protocol")
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.split(',').map(str::trim).find(|p| p.starts_with('v') && p.contains("channel.k8s.io")))
+                        .and_then(|v| {
+                            v.split(',')
+                                .map(str::trim)
+                                .find(|p| p.starts_with('v') && p.contains("channel.k8s.io"))
+                        })
                         .map(str::to_owned);
                     let on_upgrade = hyper::upgrade::on(&mut req);
                     tokio::spawn(echo(on_upgrade));
@@ -216,35 +238,69 @@ async fn answer(state: &State, mut req: Request<Incoming>) -> Response<Body> {
                     let h = resp.headers_mut();
                     h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
                     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-                    h.insert("x-stream-protocol-version", HeaderValue::from_static("v4.channel.k8s.io"));
+                    h.insert(
+                        "x-stream-protocol-version",
+                        HeaderValue::from_static("v4.channel.k8s.io"),
+                    );
                     resp
                 }
-                _ => full(StatusCode::BAD_REQUEST, "text/plain", "exec needs an upgrade (websocket GET or SPDY/3.1 POST)\n"),
+                _ => full(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "exec needs an upgrade (websocket GET or SPDY/3.1 POST)\n",
+                ),
             }
         }
         (Method::GET, p) if p.starts_with("/containerLogs/") => {
             if query.split('&').any(|kv| kv == "follow=true") {
                 let (lines, rx) = mpsc::channel::<Bytes>(16);
-                if state.feeds.try_send(LogFeed { path: p.to_owned(), lines }).is_err() {
-                    return full(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no log writer\n");
+                if state
+                    .feeds
+                    .try_send(LogFeed {
+                        path: p.to_owned(),
+                        lines,
+                    })
+                    .is_err()
+                {
+                    return full(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "no log writer\n",
+                    );
                 }
                 let mut resp = Response::new(BodyExt::boxed(LogBody(rx)));
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 resp
             } else {
-                full(StatusCode::OK, "text/plain", format!("log of {p} on {}\n", state.node))
+                full(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("log of {p} on {}\n", state.node),
+                )
             }
         }
-        (Method::GET, "/metrics") => full(StatusCode::OK, "text/plain; version=0.0.4", metrics_text(&state.node)),
+        (Method::GET, "/metrics") => full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics_text(&state.node),
+        ),
         (Method::GET, "/healthz") => full(StatusCode::OK, "text/plain", "ok"),
         (Method::GET, "/pods") => full(
             StatusCode::OK,
             "application/json",
-            format!("{{\"kind\":\"PodList\",\"apiVersion\":\"v1\",\"metadata\":{{}},\"items\":[],\"node\":\"{}\"}}\n", state.node),
+            format!(
+                "{{\"kind\":\"PodList\",\"apiVersion\":\"v1\",\"metadata\":{{}},\"items\":[],\"node\":\"{}\"}}\n",
+                state.node
+            ),
         ),
         (Method::POST, "/echo") => {
-            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             full(StatusCode::OK, "application/octet-stream", body)
         }
         _ => full(StatusCode::NOT_FOUND, "text/plain", "404 page not found\n"),
@@ -276,7 +332,9 @@ pub fn websocket_accept(key: &[u8]) -> String {
 
 /// Echoes an upgraded connection until the client half-closes, then closes.
 async fn echo(on_upgrade: hyper::upgrade::OnUpgrade) {
-    let Ok(upgraded) = on_upgrade.await else { return };
+    let Ok(upgraded) = on_upgrade.await else {
+        return;
+    };
     let io = TokioIo::new(upgraded);
     let (mut r, mut w) = tokio::io::split(io);
     if tokio::io::copy(&mut r, &mut w).await.is_ok() {

@@ -34,7 +34,10 @@ pub fn metrics() -> PrometheusHandle {
 /// `cargo nextest` (a process per test) the lock is never contended.
 pub async fn exclusive() -> tokio::sync::OwnedMutexGuard<()> {
     static LOCK: OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
-    LOCK.get_or_init(Default::default).clone().lock_owned().await
+    LOCK.get_or_init(Default::default)
+        .clone()
+        .lock_owned()
+        .await
 }
 
 /// The value of a counter or gauge in Prometheus text, summed over series whose labels contain

@@ -92,7 +92,8 @@ impl TestPki {
     pub fn apiserver_tls(&self) -> Arc<rustls::ClientConfig> {
         let (crt, key) = self.apiserver_client();
         let id = tunnel_core::Identity::from_pem(&read(&crt), &read(&key)).expect("client id");
-        let roots = tunnel_core::tls::roots_from_pem(&read(&self.kubelet.ca_cert), "ca").expect("roots");
+        let roots =
+            tunnel_core::tls::roots_from_pem(&read(&self.kubelet.ca_cert), "ca").expect("roots");
         Arc::new(
             rustls::ClientConfig::builder_with_provider(tunnel_core::tls::provider())
                 .with_safe_default_protocol_versions()
@@ -110,7 +111,8 @@ impl TestPki {
             &read(&self.kubelet.server_key),
         )
         .expect("kubelet id");
-        let roots = tunnel_core::tls::roots_from_pem(&read(&self.kubelet.ca_cert), "ca").expect("roots");
+        let roots =
+            tunnel_core::tls::roots_from_pem(&read(&self.kubelet.ca_cert), "ca").expect("roots");
         let provider = tunnel_core::tls::provider();
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
@@ -140,4 +142,20 @@ fn agent_files(files: &PkiFiles, node: &str) -> (PathBuf, PathBuf) {
 
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+impl TestPki {
+    /// Writes a kubeconfig with which `kubectl get --raw` talks to a kubelet the way the
+    /// apiserver does: to `server` (an https URL, here the TLS front), verifying the kubelet's
+    /// certificate for `node` (sent as SNI), with the apiserver's client certificate.
+    pub fn write_kubeconfig(&self, path: &Path, server: &str, node: &str) -> std::io::Result<()> {
+        let (crt, key) = self.apiserver_client();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: tunnel\n  cluster:\n    server: {server}\n    tls-server-name: {node}\n    certificate-authority: {ca}\nusers:\n- name: apiserver\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: tunnel\n  context:\n    cluster: tunnel\n    user: apiserver\ncurrent-context: tunnel\n",
+            ca = self.kubelet.ca_cert.display(),
+            crt = crt.display(),
+            key = key.display(),
+        );
+        std::fs::write(path, yaml)
+    }
 }

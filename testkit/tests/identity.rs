@@ -8,7 +8,10 @@ use std::sync::Arc;
 use edge_tunnel_testkit::{TestCluster, TestPki, client, metric_value};
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tunnel_core::{OpenError, OpenRequest, PortSet, QuicConnector, QuicListener, Refusal, SessionConfig, Target, TargetHost, proto};
+use tunnel_core::{
+    OpenError, OpenRequest, PortSet, QuicConnector, QuicListener, Refusal, SessionConfig, Target,
+    TargetHost, proto,
+};
 
 fn read(p: &std::path::Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
@@ -26,8 +29,17 @@ async fn agent_is_registered_under_its_certificate_name_whatever_it_claims() {
         .registry
         .lookup(&tunnel_core::NodeRef::Name("node-a".into()))
         .expect("registered as node-a");
-    assert_eq!(session.claims().node_name, "node-b", "the claim is kept for logs only");
-    assert!(cluster.registry.lookup(&tunnel_core::NodeRef::Name("node-b".into())).is_none());
+    assert_eq!(
+        session.claims().node_name,
+        "node-b",
+        "the claim is kept for logs only"
+    );
+    assert!(
+        cluster
+            .registry
+            .lookup(&tunnel_core::NodeRef::Name("node-b".into()))
+            .is_none()
+    );
     assert_eq!(cluster.registry.len(), 1);
 
     let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
@@ -70,7 +82,8 @@ async fn agents_without_a_certificate_or_from_another_ca_are_refused() {
 
     let (_, crt, key) = &foreign.agents[0];
     let other_ca = tunnel_core::Identity::from_pem(&read(crt), &read(key)).unwrap();
-    let wrong_ca = QuicConnector::new(client_tls(&ca, Some(other_ca)), SessionConfig::default()).unwrap();
+    let wrong_ca =
+        QuicConnector::new(client_tls(&ca, Some(other_ca)), SessionConfig::default()).unwrap();
     wrong_ca
         .connect(cluster.tunnel_addr, "localhost", register.clone())
         .await
@@ -82,7 +95,10 @@ async fn agents_without_a_certificate_or_from_another_ca_are_refused() {
     let (crt, key) = cluster.pki.agent("node-a");
     let good = tunnel_core::Identity::from_pem(&read(&crt), &read(&key)).unwrap();
     let ok = QuicConnector::new(client_tls(&ca, Some(good)), SessionConfig::default()).unwrap();
-    let session = ok.connect(cluster.tunnel_addr, "localhost", register).await.unwrap();
+    let session = ok
+        .connect(cluster.tunnel_addr, "localhost", register)
+        .await
+        .unwrap();
     assert_eq!(session.node_name(), "node-a");
 }
 
@@ -93,13 +109,23 @@ async fn agent_refuses_forbidden_targets_from_a_hostile_server_without_dialing()
     // A scripted server: the library's own listener, driven by the test, asking for targets
     // that no honest server would.
     let tls = tunnel_core::tls::server_config(
-        tunnel_core::Identity::from_pem(&read(&pki.tunnel.server_cert), &read(&pki.tunnel.server_key)).unwrap(),
+        tunnel_core::Identity::from_pem(
+            &read(&pki.tunnel.server_cert),
+            &read(&pki.tunnel.server_key),
+        )
+        .unwrap(),
         tunnel_core::tls::roots_from_pem(&read(&pki.tunnel.ca_cert), "ca").unwrap(),
         &[tunnel_core::tls::ALPN_QUIC],
     )
     .unwrap();
     let listener = Arc::new(
-        QuicListener::bind("127.0.0.1:0".parse().unwrap(), tls, SessionConfig::default(), "hostile").unwrap(),
+        QuicListener::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            tls,
+            SessionConfig::default(),
+            "hostile",
+        )
+        .unwrap(),
     );
 
     // Targets the agent must not reach, each with a listener that would see the dial.
@@ -138,23 +164,47 @@ async fn agent_refuses_forbidden_targets_from_a_hostile_server_without_dialing()
         &[("result", "forbidden")],
     );
     let hostile = [
-        Target { host: TargetHost::Loopback, port: p_lo },
-        Target { host: TargetHost::Node, port: p_ip },
-        Target { host: TargetHost::NodeIp("127.0.0.2".parse().unwrap()), port: p_ip },
+        Target {
+            host: TargetHost::Loopback,
+            port: p_lo,
+        },
+        Target {
+            host: TargetHost::Node,
+            port: p_ip,
+        },
+        Target {
+            host: TargetHost::NodeIp("127.0.0.2".parse().unwrap()),
+            port: p_ip,
+        },
         // An allowed port, but not on this node.
-        Target { host: TargetHost::NodeIp("127.0.0.3".parse().unwrap()), port: p_ok },
-        Target { host: TargetHost::Loopback, port: p_ok },
-        Target { host: TargetHost::NodeIp("169.254.169.254".parse().unwrap()), port: 80 },
+        Target {
+            host: TargetHost::NodeIp("127.0.0.3".parse().unwrap()),
+            port: p_ok,
+        },
+        Target {
+            host: TargetHost::Loopback,
+            port: p_ok,
+        },
+        Target {
+            host: TargetHost::NodeIp("169.254.169.254".parse().unwrap()),
+            port: 80,
+        },
     ];
     for (i, target) in hostile.iter().enumerate() {
         match session.open(&OpenRequest::new(*target, i as u64)).await {
-            Err(OpenError::Refused { refusal, .. }) => assert_eq!(refusal, Refusal::Forbidden, "{target}"),
+            Err(OpenError::Refused { refusal, .. }) => {
+                assert_eq!(refusal, Refusal::Forbidden, "{target}")
+            }
             other => panic!("{target}: expected a forbidden refusal, got {other:?}"),
         }
     }
     // The refusal comes after the decision, so a dial would already sit in a backlog.
     for l in [&forbidden_lo, &forbidden_ip, &allowed] {
-        assert_eq!(l.accept().unwrap_err().kind(), std::io::ErrorKind::WouldBlock, "no dial may happen");
+        assert_eq!(
+            l.accept().unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "no dial may happen"
+        );
     }
     let forbidden_after = metric_value(
         &edge_tunnel_testkit::metrics().render(),
@@ -164,7 +214,10 @@ async fn agent_refuses_forbidden_targets_from_a_hostile_server_without_dialing()
     assert_eq!(forbidden_after - forbidden_before, hostile.len() as f64);
 
     // What the agent allows does get through: the test above could have failed.
-    let target = Target { host: TargetHost::Node, port: p_ok };
+    let target = Target {
+        host: TargetHost::Node,
+        port: p_ok,
+    };
     let _stream = session.open(&OpenRequest::new(target, 99)).await.unwrap();
     allowed.set_nonblocking(false).unwrap();
     let (_, peer) = allowed.accept().unwrap();

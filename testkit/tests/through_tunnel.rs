@@ -23,8 +23,11 @@ struct Setup {
 async fn setup() -> Setup {
     let ip: IpAddr = "127.0.0.2".parse().unwrap();
     let pki = TestPki::new(&[("node-a", &[ip]), ("node-b", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls()).await.unwrap();
-    let cluster = TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let cluster =
+        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
     let (agent, node) = cluster.start_agent(cluster.agent_config("node-a")).await;
     assert_eq!(node, "node-a");
     Setup {
@@ -56,9 +59,13 @@ async fn echo_exact<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, data: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followed_log_arrives_line_by_line_through_the_tls_front() {
     let s = setup().await;
-    let tls = client::tls_connect(s.cluster.secure_addr, "node-a", s.cluster.pki.apiserver_tls())
-        .await
-        .unwrap();
+    let tls = client::tls_connect(
+        s.cluster.secure_addr,
+        "node-a",
+        s.cluster.pki.apiserver_tls(),
+    )
+    .await
+    .unwrap();
     let mut sender = client::http1(tls).await.unwrap();
     let req = http::Request::get("/containerLogs/default/web-1/app?follow=true")
         .header("host", "node-a:10250")
@@ -78,17 +85,27 @@ async fn followed_log_arrives_line_by_line_through_the_tls_front() {
         assert_eq!(frame.into_data().unwrap(), line.as_bytes());
     }
     drop(feed);
-    assert!(body.frame().await.is_none(), "log ends when the writer does");
+    assert!(
+        body.frame().await.is_none(),
+        "log ends when the writer does"
+    );
     // The kubelet authenticated the apiserver's certificate, not the tunnel's.
-    assert_eq!(s.kubelet.client_subjects(), vec!["kube-apiserver-kubelet-client".to_owned()]);
+    assert_eq!(
+        s.kubelet.client_subjects(),
+        vec!["kube-apiserver-kubelet-client".to_owned()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_exec_through_the_tls_front_echoes_1mib_with_half_close() {
     let s = setup().await;
-    let tls = client::tls_connect(s.cluster.secure_addr, "node-a", s.cluster.pki.apiserver_tls())
-        .await
-        .unwrap();
+    let tls = client::tls_connect(
+        s.cluster.secure_addr,
+        "node-a",
+        s.cluster.pki.apiserver_tls(),
+    )
+    .await
+    .unwrap();
     let mut sender = client::http1(tls).await.unwrap();
     let io = client::exec_upgrade(&mut sender, "node-a:10250", Upgrade::WebSocket)
         .await
@@ -100,9 +117,13 @@ async fn websocket_exec_through_the_tls_front_echoes_1mib_with_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spdy_exec_through_the_tls_front_echoes_1mib_with_half_close() {
     let s = setup().await;
-    let tls = client::tls_connect(s.cluster.secure_addr, "node-a", s.cluster.pki.apiserver_tls())
-        .await
-        .unwrap();
+    let tls = client::tls_connect(
+        s.cluster.secure_addr,
+        "node-a",
+        s.cluster.pki.apiserver_tls(),
+    )
+    .await
+    .unwrap();
     let mut sender = client::http1(tls).await.unwrap();
     let io = client::exec_upgrade(&mut sender, "node-a:10250", Upgrade::Spdy)
         .await
@@ -117,7 +138,9 @@ async fn both_upgrades_through_the_http_front_echo_1mib_with_half_close() {
     for (kind, seed) in [(Upgrade::WebSocket, 3), (Upgrade::Spdy, 4)] {
         let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
         let mut sender = client::http1(tcp).await.unwrap();
-        let io = client::exec_upgrade(&mut sender, &host, kind).await.unwrap();
+        let io = client::exec_upgrade(&mut sender, &host, kind)
+            .await
+            .unwrap();
         echo_exact(io, &pattern(MIB, seed)).await;
     }
 }
@@ -131,11 +154,21 @@ async fn http_front_routes_by_host_by_node_ip_by_absolute_form_and_connect() {
     // Host without a port: the read-only port.
     let (status, body) = client::get(&mut sender, "node-a", "/pods").await.unwrap();
     assert_eq!(status, 200);
-    assert!(std::str::from_utf8(&body).unwrap().contains("\"node\":\"node-a\""));
+    assert!(
+        std::str::from_utf8(&body)
+            .unwrap()
+            .contains("\"node\":\"node-a\"")
+    );
     // The node's IP (from its certificate) names the node as well.
-    let (status, body) = client::get(&mut sender, &format!("127.0.0.2:{port}"), "/metrics").await.unwrap();
+    let (status, body) = client::get(&mut sender, &format!("127.0.0.2:{port}"), "/metrics")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
-    assert!(std::str::from_utf8(&body).unwrap().contains("kubelet_running_pods{node=\"node-a\"} 12"));
+    assert!(
+        std::str::from_utf8(&body)
+            .unwrap()
+            .contains("kubelet_running_pods{node=\"node-a\"} 12")
+    );
 
     // Absolute-form, as an HTTP proxy client sends it.
     let mut tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
@@ -150,31 +183,44 @@ async fn http_front_routes_by_host_by_node_ip_by_absolute_form_and_connect() {
     // CONNECT, as kube-apiserver's egress selector and curl -p speak it; then TLS inside.
     let mut tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let https = s.kubelet.https_addr.port();
-    tcp.write_all(format!("CONNECT node-a:{https} HTTP/1.1\r\nHost: node-a:{https}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    tcp.write_all(
+        format!("CONNECT node-a:{https} HTTP/1.1\r\nHost: node-a:{https}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         assert!(head.len() < 1024, "response head too long");
         head.push(tcp.read_u8().await.unwrap());
     }
-    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     let name = rustls_pki_types::ServerName::try_from("node-a").unwrap();
     let tls = tokio_rustls::TlsConnector::from(s.cluster.pki.apiserver_tls())
         .connect(name, tcp)
         .await
         .unwrap();
     let mut sender = client::http1(tls).await.unwrap();
-    let (status, _) = client::get(&mut sender, "node-a", "/healthz").await.unwrap();
+    let (status, _) = client::get(&mut sender, "node-a", "/healthz")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_requests_naming_different_nodes_reach_their_own_node() {
     let pki = TestPki::new(&[("node-a", &[]), ("node-b", &[])]);
-    let kubelet_a = FakeKubelet::start("node-a", pki.kubelet_tls()).await.unwrap();
-    let kubelet_b = FakeKubelet::start("node-b", pki.kubelet_tls()).await.unwrap();
-    let cluster = TestCluster::start(pki, kubelet_a.https_addr.port(), kubelet_a.http_addr.port()).await;
+    let kubelet_a = FakeKubelet::start("node-a", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let kubelet_b = FakeKubelet::start("node-b", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let cluster =
+        TestCluster::start(pki, kubelet_a.https_addr.port(), kubelet_a.http_addr.port()).await;
     let (pa, pb) = (kubelet_a.http_addr.port(), kubelet_b.http_addr.port());
     let mut config_b = cluster.agent_config("node-b");
     config_b.allowed_ports = tunnel_core::PortSet::new([pb]);
@@ -193,10 +239,15 @@ async fn keep_alive_requests_naming_different_nodes_reach_their_own_node() {
         let (status, body) = client::get(&mut sender, &host, "/pods").await.unwrap();
         assert_eq!(status, 200, "{host}");
         let body = String::from_utf8_lossy(&body);
-        assert!(body.contains(&format!("\"node\":\"{want}\"")), "{host} answered {body}");
+        assert!(
+            body.contains(&format!("\"node\":\"{want}\"")),
+            "{host} answered {body}"
+        );
     }
     // node-b's agent refuses node-a's port: each agent serves only what it allows.
-    let (status, body) = client::get(&mut sender, &format!("node-b:{pa}"), "/pods").await.unwrap();
+    let (status, body) = client::get(&mut sender, &format!("node-b:{pa}"), "/pods")
+        .await
+        .unwrap();
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -208,17 +259,29 @@ async fn thousand_sequential_requests_on_one_connection() {
     let mut sender = client::http1(tcp).await.unwrap();
     for i in 0..1000 {
         let (status, body) = client::get(&mut sender, &host, "/healthz").await.unwrap();
-        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "request {i}");
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"ok"[..]),
+            "request {i}"
+        );
     }
     // And 1,000 on fresh connections: a stream each.
-    let before = metric_value(&s.cluster.scrape().await, "edge_tunnel_server_streams_total", &[("front", "http"), ("result", "ok")]);
+    let before = metric_value(
+        &s.cluster.scrape().await,
+        "edge_tunnel_server_streams_total",
+        &[("front", "http"), ("result", "ok")],
+    );
     for i in 0..1000 {
         let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
         let mut sender = client::http1(tcp).await.unwrap();
         let (status, _) = client::get(&mut sender, &host, "/healthz").await.unwrap();
         assert_eq!(status, StatusCode::OK, "connection {i}");
     }
-    let after = metric_value(&s.cluster.scrape().await, "edge_tunnel_server_streams_total", &[("front", "http"), ("result", "ok")]);
+    let after = metric_value(
+        &s.cluster.scrape().await,
+        "edge_tunnel_server_streams_total",
+        &[("front", "http"), ("result", "ok")],
+    );
     assert_eq!(after - before, 1000.0);
 }
 
@@ -231,10 +294,21 @@ async fn two_hundred_concurrent_streams_through_one_agent() {
     for _ in 0..200 {
         let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
         let mut sender = client::http1(tcp).await.unwrap();
-        ios.push(client::exec_upgrade(&mut sender, &host, Upgrade::Spdy).await.unwrap());
+        ios.push(
+            client::exec_upgrade(&mut sender, &host, Upgrade::Spdy)
+                .await
+                .unwrap(),
+        );
     }
     let text = s.cluster.scrape().await;
-    assert_eq!(metric_value(&text, "edge_tunnel_server_streams_open", &[("front", "http")]), 200.0);
+    assert_eq!(
+        metric_value(
+            &text,
+            "edge_tunnel_server_streams_open",
+            &[("front", "http")]
+        ),
+        200.0
+    );
     let mut tasks = tokio::task::JoinSet::new();
     for (i, io) in ios.into_iter().enumerate() {
         tasks.spawn(async move { echo_exact(io, &pattern(16 * 1024, i as u8)).await });
@@ -250,19 +324,40 @@ async fn unknown_node_gets_503_within_a_second_and_tls_front_closes() {
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
     let started = Instant::now();
-    let (status, body) = client::get(&mut sender, "node-zz:10255", "/pods").await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    let (status, body) = client::get(&mut sender, "node-zz:10255", "/pods")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let body = String::from_utf8(body.to_vec()).unwrap();
     assert_eq!(body, "edge-tunnel: no agent connected for node node-zz\n");
     // The connection stays usable for the next request.
-    let (status, _) = client::get(&mut sender, "node-a", "/healthz").await.unwrap();
+    let (status, _) = client::get(&mut sender, "node-a", "/healthz")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 
-    let before = metric_value(&s.cluster.scrape().await, "edge_tunnel_server_streams_total", &[("front", "tls"), ("result", "no_agent")]);
-    let err = client::tls_connect(s.cluster.secure_addr, "node-zz", s.cluster.pki.apiserver_tls()).await;
+    let before = metric_value(
+        &s.cluster.scrape().await,
+        "edge_tunnel_server_streams_total",
+        &[("front", "tls"), ("result", "no_agent")],
+    );
+    let err = client::tls_connect(
+        s.cluster.secure_addr,
+        "node-zz",
+        s.cluster.pki.apiserver_tls(),
+    )
+    .await;
     assert!(err.is_err(), "TLS to an unknown node must fail");
-    let after = metric_value(&s.cluster.scrape().await, "edge_tunnel_server_streams_total", &[("front", "tls"), ("result", "no_agent")]);
+    let after = metric_value(
+        &s.cluster.scrape().await,
+        "edge_tunnel_server_streams_total",
+        &[("front", "tls"), ("result", "no_agent")],
+    );
     assert_eq!(after - before, 1.0);
 }
 
@@ -274,7 +369,10 @@ async fn refusals_map_to_502_and_bad_requests_to_400() {
     // A port the agent does not allow: the agent refuses, the client reads why.
     let (status, body) = client::get(&mut sender, "node-a:22", "/").await.unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert!(String::from_utf8_lossy(&body).contains("forbidden"), "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("forbidden"),
+        "{body:?}"
+    );
     // An allowed port where nothing listens: refused by the target.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -287,9 +385,14 @@ async fn refusals_map_to_502_and_bad_requests_to_400() {
     let (_b, _) = s.cluster.start_agent(config).await;
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
-    let (status, body) = client::get(&mut sender, &format!("node-b:{closed}"), "/").await.unwrap();
+    let (status, body) = client::get(&mut sender, &format!("node-b:{closed}"), "/")
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert!(String::from_utf8_lossy(&body).contains("refused"), "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("refused"),
+        "{body:?}"
+    );
     let (status, _) = client::get(&mut sender, "not_a_node", "/").await.unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }

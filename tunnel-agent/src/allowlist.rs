@@ -82,13 +82,34 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let node_ip = |s: &str| TargetHost::NodeIp(ip(s));
         let cases: Vec<(Target, Result<SocketAddr, Denied>)> = vec![
-            (t(TargetHost::Node, 10250), Ok("127.0.0.1:10250".parse().unwrap())),
-            (t(node_ip("10.0.0.5"), 10255), Ok("127.0.0.1:10255".parse().unwrap())),
-            (t(TargetHost::Loopback, 10267), Ok("127.0.0.1:10267".parse().unwrap())),
-            (t(TargetHost::Node, 9100), Ok("10.0.0.5:9100".parse().unwrap())),
-            (t(node_ip("fd00::5"), 9100), Ok("[fd00::5]:9100".parse().unwrap())),
-            (t(node_ip("10.0.0.6"), 9100), Err(Denied::ForeignIp(ip("10.0.0.6")))),
-            (t(node_ip("169.254.169.254"), 9100), Err(Denied::ForeignIp(ip("169.254.169.254")))),
+            (
+                t(TargetHost::Node, 10250),
+                Ok("127.0.0.1:10250".parse().unwrap()),
+            ),
+            (
+                t(node_ip("10.0.0.5"), 10255),
+                Ok("127.0.0.1:10255".parse().unwrap()),
+            ),
+            (
+                t(TargetHost::Loopback, 10267),
+                Ok("127.0.0.1:10267".parse().unwrap()),
+            ),
+            (
+                t(TargetHost::Node, 9100),
+                Ok("10.0.0.5:9100".parse().unwrap()),
+            ),
+            (
+                t(node_ip("fd00::5"), 9100),
+                Ok("[fd00::5]:9100".parse().unwrap()),
+            ),
+            (
+                t(node_ip("10.0.0.6"), 9100),
+                Err(Denied::ForeignIp(ip("10.0.0.6"))),
+            ),
+            (
+                t(node_ip("169.254.169.254"), 9100),
+                Err(Denied::ForeignIp(ip("169.254.169.254"))),
+            ),
             (t(TargetHost::Loopback, 9100), Err(Denied::Loopback(9100))),
             (t(TargetHost::Node, 22), Err(Denied::Port(22))),
             (t(TargetHost::Loopback, 6443), Err(Denied::Port(6443))),
@@ -99,6 +120,9 @@ mod tests {
             assert_eq!(p.resolve(&target), want, "{target}");
         }
         let no_ips = Allowlist::new(vec![], PortSet::new([9100]), PortSet::default());
-        assert_eq!(no_ips.resolve(&t(TargetHost::Node, 9100)), Err(Denied::NoNodeIp));
+        assert_eq!(
+            no_ips.resolve(&t(TargetHost::Node, 9100)),
+            Err(Denied::NoNodeIp)
+        );
     }
 }

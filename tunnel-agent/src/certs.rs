@@ -22,11 +22,13 @@ pub struct LoadedIdentity {
 }
 
 async fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    tokio::fs::read(path).await.map_err(|source| ConfigError::Read {
-        flag,
-        path: path.to_owned(),
-        source,
-    })
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| ConfigError::Read {
+            flag,
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Loads the files named by `config`.
@@ -61,7 +63,11 @@ pub async fn load(config: &AgentConfig) -> Result<LoadedIdentity, ConfigError> {
     let dial_ips = if config.node_ips.is_empty() {
         identity.node_ips.clone()
     } else {
-        if let Some(ip) = config.node_ips.iter().find(|ip| !identity.node_ips.contains(ip)) {
+        if let Some(ip) = config
+            .node_ips
+            .iter()
+            .find(|ip| !identity.node_ips.contains(ip))
+        {
             return Err(ConfigError::Invalid {
                 what: "--node-ip",
                 why: format!(
@@ -74,7 +80,8 @@ pub async fn load(config: &AgentConfig) -> Result<LoadedIdentity, ConfigError> {
     };
     let roots = tls::roots_from_pem(&read("--ca-file", ca).await?, "CA file")
         .map_err(tls_err("--ca-file"))?;
-    let client = tls::client_config(id, roots, &[tls::ALPN_QUIC]).map_err(tls_err("--tls-cert-file"))?;
+    let client =
+        tls::client_config(id, roots, &[tls::ALPN_QUIC]).map_err(tls_err("--tls-cert-file"))?;
     Ok(LoadedIdentity {
         client,
         identity,

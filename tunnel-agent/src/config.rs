@@ -35,7 +35,10 @@ impl Default for Backoff {
 impl Backoff {
     /// The delay before attempt `failures + 1`, with `unit` (in 0..1) choosing the jitter.
     pub fn delay(&self, failures: u32, unit: f64) -> Duration {
-        let base = self.initial.as_secs_f64() * self.factor.powi(i32::try_from(failures).unwrap_or(i32::MAX));
+        let base = self.initial.as_secs_f64()
+            * self
+                .factor
+                .powi(i32::try_from(failures).unwrap_or(i32::MAX));
         let capped = base.min(self.max.as_secs_f64());
         let spread = 1.0 + self.jitter * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
         Duration::from_secs_f64((capped * spread).max(0.0))

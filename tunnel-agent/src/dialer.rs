@@ -14,8 +14,13 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), ConfigError> {
         what: "--server-address",
         why: format!("{addr:?}: {why}"),
     };
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid("expected HOST:PORT"))?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("expected HOST:PORT"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() {
         return Err(invalid("empty host"));
     }
@@ -110,14 +115,18 @@ impl ServerDialer {
             })?;
             return Ok(vec![SocketAddr::new(ip, self.port)]);
         };
-        let lookup = resolver
-            .lookup_ip(self.host.as_str())
-            .await
-            .map_err(|e| DialError::Resolve {
-                host: self.host.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(lookup.iter().map(|ip| SocketAddr::new(ip, self.port)).collect())
+        let lookup =
+            resolver
+                .lookup_ip(self.host.as_str())
+                .await
+                .map_err(|e| DialError::Resolve {
+                    host: self.host.clone(),
+                    message: e.to_string(),
+                })?;
+        Ok(lookup
+            .iter()
+            .map(|ip| SocketAddr::new(ip, self.port))
+            .collect())
     }
 
     /// Connects to the first address that completes the handshake and registration.
@@ -150,8 +159,14 @@ mod tests {
 
     #[test]
     fn host_port() {
-        assert_eq!(split_host_port("tunnel.example:10262").unwrap(), ("tunnel.example".into(), 10262));
-        assert_eq!(split_host_port("[::1]:10262").unwrap(), ("::1".into(), 10262));
+        assert_eq!(
+            split_host_port("tunnel.example:10262").unwrap(),
+            ("tunnel.example".into(), 10262)
+        );
+        assert_eq!(
+            split_host_port("[::1]:10262").unwrap(),
+            ("::1".into(), 10262)
+        );
         for bad in ["tunnel", ":10262", "tunnel:0", "tunnel:x"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }

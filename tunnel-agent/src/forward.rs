@@ -15,7 +15,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
     let requested = match incoming.read_request().await {
         Ok(r) => r,
         Err(e) => {
-            metrics::counter!("edge_tunnel_agent_streams_total", "result" => "bad_header").increment(1);
+            metrics::counter!("edge_tunnel_agent_streams_total", "result" => "bad_header")
+                .increment(1);
             info!(error = %e, "stream with a bad header reset");
             return;
         }
@@ -26,28 +27,43 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
         let addr = match shared.allowlist.resolve(&request.target) {
             Ok(addr) => addr,
             Err(denied) => {
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "forbidden").increment(1);
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "forbidden")
+                    .increment(1);
                 info!(reason = %denied, "refused a forbidden target");
-                if let Err(e) = requested.refuse(Refusal::Forbidden, &denied.to_string()).await {
+                if let Err(e) = requested
+                    .refuse(Refusal::Forbidden, &denied.to_string())
+                    .await
+                {
                     debug!(error = %e, "refusal not delivered");
                 }
                 return;
             }
         };
-        let dialed = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr)).await;
+        let dialed =
+            tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr)).await;
         let mut tcp = match dialed {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 let refusal = Refusal::from_io(&e);
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => refusal.as_str()).increment(1);
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => refusal.as_str())
+                    .increment(1);
                 debug!(%addr, error = %e, "dial failed");
-                let _ = requested.refuse(refusal, &format!("dial {addr}: {e}")).await;
+                let _ = requested
+                    .refuse(refusal, &format!("dial {addr}: {e}"))
+                    .await;
                 return;
             }
             Err(_) => {
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "timeout").increment(1);
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "timeout")
+                    .increment(1);
                 let _ = requested
-                    .refuse(Refusal::Timeout, &format!("dial {addr}: no answer within {:?}", shared.config.dial_timeout))
+                    .refuse(
+                        Refusal::Timeout,
+                        &format!(
+                            "dial {addr}: no answer within {:?}",
+                            shared.config.dial_timeout
+                        ),
+                    )
                     .await;
                 return;
             }
@@ -57,7 +73,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             Ok(s) => s,
             Err(e) => {
                 // The server gave up (timeout, client gone): drop the local connection.
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "abandoned").increment(1);
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "abandoned")
+                    .increment(1);
                 debug!(error = %e, "server abandoned the stream");
                 return;
             }
@@ -71,8 +88,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             Ok(t) => *t,
             Err(e) => e.transferred(),
         };
-        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "to_target").increment(moved.a_to_b);
-        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "from_target").increment(moved.b_to_a);
+        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "to_target")
+            .increment(moved.a_to_b);
+        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "from_target")
+            .increment(moved.b_to_a);
         if let Err(e) = result {
             debug!(error = %e, "stream ended with an error");
             stream.abort();

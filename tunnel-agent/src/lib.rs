@@ -155,7 +155,8 @@ impl Agent {
             match attempt {
                 Ok(session) => {
                     failures = 0;
-                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "ok").increment(1);
+                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "ok")
+                        .increment(1);
                     info!(
                         node = session.node_name(),
                         server.id = session.server_id(),
@@ -193,10 +194,12 @@ impl Agent {
                             continue 'outer;
                         }
                     }
-                    metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "lost").increment(1);
+                    metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "lost")
+                        .increment(1);
                 }
                 Err(e) => {
-                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "error").increment(1);
+                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "error")
+                        .increment(1);
                     if e.is_peer() {
                         warn!(error = %e, "server rejected the agent; check the certificate and CA");
                     } else {
@@ -213,7 +216,10 @@ impl Agent {
         }
         // Let open streams finish, within the drain timeout.
         let drain = async { while streams.join_next().await.is_some() {} };
-        if tokio::time::timeout(shared.config.drain_timeout, drain).await.is_err() {
+        if tokio::time::timeout(shared.config.drain_timeout, drain)
+            .await
+            .is_err()
+        {
             warn!("drain timeout reached; closing the remaining streams");
         }
         streams.shutdown().await;
@@ -266,6 +272,9 @@ async fn serve_session(
 }
 
 /// Runs an agent for `config` until `shutdown` resolves.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     Agent::new(config).run(shutdown).await
 }

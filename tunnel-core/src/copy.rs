@@ -207,7 +207,12 @@ impl Half {
         }
     }
 
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -286,7 +291,13 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(reply.len(), 100_000);
         let t = copy.await.unwrap().unwrap();
-        assert_eq!(t, Transferred { a_to_b: 7, b_to_a: 100_000 });
+        assert_eq!(
+            t,
+            Transferred {
+                a_to_b: 7,
+                b_to_a: 100_000
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

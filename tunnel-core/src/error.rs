@@ -133,7 +133,10 @@ impl SessionError {
     /// True when the fault lies with the peer (bad identity, protocol violation); false for
     /// network and local failures that a retry may fix.
     pub fn is_peer(&self) -> bool {
-        matches!(self, Self::Identity(_) | Self::Protocol(_) | Self::Decode(_))
+        matches!(
+            self,
+            Self::Identity(_) | Self::Protocol(_) | Self::Decode(_)
+        )
     }
 }
 
@@ -146,9 +149,10 @@ impl From<quinn::WriteError> for SessionError {
 impl From<quinn::ReadExactError> for SessionError {
     fn from(e: quinn::ReadExactError) -> Self {
         match e {
-            quinn::ReadExactError::FinishedEarly(_) => {
-                Self::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "stream finished early"))
-            }
+            quinn::ReadExactError::FinishedEarly(_) => Self::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream finished early",
+            )),
             quinn::ReadExactError::ReadError(e) => Self::Io(e.into()),
         }
     }

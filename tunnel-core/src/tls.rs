@@ -186,7 +186,9 @@ impl AgentIdentity {
 
     /// From the peer certificates a rustls or quinn connection reports (leaf first).
     pub fn from_chain(chain: Option<&[CertificateDer<'_>]>) -> Result<Self, IdentityError> {
-        let leaf = chain.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
+        let leaf = chain
+            .and_then(|c| c.first())
+            .ok_or(IdentityError::Missing)?;
         Self::from_certificate(leaf)
     }
 }
@@ -203,29 +205,44 @@ mod tests {
     #[test]
     fn identity_prefers_dns_san_and_collects_ips() {
         let mut p = rcgen::CertificateParams::new(vec!["Node-A".into(), "other".into()]).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, "cn-name");
-        p.subject_alt_names.push(rcgen::SanType::IpAddress("10.0.0.5".parse().unwrap()));
-        p.subject_alt_names.push(rcgen::SanType::IpAddress("fd00::5".parse().unwrap()));
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "cn-name");
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress("10.0.0.5".parse().unwrap()));
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress("fd00::5".parse().unwrap()));
         let id = AgentIdentity::from_certificate(&cert(p)).unwrap();
         assert_eq!(id.node_name, "node-a");
         assert_eq!(
             id.node_ips,
-            vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]
+            vec![
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
         );
     }
 
     #[test]
     fn identity_falls_back_to_cn_and_rejects_bad_names() {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, "edge-7");
-        assert_eq!(AgentIdentity::from_certificate(&cert(p)).unwrap().node_name, "edge-7");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "edge-7");
+        assert_eq!(
+            AgentIdentity::from_certificate(&cert(p)).unwrap().node_name,
+            "edge-7"
+        );
 
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, "system:node:edge-8");
-        assert_eq!(AgentIdentity::from_certificate(&cert(p)).unwrap().node_name, "edge-8");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:edge-8");
+        assert_eq!(
+            AgentIdentity::from_certificate(&cert(p)).unwrap().node_name,
+            "edge-8"
+        );
 
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, "system:node:edge 7");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:edge 7");
         assert!(matches!(
             AgentIdentity::from_certificate(&cert(p)),
             Err(IdentityError::InvalidName(_))

@@ -148,12 +148,16 @@ impl Server {
 
     /// The tunnel listener's address (UDP).
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.quic.local_addr().unwrap_or_else(|_| self.config.addr(self.config.tunnel_port))
+        self.quic
+            .local_addr()
+            .unwrap_or_else(|_| self.config.addr(self.config.tunnel_port))
     }
 
     /// The TLS front's address.
     pub fn secure_addr(&self) -> SocketAddr {
-        self.secure.local_addr().unwrap_or_else(|_| self.config.addr(self.config.secure_port))
+        self.secure
+            .local_addr()
+            .unwrap_or_else(|_| self.config.addr(self.config.secure_port))
     }
 
     /// The HTTP front's address.
@@ -196,12 +200,18 @@ impl Server {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(tunnel::serve(quic.clone(), registry.clone(), stop.clone()));
-        tasks.spawn(front::serve_tcp(secure, fronts.clone(), stop.clone(), |f, tcp, peer| {
-            front::sni::handle(f, tcp, peer)
-        }));
-        tasks.spawn(front::serve_tcp(insecure, fronts.clone(), stop.clone(), |f, tcp, peer| {
-            front::http::handle(f, tcp, peer)
-        }));
+        tasks.spawn(front::serve_tcp(
+            secure,
+            fronts.clone(),
+            stop.clone(),
+            front::sni::handle,
+        ));
+        tasks.spawn(front::serve_tcp(
+            insecure,
+            fronts.clone(),
+            stop.clone(),
+            front::http::handle,
+        ));
         // The meta server outlives the drain so that probes and scrapes see it.
         let (meta_stop_tx, meta_stop) = watch::channel(false);
         let mut meta_task = JoinSet::new();
@@ -245,7 +255,10 @@ impl Server {
 }
 
 /// Binds and serves `config` until `shutdown` resolves.
-pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     Server::bind(config).await?.run(shutdown).await
 }
 

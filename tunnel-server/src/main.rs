@@ -5,8 +5,7 @@ use tunnel_server::cli::{Cli, Command, PkiAction};
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -18,7 +17,11 @@ fn main() -> anyhow::Result<()> {
         let files = tunnel_server::pki::init(&args.into_request())
             .with_context(|| format!("writing PKI to {}", out.display()))?;
         println!("wrote {}", files.ca_cert.display());
-        println!("wrote {} / {}", files.server_cert.display(), files.server_key.display());
+        println!(
+            "wrote {} / {}",
+            files.server_cert.display(),
+            files.server_key.display()
+        );
         for (node, crt, key) in &files.agents {
             println!("wrote {node}: {} / {}", crt.display(), key.display());
         }
@@ -32,29 +35,8 @@ fn main() -> anyhow::Result<()> {
     config.metrics = Some(handle);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
-        tunnel_server::run(config, shutdown_signal())
+        tunnel_server::run(config, tunnel_core::meta::shutdown_signal())
             .await
             .context("tunnel server")
     })
-}
-
-/// SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -26,17 +26,18 @@ impl std::str::FromStr for AgentSpec {
     /// `NODE` or `NODE=IP,IP…`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (node, ips) = s.split_once('=').unwrap_or((s, ""));
-        let node = match tunnel_core::route::parse_host(node.trim()) {
-            Ok(tunnel_core::NodeRef::Name(n)) => n,
-            _ => return Err(PkiError::Spec(format!("{node:?} is not a node name"))),
+        let Ok(tunnel_core::NodeRef::Name(node)) = tunnel_core::route::parse_host(node.trim())
+        else {
+            return Err(PkiError::Spec(format!("{node:?} is not a node name")));
         };
         let ips = ips
             .split(',')
             .map(str::trim)
             .filter(|i| !i.is_empty())
             .map(|i| {
-                i.parse()
-                    .map_err(|_| PkiError::Spec(format!("{i:?} is not an IP address (agent {node})")))
+                i.parse().map_err(|_| {
+                    PkiError::Spec(format!("{i:?} is not an IP address (agent {node})"))
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { node, ips })
@@ -131,7 +132,8 @@ pub fn init(req: &PkiRequest) -> Result<PkiFiles, PkiError> {
 
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name.push(DnType::CommonName, "edge-tunnel CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "edge-tunnel CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut ca, req.validity_days);
@@ -180,7 +182,9 @@ pub fn init(req: &PkiRequest) -> Result<PkiFiles, PkiError> {
     for (spec, (_, crt, key)) in req.agents.iter().zip(&files.agents) {
         let agent_key = KeyPair::generate()?;
         let mut agent = CertificateParams::new(vec![spec.node.clone()])?;
-        agent.distinguished_name.push(DnType::CommonName, spec.node.clone());
+        agent
+            .distinguished_name
+            .push(DnType::CommonName, spec.node.clone());
         agent
             .subject_alt_names
             .extend(spec.ips.iter().map(|ip| SanType::IpAddress(*ip)));

@@ -9,7 +9,16 @@ fn server() -> Command {
 #[test]
 fn refuses_to_start_without_the_three_tls_files() {
     let out = server()
-        .args(["--tunnel-port", "0", "--secure-port", "0", "--insecure-port", "0", "--meta-port", "0"])
+        .args([
+            "--tunnel-port",
+            "0",
+            "--secure-port",
+            "0",
+            "--insecure-port",
+            "0",
+            "--meta-port",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -19,7 +28,12 @@ fn refuses_to_start_without_the_three_tls_files() {
     let dir = tempfile::tempdir().unwrap();
     let cert = dir.path().join("missing.crt");
     let out = server()
-        .args(["--tls-cert-file", cert.to_str().unwrap(), "--tls-private-key-file", "x.key"])
+        .args([
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-private-key-file",
+            "x.key",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -33,14 +47,29 @@ fn unreadable_tls_files_are_named_in_the_error() {
     let out = server()
         .current_dir(dir.path())
         .args([
-            "--tls-cert-file", "nope.crt", "--tls-private-key-file", "nope.key", "--client-ca-file", "ca.crt",
-            "--tunnel-port", "0", "--secure-port", "0", "--insecure-port", "0", "--meta-port", "0",
+            "--tls-cert-file",
+            "nope.crt",
+            "--tls-private-key-file",
+            "nope.key",
+            "--client-ca-file",
+            "ca.crt",
+            "--tunnel-port",
+            "0",
+            "--secure-port",
+            "0",
+            "--insecure-port",
+            "0",
+            "--meta-port",
+            "0",
         ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot read --tls-cert-file nope.crt"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read --tls-cert-file nope.crt"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -49,11 +78,31 @@ fn pki_init_writes_the_layout_the_docs_promise() {
     let out = server()
         .args(["pki", "init", "--out"])
         .arg(dir.path())
-        .args(["--server-san", "localhost,127.0.0.1", "--agent", "node-a=10.0.0.5", "--agent", "node-b"])
+        .args([
+            "--server-san",
+            "localhost,127.0.0.1",
+            "--agent",
+            "node-a=10.0.0.5",
+            "--agent",
+            "node-b",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["ca.crt", "ca.key", "server.crt", "server.key", "agents/node-a.crt", "agents/node-a.key", "agents/node-b.crt", "agents/node-b.key"] {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
+        "agents/node-a.crt",
+        "agents/node-a.key",
+        "agents/node-b.crt",
+        "agents/node-b.key",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
 }

@@ -168,7 +168,11 @@ impl Control {
     }
 
     /// Feeds one message from the peer.
-    pub fn handle_message(&mut self, now: Instant, msg: proto::Control) -> Result<(), ControlError> {
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        msg: proto::Control,
+    ) -> Result<(), ControlError> {
         let msg = msg.msg.ok_or(ControlError::Empty)?;
         let unexpected = |m: &Msg, s: State| ControlError::Unexpected {
             message: msg_name(m),
@@ -187,7 +191,8 @@ impl Control {
                 if self.outbox.len() >= MAX_OUTBOX {
                     return Err(ControlError::Flood);
                 }
-                self.outbox.push_back(wrap(Msg::Pong(proto::Pong { seq: p.seq })));
+                self.outbox
+                    .push_back(wrap(Msg::Pong(proto::Pong { seq: p.seq })));
             }
             (State::Active | State::Draining, Msg::Pong(p)) => {
                 // A pong for an older ping is late but harmless.
@@ -277,7 +282,8 @@ impl Control {
             && now >= at
         {
             self.seq += 1;
-            self.outbox.push_back(wrap(Msg::Ping(proto::Ping { seq: self.seq })));
+            self.outbox
+                .push_back(wrap(Msg::Ping(proto::Ping { seq: self.seq })));
             if self.outstanding.is_none() {
                 self.outstanding = Some((self.seq, now + self.config.ping_timeout));
             }
@@ -349,7 +355,9 @@ mod tests {
             )
             .unwrap();
         drive(now, &mut agent, &mut server).unwrap();
-        assert!(matches!(agent.poll_event(), Some(Event::Registered(r)) if r.node_name == "from-cert"));
+        assert!(
+            matches!(agent.poll_event(), Some(Event::Registered(r)) if r.node_name == "from-cert")
+        );
         assert!(agent.is_active() && server.is_active());
         (agent, server)
     }
@@ -359,7 +367,10 @@ mod tests {
         let mut now = Instant::now();
         let (mut agent, mut server) = registered_pair(now);
         for _ in 0..10 {
-            now = agent.poll_timeout().unwrap().min(server.poll_timeout().unwrap());
+            now = agent
+                .poll_timeout()
+                .unwrap()
+                .min(server.poll_timeout().unwrap());
             agent.handle_timeout(now).unwrap();
             server.handle_timeout(now).unwrap();
             drive(now, &mut agent, &mut server).unwrap();
@@ -407,7 +418,11 @@ mod tests {
             })
         );
         let mut agent = Control::agent(now, ControlConfig::default(), register());
-        assert!(agent.handle_message(now, wrap(Msg::Register(register()))).is_err());
+        assert!(
+            agent
+                .handle_message(now, wrap(Msg::Register(register())))
+                .is_err()
+        );
         assert_eq!(
             agent.handle_message(now, proto::Control { msg: None }),
             Err(ControlError::Empty)

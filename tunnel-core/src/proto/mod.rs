@@ -137,8 +137,12 @@ impl OpenRequest {
         let (kind, ip) = match self.target.host {
             TargetHost::Node => (HostKind::Node, Vec::new()),
             TargetHost::Loopback => (HostKind::Loopback, Vec::new()),
-            TargetHost::NodeIp(std::net::IpAddr::V4(ip)) => (HostKind::NodeIp, ip.octets().to_vec()),
-            TargetHost::NodeIp(std::net::IpAddr::V6(ip)) => (HostKind::NodeIp, ip.octets().to_vec()),
+            TargetHost::NodeIp(std::net::IpAddr::V4(ip)) => {
+                (HostKind::NodeIp, ip.octets().to_vec())
+            }
+            TargetHost::NodeIp(std::net::IpAddr::V6(ip)) => {
+                (HostKind::NodeIp, ip.octets().to_vec())
+            }
         };
         StreamOpen {
             target: Some(Target {
@@ -154,7 +158,9 @@ impl OpenRequest {
     /// Validates the wire form: a known host kind, a 4- or 16-byte IP where one is needed, a port
     /// in 1..=65535.
     pub fn from_proto(msg: StreamOpen) -> Result<Self, DecodeError> {
-        let target = msg.target.ok_or(DecodeError::Invalid("stream open without target"))?;
+        let target = msg
+            .target
+            .ok_or(DecodeError::Invalid("stream open without target"))?;
         let port = u16::try_from(target.port)
             .ok()
             .filter(|p| *p != 0)
@@ -165,11 +171,15 @@ impl OpenRequest {
             Ok(HostKind::NodeIp) => {
                 let ip = match target.ip.len() {
                     4 => {
-                        let b: [u8; 4] = target.ip[..].try_into().map_err(|_| DecodeError::Invalid("ip"))?;
+                        let b: [u8; 4] = target.ip[..]
+                            .try_into()
+                            .map_err(|_| DecodeError::Invalid("ip"))?;
                         std::net::IpAddr::from(b)
                     }
                     16 => {
-                        let b: [u8; 16] = target.ip[..].try_into().map_err(|_| DecodeError::Invalid("ip"))?;
+                        let b: [u8; 16] = target.ip[..]
+                            .try_into()
+                            .map_err(|_| DecodeError::Invalid("ip"))?;
                         std::net::IpAddr::from(b)
                     }
                     _ => return Err(DecodeError::Invalid("target ip must be 4 or 16 bytes")),
@@ -228,7 +238,7 @@ mod tests {
         let cases = [
             StreamOpen::default(),
             StreamOpen {
-                target: Some(generated::Target {
+                target: Some(Target {
                     kind: HostKind::Node.into(),
                     ip: vec![],
                     port: 70000,
@@ -236,7 +246,7 @@ mod tests {
                 ..Default::default()
             },
             StreamOpen {
-                target: Some(generated::Target {
+                target: Some(Target {
                     kind: HostKind::NodeIp.into(),
                     ip: vec![1, 2, 3],
                     port: 80,
@@ -244,7 +254,7 @@ mod tests {
                 ..Default::default()
             },
             StreamOpen {
-                target: Some(generated::Target {
+                target: Some(Target {
                     kind: 42,
                     ip: vec![],
                     port: 80,

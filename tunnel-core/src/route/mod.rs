@@ -102,7 +102,10 @@ pub fn parse_host(host: &str) -> Result<NodeRef, AuthorityError> {
 }
 
 /// Parses `host[:port]` (IPv6 in brackets), using `default_port` when none is given.
-pub fn parse_authority(authority: &str, default_port: u16) -> Result<(NodeRef, u16), AuthorityError> {
+pub fn parse_authority(
+    authority: &str,
+    default_port: u16,
+) -> Result<(NodeRef, u16), AuthorityError> {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (ip, after) = rest
             .split_once(']')
@@ -184,7 +187,9 @@ impl FromStr for PortSet {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| PortListError { item: truncate(item) })?;
+                .ok_or_else(|| PortListError {
+                    item: truncate(item),
+                })?;
             set.insert(port);
         }
         Ok(Self(set))
@@ -247,7 +252,9 @@ mod tests {
         assert!(set.contains(10266) && !set.contains(9100));
         assert_eq!(
             "10250, 10x55".parse::<PortSet>(),
-            Err(PortListError { item: "10x55".into() })
+            Err(PortListError {
+                item: "10x55".into()
+            })
         );
         assert_eq!(
             "0".parse::<PortSet>(),

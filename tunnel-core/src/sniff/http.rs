@@ -114,9 +114,9 @@ pub fn parse_request_head(src: &[u8], default_port: u16) -> Result<RequestHead, 
         .filter(|h| h.name.eq_ignore_ascii_case("host"));
     let host = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(SniffError::Malformed("several Host headers")),
-        (Some(h), None) => Some(
-            std::str::from_utf8(h.value).map_err(|_| SniffError::Malformed("Host header"))?,
-        ),
+        (Some(h), None) => {
+            Some(std::str::from_utf8(h.value).map_err(|_| SniffError::Malformed("Host header"))?)
+        }
         (None, _) => None,
     };
     let method = req.method.ok_or(SniffError::Malformed("method"))?;
@@ -180,7 +180,11 @@ mod tests {
     fn incomplete_then_complete() {
         let src = b"GET / HTTP/1.1\r\nHost: node-a\r\n\r\nbody";
         for cut in 0..src.len() - 4 {
-            assert!(parse_request_head(&src[..cut], 1).unwrap_err().is_incomplete());
+            assert!(
+                parse_request_head(&src[..cut], 1)
+                    .unwrap_err()
+                    .is_incomplete()
+            );
         }
         assert_eq!(parse_request_head(src, 1).unwrap().head_len, src.len() - 4);
     }
@@ -188,7 +192,10 @@ mod tests {
     #[test]
     fn refusals() {
         let cases: [(&[u8], SniffError); 5] = [
-            (b"GET / HTTP/1.1\r\n\r\n", SniffError::NoTarget("no Host header")),
+            (
+                b"GET / HTTP/1.1\r\n\r\n",
+                SniffError::NoTarget("no Host header"),
+            ),
             (
                 b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
                 SniffError::Malformed("several Host headers"),
@@ -201,7 +208,10 @@ mod tests {
                 b"GET http://user@node-a/ HTTP/1.1\r\n\r\n",
                 SniffError::Malformed("userinfo in request target"),
             ),
-            (b"\x16\x03\x01\x00\x10", SniffError::Malformed("HTTP request head")),
+            (
+                b"\x16\x03\x01\x00\x10",
+                SniffError::Malformed("HTTP request head"),
+            ),
         ];
         for (src, err) in cases {
             assert_eq!(parse_request_head(src, 1), Err(err), "{src:?}");

@@ -53,7 +53,8 @@ pub fn server_name(src: &[u8]) -> Result<Option<String>, SniffError> {
             if hello[0] != HANDSHAKE_CLIENT_HELLO {
                 return Err(SniffError::WrongProtocol("a TLS ClientHello"));
             }
-            let body = usize::from(hello[1]) << 16 | usize::from(hello[2]) << 8 | usize::from(hello[3]);
+            let body =
+                usize::from(hello[1]) << 16 | usize::from(hello[2]) << 8 | usize::from(hello[3]);
             if body > MAX_CLIENT_HELLO {
                 return Err(SniffError::TooLarge {
                     limit: MAX_CLIENT_HELLO,
@@ -156,7 +157,10 @@ mod tests {
     fn reads_sni_from_a_real_client_hello_at_every_cut() {
         let hello = rustls_client_hello("node-a");
         for cut in 0..hello.len() {
-            assert!(server_name(&hello[..cut]).unwrap_err().is_incomplete(), "{cut}");
+            assert!(
+                server_name(&hello[..cut]).unwrap_err().is_incomplete(),
+                "{cut}"
+            );
         }
         assert_eq!(server_name(&hello), Ok(Some("node-a".into())));
         // Trailing bytes (the client's next flight) do not matter.

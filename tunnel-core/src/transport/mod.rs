@@ -151,9 +151,7 @@ impl AsyncWrite for TunnelStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().inner {
-            StreamInner::Quic { send, .. } => {
-                AsyncWrite::poll_write(Pin::new(send), cx, buf)
-            }
+            StreamInner::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, buf),
         }
     }
 

@@ -14,9 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::session::{AgentConn, Command, DriverTask, Link, RequestedInner, ServerConn};
-use super::{
-    AgentSession, LinkState, RequestedStream, ServerSession, SessionConfig, TunnelStream,
-};
+use super::{AgentSession, LinkState, RequestedStream, ServerSession, SessionConfig, TunnelStream};
 use crate::control::{Control, ControlError, Event};
 use crate::error::{ConfigError, OpenError, Refusal, SessionError};
 use crate::proto::{self, DecodeError, MAX_CONTROL_LEN, MAX_OPEN_LEN, OpenRequest};
@@ -139,12 +137,10 @@ impl PendingSession {
         let identity = peer_identity(&conn)?;
         let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote);
         let result = async {
-            let (send, recv) = tokio::time::timeout(
-                config.control.register_timeout,
-                conn.accept_bi(),
-            )
-            .await
-            .map_err(|_| SessionError::Timeout("control stream"))??;
+            let (send, recv) =
+                tokio::time::timeout(config.control.register_timeout, conn.accept_bi())
+                    .await
+                    .map_err(|_| SessionError::Timeout("control stream"))??;
             let mut io = ControlIo::new(send, recv);
             let mut control = Control::server(now(), config.control.clone());
             let claims = match io.until_event(&mut control).await? {
@@ -183,17 +179,28 @@ impl PendingSession {
         .instrument(span.clone())
         .await;
         if let Err(e) = &result {
-            close(&conn, if e.is_peer() { CLOSE_PROTOCOL } else { CLOSE_DEAD_PEER }, &e.to_string());
+            close(
+                &conn,
+                if e.is_peer() {
+                    CLOSE_PROTOCOL
+                } else {
+                    CLOSE_DEAD_PEER
+                },
+                &e.to_string(),
+            );
         }
         result
     }
 }
 
 fn peer_identity(conn: &quinn::Connection) -> Result<AgentIdentity, SessionError> {
-    let chain = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
-    Ok(AgentIdentity::from_chain(chain.as_deref().map(Vec::as_slice))?)
+    let chain = conn.peer_identity().and_then(|any| {
+        any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    Ok(AgentIdentity::from_chain(
+        chain.as_deref().map(Vec::as_slice),
+    )?)
 }
 
 /// The agent's side: dials servers.
@@ -209,8 +216,8 @@ impl QuicConnector {
         if tls.alpn_protocols.is_empty() {
             tls.alpn_protocols = vec![ALPN_QUIC.to_vec()];
         }
-        let crypto =
-            QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| ConfigError::Quic(e.to_string()))?;
+        let crypto = QuicClientConfig::try_from(Arc::new(tls))
+            .map_err(|e| ConfigError::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport_config(&config, config.max_streams)));
         Ok(Self {
@@ -495,7 +502,9 @@ pub(crate) async fn open(
         Ok(proto::OpenResult::Unreachable) => Refusal::Unreachable,
         Ok(proto::OpenResult::Unspecified) | Err(_) => {
             abort(&mut send, &mut recv);
-            return Err(OpenError::Protocol(DecodeError::Invalid("unknown open result")));
+            return Err(OpenError::Protocol(DecodeError::Invalid(
+                "unknown open result",
+            )));
         }
     };
     Err(OpenError::Refused {
@@ -516,11 +525,14 @@ pub(crate) async fn read_request(
     mut recv: quinn::RecvStream,
     timeout: Duration,
 ) -> Result<RequestedStream, SessionError> {
-    let header = tokio::time::timeout(timeout, read_frame::<proto::StreamOpen>(&mut recv, MAX_OPEN_LEN))
-        .await
-        .map_err(|_| SessionError::Timeout("stream header"))
-        .and_then(|r| r)
-        .and_then(|m| Ok(OpenRequest::from_proto(m)?));
+    let header = tokio::time::timeout(
+        timeout,
+        read_frame::<proto::StreamOpen>(&mut recv, MAX_OPEN_LEN),
+    )
+    .await
+    .map_err(|_| SessionError::Timeout("stream header"))
+    .and_then(|r| r)
+    .and_then(|m| Ok(OpenRequest::from_proto(m)?));
     match header {
         Ok(request) => Ok(RequestedStream {
             request,

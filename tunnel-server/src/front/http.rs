@@ -48,7 +48,10 @@ pub(crate) async fn handle(fronts: Arc<Fronts>, tcp: TcpStream, peer: SocketAddr
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
-    if let Err(e) = conn.instrument(info_span!("http_front", peer.addr = %peer)).await {
+    if let Err(e) = conn
+        .instrument(info_span!("http_front", peer.addr = %peer))
+        .await
+    {
         debug!(peer.addr = %peer, error = %e, "HTTP front connection ended with an error");
     }
 }
@@ -176,7 +179,10 @@ async fn route(
             debug!(error = %e, "upstream request failed");
             return text(
                 StatusCode::BAD_GATEWAY,
-                format!("edge-tunnel: node {}: upstream connection failed: {e}", key.0),
+                format!(
+                    "edge-tunnel: node {}: upstream connection failed: {e}",
+                    key.0
+                ),
             );
         }
     };

@@ -185,7 +185,8 @@ pub(crate) struct StreamGuard {
 impl StreamGuard {
     fn new(fronts: Arc<Fronts>, front: Front) -> Self {
         fronts.open_streams.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!("edge_tunnel_server_streams_open", "front" => front.as_str()).increment(1.0);
+        metrics::gauge!("edge_tunnel_server_streams_open", "front" => front.as_str())
+            .increment(1.0);
         Self { fronts, front }
     }
 }

@@ -18,7 +18,8 @@ pub(crate) async fn handle(fronts: Arc<Fronts>, mut tcp: TcpStream, peer: Socket
     let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty);
     async move {
         let mut hello = BytesMut::with_capacity(2048);
-        let sniffed = tokio::time::timeout(fronts.config.sniff_timeout, read_sni(&mut tcp, &mut hello)).await;
+        let sniffed =
+            tokio::time::timeout(fronts.config.sniff_timeout, read_sni(&mut tcp, &mut hello)).await;
         let node = match sniffed {
             Ok(Ok(node)) => node,
             Ok(Err(e)) => {
