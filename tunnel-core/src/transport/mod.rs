@@ -7,6 +7,7 @@
 //! [`AgentSession`] and [`TunnelStream`], never the transport underneath.
 //!
 //! [`Target`]: crate::route::Target
+//! [`Refusal`]: crate::error::Refusal
 
 pub mod quic;
 mod session;
