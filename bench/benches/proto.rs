@@ -23,7 +23,8 @@ fn stream_open(c: &mut Criterion) {
     g.bench_function("decode_validate", |b| {
         b.iter(|| {
             let (msg, _) =
-                proto::decode_frame::<proto::StreamOpen>(black_box(&frame), MAX_OPEN_LEN).expect("decodes");
+                proto::decode_frame::<proto::StreamOpen>(black_box(&frame), MAX_OPEN_LEN)
+                    .expect("decodes");
             OpenRequest::from_proto(msg).expect("valid")
         })
     });
@@ -36,7 +37,10 @@ fn control(c: &mut Criterion) {
     };
     let frame = proto::frame(&ping).expect("encodes");
     c.bench_function("control/ping_decode", |b| {
-        b.iter(|| proto::decode_frame::<proto::Control>(black_box(&frame), MAX_CONTROL_LEN).expect("decodes"))
+        b.iter(|| {
+            proto::decode_frame::<proto::Control>(black_box(&frame), MAX_CONTROL_LEN)
+                .expect("decodes")
+        })
     });
 }
 

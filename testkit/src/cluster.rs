@@ -30,6 +30,7 @@ pub struct TestCluster {
     pub ports: PortSet,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
+    config: ServerConfig,
     _exclusive: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -104,18 +105,20 @@ impl TestCluster {
             ..ServerConfig::default()
         };
         tweak(&mut config);
-        let server = Server::bind(config).await.expect("server binds");
+        let server = Server::bind(config.clone()).await.expect("server binds");
         let (tunnel_addr, secure_addr, insecure_addr) = (
             server.tunnel_addr(),
             server.secure_addr(),
             server.insecure_addr(),
         );
         let meta_addr = server.meta_addr().expect("meta runs");
+        // A restart binds the same ports, as a restarted pod behind its Service would.
+        config.tunnel_port = tunnel_addr.port();
+        config.secure_port = secure_addr.port();
+        config.insecure_port = insecure_addr.port();
+        config.meta_port = meta_addr.port();
         let registry = server.registry();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
+        let (tx, task) = spawn_server(server);
         Self {
             pki,
             tunnel_addr,
@@ -126,6 +129,7 @@ impl TestCluster {
             ports: PortSet::new([kubelet_port, read_only_port]),
             shutdown: Some(tx),
             task: Some(task),
+            config,
             _exclusive: exclusive,
         }
     }
@@ -196,6 +200,47 @@ impl TestCluster {
         String::from_utf8_lossy(&body).into_owned()
     }
 
+    /// Stops the server (with its drain) and starts a new one on the same ports; agents
+    /// reconnect on their own.
+    pub async fn restart(&mut self) {
+        self.shutdown_server().await;
+        // quinn's endpoint task lets go of the UDP socket just after the server returns; retry
+        // the bind for a bounded time rather than guess how long that takes.
+        let mut attempts = 0;
+        let server = loop {
+            match Server::bind(self.config.clone()).await {
+                Ok(s) => break s,
+                Err(e) if attempts < 250 => {
+                    attempts += 1;
+                    tracing::debug!(error = %e, "port not yet free");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("server binds again: {e}"),
+            }
+        };
+        self.registry = server.registry();
+        let (tx, task) = spawn_server(server);
+        self.shutdown = Some(tx);
+        self.task = Some(task);
+    }
+
+    /// Stops the server (drain included) and waits for it; the cluster stays for inspection.
+    pub async fn shutdown_server(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server ran");
+        }
+    }
+
+    /// Asks the server to stop without waiting for its drain to end.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Stops the server (drain included) and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -213,4 +258,14 @@ impl Drop for TestCluster {
             t.abort();
         }
     }
+}
+
+type ServerTask = (oneshot::Sender<()>, JoinHandle<Result<(), ServerError>>);
+
+fn spawn_server(server: Server) -> ServerTask {
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    (tx, task)
 }

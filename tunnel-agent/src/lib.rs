@@ -147,7 +147,11 @@ impl Agent {
         let mut streams = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failures: u32 = 0;
+        // Sessions whose server sent go-away: kept until they close, so their open streams
+        // finish while we move to another replica.
+        let mut draining: Vec<Arc<AgentSession>> = Vec::new();
         'outer: loop {
+            draining.retain(|s| !matches!(s.state(), LinkState::Closed { .. }));
             let attempt = tokio::select! {
                 r = dialer.connect(&register) => r,
                 () = &mut shutdown => break 'outer,
@@ -191,6 +195,7 @@ impl Agent {
                             // The server is leaving: its open streams go on while we move.
                             info!(%reason, "server sent go-away; reconnecting");
                             metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "go_away").increment(1);
+                            draining.push(session);
                             continue 'outer;
                         }
                     }
@@ -223,6 +228,9 @@ impl Agent {
             warn!("drain timeout reached; closing the remaining streams");
         }
         streams.shutdown().await;
+        for session in draining {
+            session.close("agent shutting down");
+        }
         let _ = meta_stop_tx.send(true);
         meta.shutdown().await;
         info!("tunnel agent stopped");

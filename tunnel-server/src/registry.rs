@@ -90,6 +90,12 @@ impl Registry {
         let _ = rx.wait_for(|_| self.by_node.contains_key(node)).await;
     }
 
+    /// Resolves once `node` has no agent.
+    pub async fn wait_gone(&self, node: &str) {
+        let mut rx = self.generation.subscribe();
+        let _ = rx.wait_for(|_| !self.by_node.contains_key(node)).await;
+    }
+
     /// Resolves once `node` has an agent other than session `old` (a reconnect).
     pub async fn wait_for_new(&self, node: &str, old: u64) {
         let mut rx = self.generation.subscribe();

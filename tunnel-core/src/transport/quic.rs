@@ -126,6 +126,12 @@ impl PendingSession {
         self.incoming.remote_address()
     }
 
+    /// Turns the agent away at once (QUIC CONNECTION_REFUSED), so that it retries elsewhere
+    /// rather than waiting for a handshake timeout: for a draining server.
+    pub fn refuse(self) {
+        self.incoming.refuse();
+    }
+
     /// Completes TLS, takes the node identity from the client certificate, and runs the
     /// registration. The node name comes from the certificate only; a differing claim is logged.
     pub async fn establish(self) -> Result<ServerSession, SessionError> {
@@ -389,10 +395,13 @@ fn spawn_driver(
 ) -> Link {
     let (commands, rx) = mpsc::channel(4);
     let (state_tx, state) = watch::channel(LinkState::Active);
-    let task = tokio::spawn(drive(control, io, conn, rx, state_tx).instrument(span));
+    let local_close = Arc::new(std::sync::Mutex::new(None));
+    let task =
+        tokio::spawn(drive(control, io, conn, rx, state_tx, local_close.clone()).instrument(span));
     Link {
         commands,
         state,
+        local_close,
         _driver: DriverTask(task),
     }
 }
@@ -404,6 +413,7 @@ async fn drive(
     conn: quinn::Connection,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<LinkState>,
+    local_close: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let result: Result<(), SessionError> = async {
         loop {
@@ -430,9 +440,19 @@ async fn drive(
         }
     }
     .await;
-    let reason = match &result {
-        Ok(()) => "closed".to_owned(),
-        Err(e) => {
+    let local = local_close
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let reason = match (&result, conn.close_reason()) {
+        (_, Some(quinn::ConnectionError::LocallyClosed)) if local.is_some() => {
+            local.unwrap_or_default()
+        }
+        (_, Some(quinn::ConnectionError::ApplicationClosed(close))) => {
+            format!("closed by peer: {}", String::from_utf8_lossy(&close.reason))
+        }
+        (Ok(()), _) => "closed".to_owned(),
+        (Err(e), _) => {
             let code = match e {
                 SessionError::Protocol(ControlError::PingTimeout { .. }) => CLOSE_DEAD_PEER,
                 e if e.is_peer() => CLOSE_PROTOCOL,

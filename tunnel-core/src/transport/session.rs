@@ -51,6 +51,8 @@ impl Drop for DriverTask {
 pub(crate) struct Link {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) state: watch::Receiver<LinkState>,
+    /// Why this side closed the link, for the driver to report.
+    pub(crate) local_close: Arc<std::sync::Mutex<Option<String>>>,
     pub(crate) _driver: DriverTask,
 }
 
@@ -61,6 +63,14 @@ impl Link {
             reason: reason.to_owned(),
             drain,
         });
+    }
+
+    fn note_close(&self, reason: &str) {
+        let mut slot = self
+            .local_close
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.get_or_insert_with(|| reason.to_owned());
     }
 
     fn current(&self) -> LinkState {
@@ -185,6 +195,7 @@ impl ServerSession {
 
     /// Closes the link now; open streams fail.
     pub fn close(&self, reason: &str) {
+        self.shared.link.note_close(reason);
         match &self.shared.conn {
             ServerConn::Quic(conn) => quic::close(conn, quic::CLOSE_BY_SERVER, reason),
         }
@@ -306,6 +317,7 @@ impl AgentSession {
 
     /// Closes the link now.
     pub fn close(&self, reason: &str) {
+        self.link.note_close(reason);
         match &self.conn {
             AgentConn::Quic { conn, .. } => quic::close(conn, quic::CLOSE_BY_AGENT, reason),
         }

@@ -17,10 +17,16 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut links = JoinSet::new();
+    let mut draining = false;
     loop {
         tokio::select! {
             pending = listener.accept() => {
                 let Some(pending) = pending else { break };
+                if draining {
+                    // Agents move to another replica (or wait for the restart) at once.
+                    pending.refuse();
+                    continue;
+                }
                 let registry = registry.clone();
                 let peer = pending.remote_addr();
                 links.spawn(
@@ -41,10 +47,10 @@ pub(crate) async fn serve(
                 );
             }
             Some(_) = links.join_next(), if !links.is_empty() => {}
-            () = crate::stopped(&mut stop) => break,
+            () = crate::stopped(&mut stop), if !draining => draining = true,
         }
     }
-    // Links end when the endpoint closes at the end of the drain; keep serving until then.
+    // The endpoint closed at the end of the drain; the links end with it.
     while links.join_next().await.is_some() {}
 }
 

@@ -1,0 +1,161 @@
+//! Sessions over time: agents come back after a server restart, a vanished agent is
+//! unregistered, and a draining server lets open streams finish while refusing new ones.
+
+use std::time::Duration;
+
+use edge_tunnel_testkit::client::{self, Upgrade, pattern};
+use edge_tunnel_testkit::{FakeKubelet, TestCluster, TestPki};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tunnel_agent::{AgentConfig, Backoff};
+
+fn fast_reconnect(mut config: AgentConfig) -> AgentConfig {
+    config.backoff = Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        ..Backoff::default()
+    };
+    config
+}
+
+async fn get_pods(cluster: &TestCluster, node: &str) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
+    let mut sender = client::http1(tcp).await.unwrap();
+    let (status, body) = client::get(&mut sender, node, "/pods").await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_again_after_the_server_restarts() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let mut cluster = TestCluster::start_with(
+        pki,
+        kubelet.https_addr.port(),
+        kubelet.http_addr.port(),
+        |c| {
+            c.drain_timeout = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let (mut agent, _) = cluster
+        .start_agent(fast_reconnect(cluster.agent_config("node-a")))
+        .await;
+    assert_eq!(get_pods(&cluster, "node-a").await.0, StatusCode::OK);
+
+    for round in 0..3 {
+        cluster.restart().await;
+        cluster.registry.wait_for("node-a").await;
+        let (status, body) = get_pods(&cluster, "node-a").await;
+        assert_eq!(status, StatusCode::OK, "round {round}: {body}");
+        assert!(body.contains("\"node\":\"node-a\""));
+    }
+    agent.status.mark_unchanged();
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_agent_is_unregistered_and_its_node_answers_503() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let cluster = TestCluster::start(pki, 10250, 10255).await;
+    let (agent, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    agent.stop().await.unwrap();
+    cluster.registry.wait_gone("node-a").await;
+    let (status, body) = get_pods(&cluster, "node-a").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_agent_replaces_its_old_session() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let cluster =
+        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let (_first, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    let (old, _) = cluster
+        .registry
+        .lookup(&tunnel_core::NodeRef::Name("node-a".into()))
+        .unwrap();
+    // A second agent with the same certificate: the newer session wins, the old one is closed.
+    let _second = cluster.spawn_agent(cluster.agent_config("node-a"));
+    cluster.registry.wait_for_new("node-a", old.id()).await;
+    let reason = old.closed().await;
+    assert!(reason.contains("replaced"), "{reason}");
+    assert_eq!(cluster.registry.len(), 1);
+    assert_eq!(get_pods(&cluster, "node-a").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_server_lets_open_streams_finish_and_refuses_new_connections() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let mut cluster = TestCluster::start_with(
+        pki,
+        kubelet.https_addr.port(),
+        kubelet.http_addr.port(),
+        |c| {
+            c.drain_timeout = Duration::from_secs(20);
+        },
+    )
+    .await;
+    let (_agent, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    let host = format!("node-a:{}", kubelet.http_addr.port());
+    let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
+    let mut sender = client::http1(tcp).await.unwrap();
+    let mut io = client::exec_upgrade(&mut sender, &host, Upgrade::Spdy)
+        .await
+        .unwrap();
+    let (session, _) = cluster
+        .registry
+        .lookup(&tunnel_core::NodeRef::Name("node-a".into()))
+        .unwrap();
+
+    cluster.begin_shutdown();
+    // The agent hears the go-away: the link drains.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while session.state() == tunnel_core::LinkState::Active {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("go-away reaches the session");
+    // New connections are refused once the fronts stop accepting.
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match TcpStream::connect(cluster.insecure_addr).await {
+                Err(_) => break,
+                Ok(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "the HTTP front must stop accepting while draining"
+    );
+    // The open exec stream still works end to end, half-close included.
+    let data = pattern(256 * 1024, 9);
+    let (mut r, mut w) = tokio::io::split(&mut io);
+    let write = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut got = Vec::new();
+    let ((), n) = tokio::join!(write, r.read_to_end(&mut got));
+    n.unwrap();
+    assert_eq!(got.len(), data.len(), "echoed length during the drain");
+    assert_eq!(got.len(), data.len(), "echoed length during the drain");
+    assert!(got == data, "stream finished intact during the drain");
+    drop(io);
+    drop(sender);
+    tokio::time::timeout(Duration::from_secs(15), cluster.shutdown_server())
+        .await
+        .expect("the drain ends once the last stream is done, before its deadline");
+}
