@@ -91,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::from)
     });
-    tasks.spawn(log_lines(kubelet));
+    let mut logs = tokio::task::JoinSet::new();
+    logs.spawn(log_lines(kubelet));
     tokio::time::timeout(Duration::from_secs(30), registry.wait_for(NODE))
         .await
         .context("the agent did not register within 30 s")?;
@@ -121,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         Some(r) = tasks.join_next() => r.context("a component panicked")??,
     }
     let _ = stop_tx.send(true);
+    logs.shutdown().await;
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
             eprintln!("{e:#}");

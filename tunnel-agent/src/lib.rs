@@ -186,6 +186,7 @@ impl Agent {
                     match end {
                         SessionEnd::Shutdown => {
                             session.go_away("agent shutting down", shared.config.drain_timeout);
+                            draining.push(session);
                             break 'outer;
                         }
                         SessionEnd::Lost(reason) => {

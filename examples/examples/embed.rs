@@ -1,0 +1,157 @@
+//! Embedding tunnel-core: expose a service that runs behind NAT through a public endpoint,
+//! in about a hundred lines. Both ends run in this process on loopback; in real use the
+//! "edge" half runs on the NATed machine and dials out.
+//!
+//! ```text
+//! cargo run --example embed
+//! ```
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tunnel_core::copy::{CopyConfig, copy_bidirectional};
+use tunnel_core::{
+    OpenRequest, QuicConnector, QuicListener, Refusal, SessionConfig, Target, TargetHost, proto,
+    tls,
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let pki = tempfile_pki()?;
+
+    // Edge side: a private service nobody can dial from outside.
+    let service = TcpListener::bind("127.0.0.1:0").await?;
+    let service_port = service.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = service.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+
+    // Public side: the tunnel listener (agents dial it) and a public TCP port.
+    let server_tls = tls::server_config(pki.server.clone(), pki.roots()?, &[tls::ALPN_QUIC])?;
+    let tunnel = QuicListener::bind(
+        "127.0.0.1:0".parse()?,
+        server_tls,
+        SessionConfig::default(),
+        "embed",
+    )?;
+    let tunnel_addr = tunnel.local_addr()?;
+
+    // Edge side: dial out, then serve the streams the public side opens, on one port only.
+    let client_tls = tls::client_config(pki.agent.clone(), pki.roots()?, &[tls::ALPN_QUIC])?;
+    let connector = QuicConnector::new(client_tls, SessionConfig::default())?;
+    let edge = tokio::spawn(async move {
+        let register = proto::Register {
+            node_name: "edge-box".into(),
+            ..Default::default()
+        };
+        let session = connector
+            .connect(tunnel_addr, "localhost", register)
+            .await?;
+        while let Ok(incoming) = session.accept().await {
+            tokio::spawn(async move {
+                let Ok(requested) = incoming.read_request().await else {
+                    return;
+                };
+                if requested.request().target.port != service_port {
+                    let _ = requested
+                        .refuse(Refusal::Forbidden, "only the service port")
+                        .await;
+                    return;
+                }
+                let Ok(mut local) = TcpStream::connect(("127.0.0.1", service_port)).await else {
+                    let _ = requested.refuse(Refusal::Refused, "service down").await;
+                    return;
+                };
+                if let Ok(mut stream) = requested.accept().await {
+                    let _ =
+                        copy_bidirectional(&mut stream, &mut local, &CopyConfig::default()).await;
+                }
+            });
+        }
+        anyhow::Ok(())
+    });
+
+    let session = tunnel
+        .accept()
+        .await
+        .context("no agent")?
+        .establish()
+        .await?;
+    println!(
+        "agent {} connected from {}",
+        session.identity().node_name,
+        session.remote_addr()
+    );
+    let public = TcpListener::bind("127.0.0.1:0").await?;
+    let public_addr = public.local_addr()?;
+    let target = Target {
+        host: TargetHost::Loopback,
+        port: service_port,
+    };
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = public.accept().await {
+            let session = session.clone();
+            tokio::spawn(async move {
+                let request = OpenRequest::new(target, session.next_trace_id());
+                if let Ok(mut stream) = session.open(&request).await {
+                    let _ =
+                        copy_bidirectional(&mut client, &mut stream, &CopyConfig::default()).await;
+                }
+            });
+        }
+    });
+
+    // A client of the public port reaches the private service through the tunnel.
+    let mut client = TcpStream::connect(public_addr).await?;
+    client.write_all(b"hello from the internet").await?;
+    client.shutdown().await?;
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).await?;
+    anyhow::ensure!(
+        reply == "hello from the internet",
+        "unexpected reply {reply:?}"
+    );
+    println!("{public_addr} -> tunnel -> 127.0.0.1:{service_port}: echoed {reply:?}");
+    edge.abort();
+    Ok(())
+}
+
+/// A CA, a server certificate for `localhost` and an agent certificate, in memory.
+struct Pki {
+    ca_pem: String,
+    server: tls::Identity,
+    agent: tls::Identity,
+}
+
+impl Pki {
+    fn roots(&self) -> anyhow::Result<rustls::RootCertStore> {
+        Ok(tls::roots_from_pem(self.ca_pem.as_bytes(), "ca")?)
+    }
+}
+
+fn tempfile_pki() -> anyhow::Result<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let issue = |name: &str| -> anyhow::Result<tls::Identity> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec![name.to_owned()])?.signed_by(&key, &issuer)?;
+        Ok(tls::Identity::from_pem(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+        )?)
+    };
+    Ok(Pki {
+        server: issue("localhost")?,
+        agent: issue("edge-box")?,
+        ca_pem,
+    })
+}
