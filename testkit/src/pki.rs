@@ -149,9 +149,24 @@ impl TestPki {
     /// apiserver does: to `server` (an https URL, here the TLS front), verifying the kubelet's
     /// certificate for `node` (sent as SNI), with the apiserver's client certificate.
     pub fn write_kubeconfig(&self, path: &Path, server: &str, node: &str) -> std::io::Result<()> {
+        self.write_kubeconfig_with(path, server, &format!("tls-server-name: {node}"))
+    }
+
+    /// A kubeconfig that reaches `server` (`https://NODE:PORT`) through the HTTP front used as
+    /// kubectl's `proxy-url` (CONNECT).
+    pub fn write_proxy_kubeconfig(
+        &self,
+        path: &Path,
+        server: &str,
+        proxy: &str,
+    ) -> std::io::Result<()> {
+        self.write_kubeconfig_with(path, server, &format!("proxy-url: {proxy}"))
+    }
+
+    fn write_kubeconfig_with(&self, path: &Path, server: &str, extra: &str) -> std::io::Result<()> {
         let (crt, key) = self.apiserver_client();
         let yaml = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: tunnel\n  cluster:\n    server: {server}\n    tls-server-name: {node}\n    certificate-authority: {ca}\nusers:\n- name: apiserver\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: tunnel\n  context:\n    cluster: tunnel\n    user: apiserver\ncurrent-context: tunnel\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: tunnel\n  cluster:\n    server: {server}\n    {extra}\n    certificate-authority: {ca}\nusers:\n- name: apiserver\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: tunnel\n  context:\n    cluster: tunnel\n    user: apiserver\ncurrent-context: tunnel\n",
             ca = self.kubelet.ca_cert.display(),
             crt = crt.display(),
             key = key.display(),

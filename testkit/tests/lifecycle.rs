@@ -159,3 +159,59 @@ async fn draining_server_lets_open_streams_finish_and_refuses_new_connections() 
         .await
         .expect("the drain ends once the last stream is done, before its deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_resolves_the_server_name_with_hickory() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
+        .await
+        .unwrap();
+    let cluster =
+        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let mut config = cluster.agent_config("node-a");
+    // A name, not an address: resolved (hosts file, then DNS), every address tried.
+    config.server_address = format!("localhost:{}", cluster.tunnel_addr.port());
+    config.server_name = None;
+    let (_agent, node) = cluster.start_agent(config).await;
+    assert_eq!(node, "node-a");
+    assert_eq!(get_pods(&cluster, "node-a").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_answers_gives_504_not_a_hang() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let cluster = TestCluster::start_with(pki, 10250, 10255, |c| {
+        c.session.open_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // A stalled agent: registers, accepts streams, never answers them.
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let (crt, key) = cluster.pki.agent("node-a");
+    let tls = tunnel_core::tls::client_config(
+        tunnel_core::Identity::from_pem(&read(&crt), &read(&key)).unwrap(),
+        tunnel_core::tls::roots_from_pem(&read(&cluster.pki.tunnel.ca_cert), "ca").unwrap(),
+        &[tunnel_core::tls::ALPN_QUIC],
+    )
+    .unwrap();
+    let connector =
+        tunnel_core::QuicConnector::new(tls, tunnel_core::SessionConfig::default()).unwrap();
+    let session = connector
+        .connect(
+            cluster.tunnel_addr,
+            "localhost",
+            tunnel_core::proto::Register::default(),
+        )
+        .await
+        .unwrap();
+    cluster.registry.wait_for("node-a").await;
+    let held = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        while let Ok(s) = session.accept().await {
+            streams.push(s);
+        }
+    });
+    let (status, body) = get_pods(&cluster, "node-a").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(body.contains("did not answer"), "{body}");
+    held.abort();
+}

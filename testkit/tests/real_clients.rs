@@ -143,3 +143,37 @@ async fn kubectl_get_raw_through_the_tls_front() {
             .all(|s| s == "kube-apiserver-kubelet-client")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_with_the_http_front_as_proxy_url() {
+    let (cluster, kubelet, _agent) = setup().await;
+    let kubeconfig = cluster.pki.dir().join("kubeconfig-proxy");
+    cluster
+        .pki
+        .write_proxy_kubeconfig(
+            &kubeconfig,
+            &format!("https://node-a:{}", kubelet.https_addr.port()),
+            &format!("http://{}", cluster.insecure_addr),
+        )
+        .unwrap();
+    let out = run(
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--request-timeout", "20s", "get", "--raw", "/pods"]),
+        "kubectl",
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"node\":\"node-a\""));
+    let text = cluster.scrape().await;
+    // kubectl may open more than one connection; each went through CONNECT.
+    let connects = edge_tunnel_testkit::metric_value(
+        &text,
+        "edge_tunnel_server_streams_total",
+        &[("front", "connect"), ("result", "ok")],
+    );
+    assert!(
+        connects >= 1.0,
+        "the request went through CONNECT ({connects})"
+    );
+}

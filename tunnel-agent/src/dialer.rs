@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use hickory_resolver::TokioResolver;
+use tokio::task::JoinSet;
 use tracing::debug;
 use tunnel_core::{AgentSession, QuicConnector, SessionError, proto};
 
@@ -129,21 +130,38 @@ impl ServerDialer {
             .collect())
     }
 
-    /// Connects to the first address that completes the handshake and registration.
+    /// Connects to the first address that completes the handshake and registration. Addresses
+    /// are tried in resolver order, each started [`ATTEMPT_STAGGER`] after the previous one
+    /// (or at once when it fails), as in Happy Eyeballs (RFC 8305): an address that swallows
+    /// packets (an IPv6 path that does not work, say) costs a quarter second, not a handshake
+    /// timeout.
     pub async fn connect(&self, register: &proto::Register) -> Result<AgentSession, DialError> {
-        let addrs = self.addresses().await?;
+        let mut pending = self.addresses().await?.into_iter();
+        let mut attempts = JoinSet::new();
         let mut last = None;
-        for addr in addrs {
-            match self
-                .connector
-                .connect(addr, &self.server_name, register.clone())
-                .await
-            {
-                Ok(session) => return Ok(session),
-                Err(source) => {
-                    debug!(%addr, error = %source, "server address failed");
-                    last = Some(DialError::Connect { addr, source });
-                }
+        loop {
+            if let Some(addr) = pending.next() {
+                let connector = self.connector.clone();
+                let name = self.server_name.clone();
+                let register = register.clone();
+                attempts
+                    .spawn(async move { (addr, connector.connect(addr, &name, register).await) });
+            }
+            if attempts.is_empty() {
+                break;
+            }
+            let more = pending.len() > 0;
+            tokio::select! {
+                done = attempts.join_next() => match done {
+                    Some(Ok((_, Ok(session)))) => return Ok(session),
+                    Some(Ok((addr, Err(source)))) => {
+                        debug!(%addr, error = %source, "server address failed");
+                        last = Some(DialError::Connect { addr, source });
+                    }
+                    // A panicked attempt counts as a failed one.
+                    Some(Err(_)) | None => {}
+                },
+                () = tokio::time::sleep(ATTEMPT_STAGGER), if more => {}
             }
         }
         Err(last.unwrap_or_else(|| DialError::Resolve {
@@ -152,6 +170,9 @@ impl ServerDialer {
         }))
     }
 }
+
+/// Delay between starting connection attempts to successive addresses of the server.
+pub const ATTEMPT_STAGGER: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {
