@@ -224,3 +224,37 @@ async fn agent_refuses_forbidden_targets_from_a_hostile_server_without_dialing()
     assert!(peer.ip().is_loopback());
     agent.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_agent_certificate_is_refused() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let cluster = TestCluster::start(pki, 10250, 10255).await;
+    // Signed by the right CA, for the right node, but no longer valid.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&String::from_utf8(read(&cluster.pki.tunnel.ca_key)).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &String::from_utf8(read(&cluster.pki.tunnel.ca_cert)).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["node-a".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let expired =
+        tunnel_core::Identity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .unwrap();
+
+    let ca = read(&cluster.pki.tunnel.ca_cert);
+    let connector =
+        QuicConnector::new(client_tls(&ca, Some(expired)), SessionConfig::default()).unwrap();
+    let register = proto::Register::default();
+    connector
+        .connect(cluster.tunnel_addr, "localhost", register)
+        .await
+        .expect_err("an expired certificate must not get a session");
+    assert!(cluster.registry.is_empty());
+}

@@ -53,7 +53,6 @@ async fn agent_serves_again_after_the_server_restarts() {
         assert_eq!(status, StatusCode::OK, "round {round}: {body}");
         assert!(body.contains("\"node\":\"node-a\""));
     }
-    agent.status.mark_unchanged();
     agent.stop().await.unwrap();
 }
 
@@ -214,4 +213,42 @@ async fn an_agent_that_never_answers_gives_504_not_a_hang() {
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert!(body.contains("did not answer"), "{body}");
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_meta_reports_ready_only_while_a_session_is_up() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let mut cluster = TestCluster::start_with(pki, 10250, 10255, |c| {
+        c.drain_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let meta_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut config = cluster.agent_config("node-a");
+    config.meta_port = meta_port;
+    let (agent, _) = cluster.start_agent(config).await;
+    let meta = |path: &'static str| async move {
+        let tcp = TcpStream::connect(("127.0.0.1", meta_port)).await.unwrap();
+        let mut sender = client::http1(tcp).await.unwrap();
+        let (status, body) = client::get(&mut sender, "meta", path).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    assert_eq!(meta("/healthz").await.0, StatusCode::OK);
+    assert_eq!(meta("/readyz").await.0, StatusCode::OK);
+    let (status, text) = meta("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("edge_tunnel_agent_session_up 1"), "{text}");
+
+    // The server goes away for good: the agent is alive but not ready.
+    let mut status_rx = agent.status.clone();
+    cluster.shutdown_server().await;
+    status_rx
+        .wait_for(|s| *s == tunnel_agent::AgentStatus::Disconnected)
+        .await
+        .unwrap();
+    assert_eq!(meta("/healthz").await.0, StatusCode::OK);
+    assert_eq!(meta("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    agent.stop().await.unwrap();
 }
