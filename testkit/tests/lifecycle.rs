@@ -41,7 +41,7 @@ async fn agent_serves_again_after_the_server_restarts() {
         },
     )
     .await;
-    let (mut agent, _) = cluster
+    let (agent, _) = cluster
         .start_agent(fast_reconnect(cluster.agent_config("node-a")))
         .await;
     assert_eq!(get_pods(&cluster, "node-a").await.0, StatusCode::OK);
