@@ -240,6 +240,7 @@ async fn an_expired_agent_certificate_is_refused() {
     .unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["node-a".to_owned()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     params.not_after = rcgen::date_time_ymd(2021, 1, 1);
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
@@ -257,4 +258,31 @@ async fn an_expired_agent_certificate_is_refused() {
         .await
         .expect_err("an expired certificate must not get a session");
     assert!(cluster.registry.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ip_claimed_twice_stays_with_its_first_owner() {
+    let ip: IpAddr = "127.0.0.2".parse().unwrap();
+    let pki = TestPki::new(&[("node-a", &[ip]), ("node-b", &[ip])]);
+    let cluster = TestCluster::start(pki, 10250, 10255).await;
+    let (agent_a, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    let (_agent_b, _) = cluster.start_agent(cluster.agent_config("node-b")).await;
+    let owner = |cluster: &TestCluster| {
+        cluster
+            .registry
+            .lookup(&tunnel_core::NodeRef::Ip(ip))
+            .map(|(s, _)| s.identity().node_name.clone())
+    };
+    // node-b's certificate cannot take node-a's address over.
+    assert_eq!(owner(&cluster).as_deref(), Some("node-a"));
+    let conflicts = metric_value(
+        &cluster.scrape().await,
+        "edge_tunnel_server_ip_conflicts_total",
+        &[],
+    );
+    assert_eq!(conflicts, 1.0);
+    // When node-a leaves, the address goes to the remaining claimant rather than nowhere.
+    agent_a.stop().await.unwrap();
+    cluster.registry.wait_gone("node-a").await;
+    assert_eq!(owner(&cluster).as_deref(), Some("node-b"));
 }

@@ -10,6 +10,9 @@ use tunnel_core::{IncomingStream, Refusal};
 
 use crate::Shared;
 
+/// How long a finished stream waits for the server to acknowledge its last bytes.
+const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves one incoming stream to its end.
 pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
     let requested = match incoming.read_request().await {
@@ -92,9 +95,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             .increment(moved.a_to_b);
         metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "from_target")
             .increment(moved.b_to_a);
-        if let Err(e) = result {
-            debug!(error = %e, "stream ended with an error");
-            stream.abort();
+        match result {
+            Ok(_) => {
+                // Keep the session (held by this task) until the server has the last byte.
+                stream.delivered(DELIVERY_TIMEOUT).await;
+            }
+            Err(e) => {
+                debug!(error = %e, "stream ended with an error");
+                stream.abort();
+                // A reset, not a FIN: the local peer must not take a cut stream for a whole one.
+                let _ = tcp.set_zero_linger();
+            }
         }
     }
     .instrument(span)

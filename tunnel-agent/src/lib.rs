@@ -158,7 +158,7 @@ impl Agent {
             };
             match attempt {
                 Ok(session) => {
-                    failures = 0;
+                    let connected_at = tokio::time::Instant::now();
                     metrics::counter!("edge_tunnel_agent_connects_total", "result" => "ok")
                         .increment(1);
                     info!(
@@ -191,6 +191,11 @@ impl Agent {
                         }
                         SessionEnd::Lost(reason) => {
                             warn!(%reason, "session lost; reconnecting");
+                            // Only a session that lasted resets the backoff: two agents with
+                            // one certificate, replacing each other, must not flap every second.
+                            if connected_at.elapsed() >= STABLE_SESSION {
+                                failures = 0;
+                            }
                         }
                         SessionEnd::Draining(reason) => {
                             // The server is leaving: its open streams go on while we move.
@@ -238,6 +243,9 @@ impl Agent {
         Ok(())
     }
 }
+
+/// A session that lasted this long counts as healthy for the reconnect backoff.
+const STABLE_SESSION: std::time::Duration = std::time::Duration::from_secs(30);
 
 enum SessionEnd {
     Shutdown,

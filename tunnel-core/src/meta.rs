@@ -69,7 +69,11 @@ pub async fn serve(listener: TcpListener, state: MetaState, stop: impl Future<Ou
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+                let Ok((tcp, _)) = accepted else {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
                 let state = state.clone();
                 conns.spawn(async move {
                     let service = service_fn(move |req| {

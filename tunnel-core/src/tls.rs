@@ -116,8 +116,8 @@ pub fn client_config(
 /// Who an agent is, taken from its verified certificate: nothing else decides it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AgentIdentity {
-    /// The node name: the first DNS SAN, else the subject CN (without a `system:node:` prefix);
-    /// lowercased.
+    /// The node name: the first DNS SAN, else the subject CN (`system:node:NAME` with
+    /// `O=system:nodes` gives NAME); lowercased. A SAN and a CN that differ are refused.
     pub node_name: String,
     /// The node's IPs: the certificate's IP SANs.
     pub node_ips: Vec<IpAddr>,
@@ -139,6 +139,17 @@ pub enum IdentityError {
     /// The name is not a valid node name.
     #[error("certificate names an invalid node {0:?}")]
     InvalidName(String),
+    /// The DNS SAN and the CN name different nodes.
+    #[error("certificate names two nodes: DNS SAN {san:?} and CN {cn:?}")]
+    Mismatch {
+        /// The first DNS SAN.
+        san: String,
+        /// The CN.
+        cn: String,
+    },
+    /// A `system:node:` CN without the `system:nodes` organisation.
+    #[error("CN system:node:… without O=system:nodes is not a node certificate")]
+    NotANodeCertificate,
 }
 
 impl AgentIdentity {
@@ -164,16 +175,38 @@ impl AgentIdentity {
                 }
             }
         }
-        let name = match dns {
-            Some(d) => d,
-            None => cert
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                // Kubernetes node client certificates say `system:node:NAME`.
-                .map(|cn| cn.strip_prefix("system:node:").unwrap_or(cn).to_owned())
-                .ok_or(IdentityError::NoName)?,
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok());
+        // Kubernetes node client certificates say `system:node:NAME`, and only count as such
+        // with the `system:nodes` organisation (as the apiserver's node authorizer requires).
+        let cn = match cn.map(|cn| (cn, cn.strip_prefix("system:node:"))) {
+            Some((_, Some(node))) => {
+                let in_nodes_group = cert
+                    .subject()
+                    .iter_organization()
+                    .any(|o| o.as_str() == Ok("system:nodes"));
+                if !in_nodes_group {
+                    return Err(IdentityError::NotANodeCertificate);
+                }
+                Some(node)
+            }
+            Some((cn, None)) => Some(cn),
+            None => None,
+        };
+        let name = match (dns, cn) {
+            (Some(dns), Some(cn)) if !dns.eq_ignore_ascii_case(cn) => {
+                // Two different names: refuse rather than guess which one the issuer meant.
+                return Err(IdentityError::Mismatch {
+                    san: dns.chars().take(64).collect(),
+                    cn: cn.chars().take(64).collect(),
+                });
+            }
+            (Some(dns), _) => dns,
+            (None, Some(cn)) => cn.to_owned(),
+            (None, None) => return Err(IdentityError::NoName),
         };
         match parse_host(&name) {
             Ok(NodeRef::Name(node_name)) => Ok(Self {
@@ -206,7 +239,7 @@ mod tests {
     fn identity_prefers_dns_san_and_collects_ips() {
         let mut p = rcgen::CertificateParams::new(vec!["Node-A".into(), "other".into()]).unwrap();
         p.distinguished_name
-            .push(rcgen::DnType::CommonName, "cn-name");
+            .push(rcgen::DnType::CommonName, "node-a");
         p.subject_alt_names
             .push(rcgen::SanType::IpAddress("10.0.0.5".parse().unwrap()));
         p.subject_alt_names
@@ -235,14 +268,34 @@ mod tests {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "system:node:edge-8");
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:nodes");
         assert_eq!(
             AgentIdentity::from_certificate(&cert(p)).unwrap().node_name,
             "edge-8"
         );
 
+        // A user certificate that borrows the node prefix is not a node.
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
-            .push(rcgen::DnType::CommonName, "system:node:edge 7");
+            .push(rcgen::DnType::CommonName, "system:node:edge-8");
+        assert_eq!(
+            AgentIdentity::from_certificate(&cert(p)),
+            Err(IdentityError::NotANodeCertificate)
+        );
+
+        // A SAN and a CN that name different nodes.
+        let mut p = rcgen::CertificateParams::new(vec!["node-b".into()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "node-a");
+        assert!(matches!(
+            AgentIdentity::from_certificate(&cert(p)),
+            Err(IdentityError::Mismatch { .. })
+        ));
+
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "edge 7");
         assert!(matches!(
             AgentIdentity::from_certificate(&cert(p)),
             Err(IdentityError::InvalidName(_))

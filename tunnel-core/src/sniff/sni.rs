@@ -8,6 +8,10 @@ use super::SniffError;
 /// several KiB common, while anything past 16 KiB is not a browser, kubectl or apiserver.
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
+/// Most records a ClientHello may span. Real clients use one or two; a peer trickling
+/// one-byte records would otherwise make every re-parse walk a long chain.
+pub const MAX_RECORDS: usize = 8;
+
 const RECORD_HEADER: usize = 5;
 const CONTENT_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
@@ -24,7 +28,7 @@ pub fn server_name(src: &[u8]) -> Result<Option<String>, SniffError> {
     let mut hello = Vec::new();
     let mut rest = src;
     let mut expected: Option<usize> = None;
-    loop {
+    for _ in 0..MAX_RECORDS {
         if rest.len() < RECORD_HEADER {
             return Err(SniffError::Incomplete {
                 needed: RECORD_HEADER - rest.len(),
@@ -69,6 +73,9 @@ pub fn server_name(src: &[u8]) -> Result<Option<String>, SniffError> {
             return Ok(name.map(|n| String::from_utf8_lossy(n).into_owned()));
         }
     }
+    Err(SniffError::Malformed(
+        "ClientHello spread over too many records",
+    ))
 }
 
 /// A bounds-checked reader over a complete handshake message: running out of bytes means the
@@ -207,6 +214,21 @@ mod tests {
         assert_eq!(
             server_name(&bad),
             Err(SniffError::Malformed("ClientHello truncated"))
+        );
+    }
+
+    #[test]
+    fn hello_trickled_in_tiny_records_is_refused() {
+        let hello = rustls_client_hello("node-a");
+        let mut tiny = Vec::new();
+        for b in &hello[5..] {
+            tiny.extend_from_slice(&[22, 3, 1, 0, 1, *b]);
+        }
+        assert_eq!(
+            server_name(&tiny),
+            Err(SniffError::Malformed(
+                "ClientHello spread over too many records"
+            ))
         );
     }
 

@@ -119,6 +119,20 @@ impl TunnelStream {
         }
     }
 
+    /// Waits (at most `timeout`) until the peer has acknowledged everything written before the
+    /// shutdown, so that closing the link right after loses no tail. Returns false on timeout
+    /// or when the peer stopped reading instead.
+    pub async fn delivered(&self, timeout: Duration) -> bool {
+        match &self.inner {
+            StreamInner::Quic { send, .. } => {
+                matches!(
+                    tokio::time::timeout(timeout, send.stopped()).await,
+                    Ok(Ok(None))
+                )
+            }
+        }
+    }
+
     /// Ends the stream abruptly in both directions, so the peer sees an error rather than a
     /// clean end of data. For use after a failure on the other leg of the copy.
     pub fn abort(&mut self) {

@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info_span};
 use tunnel_core::NodeRef;
 use tunnel_core::sniff::http::{RequestForm, request_target};
 
-use super::{Front, Fronts, StreamGuard};
+use super::{Admission, DELIVERY_TIMEOUT, Front, Fronts, StreamGuard};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -36,22 +36,41 @@ struct Upstream {
     _guard: StreamGuard,
 }
 
-pub(crate) async fn handle(fronts: Arc<Fronts>, tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn handle(
+    fronts: Arc<Fronts>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admission: Admission,
+) {
     let upstream: Arc<Mutex<Option<Upstream>>> = Arc::new(Mutex::new(None));
+    let mut stop = admission.stop.clone();
     let service = service_fn(move |req| {
         let fronts = fronts.clone();
         let upstream = upstream.clone();
-        async move { Ok::<_, hyper::Error>(route(fronts, upstream, req).await) }
+        let admission = admission.clone();
+        async move { Ok::<_, hyper::Error>(route(fronts, upstream, admission, req).await) }
     });
     let conn = server::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
-    if let Err(e) = conn
-        .instrument(info_span!("http_front", peer.addr = %peer))
-        .await
-    {
+    let mut conn = std::pin::pin!(conn);
+    let span = info_span!("http_front", peer.addr = %peer);
+    let result = async {
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = crate::stopped(&mut stop) => {
+                // Draining: finish the request in flight, then close the keep-alive
+                // connection (and the upstream stream it caches).
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    if let Err(e) = result {
         debug!(peer.addr = %peer, error = %e, "HTTP front connection ended with an error");
     }
 }
@@ -77,6 +96,7 @@ fn bad_request(front: Front, why: &str) -> Response<Body> {
 async fn route(
     fronts: Arc<Fronts>,
     upstream: Arc<Mutex<Option<Upstream>>>,
+    admission: Admission,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let front = if req.method() == Method::CONNECT {
@@ -111,9 +131,10 @@ async fn route(
             Err(e) => return dial_error(&e),
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
+        let permit = admission.permit.clone();
         tokio::spawn(
             async move {
-                let _guard = guard;
+                let _held = (guard, permit);
                 match on_upgrade.await {
                     Ok(upgraded) => {
                         fronts
@@ -191,9 +212,10 @@ async fn route(
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let guard = up._guard;
         drop(up.sender);
+        let permit = admission.permit.clone();
         tokio::spawn(
             async move {
-                let _guard = guard;
+                let _held = (guard, permit);
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client_io, upstream_io)) => {
                         let mut client_io = TokioIo::new(client_io);
@@ -204,8 +226,24 @@ async fn route(
                             &fronts.config.copy,
                         )
                         .await;
-                        if let Err(e) = result {
-                            debug!(error = %e, "upgraded connection ended with an error");
+                        // Back to the tunnel stream under hyper's upgrade: wait for delivery
+                        // after a clean end, reset it after a failure.
+                        let stream = upstream_io
+                            .into_inner()
+                            .downcast::<TokioIo<tunnel_core::TunnelStream>>()
+                            .ok()
+                            .map(|parts| parts.io.into_inner());
+                        match (result, stream) {
+                            (Ok(_), Some(stream)) => {
+                                stream.delivered(DELIVERY_TIMEOUT).await;
+                            }
+                            (Err(e), stream) => {
+                                debug!(error = %e, "upgraded connection ended with an error");
+                                if let Some(mut stream) = stream {
+                                    stream.abort();
+                                }
+                            }
+                            (Ok(_), None) => {}
                         }
                     }
                     Err(e) => debug!(error = %e, "upgrade failed"),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 use tunnel_core::copy::copy_bidirectional;
@@ -20,6 +20,17 @@ use tunnel_core::{NodeRef, OpenError, OpenRequest, Refusal, Target, TunnelStream
 
 use crate::config::ServerConfig;
 use crate::registry::Registry;
+
+/// How long a finished stream waits for the agent to acknowledge its last bytes.
+pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a front connection holds while it lives: its place under the connection limit (kept by
+/// upgraded and CONNECT tunnels that outlive the HTTP exchange) and the drain signal.
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    pub(crate) permit: Arc<OwnedSemaphorePermit>,
+    pub(crate) stop: watch::Receiver<bool>,
+}
 
 /// Which front a stream came through (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,13 +151,20 @@ impl Fronts {
 
     /// Copies between a client and a tunnel stream; `prefix` (bytes already read from the
     /// client while sniffing) goes first.
-    pub(crate) async fn proxy<C>(&self, client: &mut C, stream: &mut TunnelStream, prefix: &[u8])
+    /// Returns false when the copy failed (the caller resets the client connection, so that
+    /// a cut reply never looks complete).
+    pub(crate) async fn proxy<C>(
+        &self,
+        client: &mut C,
+        stream: &mut TunnelStream,
+        prefix: &[u8],
+    ) -> bool
     where
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
         if !prefix.is_empty() && stream.write_all(prefix).await.is_err() {
             stream.abort();
-            return;
+            return false;
         }
         let result = copy_bidirectional(client, stream, &self.config.copy).await;
         let moved = match &result {
@@ -157,9 +175,18 @@ impl Fronts {
             .increment(moved.a_to_b + prefix.len() as u64);
         metrics::counter!("edge_tunnel_server_bytes_total", "direction" => "from_agent")
             .increment(moved.b_to_a);
-        if let Err(e) = result {
-            debug!(stream.id = stream.id(), error = %e, "proxied connection ended with an error");
-            stream.abort();
+        match result {
+            Ok(_) => {
+                // The stream counts as open until the agent has the last byte, so that a drain
+                // that ends right after cannot cut it.
+                stream.delivered(DELIVERY_TIMEOUT).await;
+                true
+            }
+            Err(e) => {
+                debug!(stream.id = stream.id(), error = %e, "proxied connection ended with an error");
+                stream.abort();
+                false
+            }
         }
     }
 
@@ -209,7 +236,7 @@ pub(crate) async fn serve_tcp<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Arc<Fronts>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<Fronts>, TcpStream, SocketAddr, Admission) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(fronts.config.max_front_connections));
@@ -227,11 +254,8 @@ pub(crate) async fn serve_tcp<F, Fut>(
                 Ok((tcp, peer)) => {
                     // Interactive traffic (exec, logs) must not wait for Nagle.
                     let _ = tcp.set_nodelay(true);
-                    let conn = handler(fronts.clone(), tcp, peer);
-                    conns.spawn(async move {
-                        conn.await;
-                        drop(permit);
-                    });
+                    let admission = Admission { permit: Arc::new(permit), stop: stop.clone() };
+                    conns.spawn(handler(fronts.clone(), tcp, peer, admission));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: pause rather than spin.

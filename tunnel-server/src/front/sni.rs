@@ -12,9 +12,14 @@ use tracing::{Instrument, debug, info, info_span};
 use tunnel_core::route::{NodeRef, parse_host};
 use tunnel_core::sniff::{SniffError, sni};
 
-use super::{Front, Fronts};
+use super::{Admission, Front, Fronts};
 
-pub(crate) async fn handle(fronts: Arc<Fronts>, mut tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn handle(
+    fronts: Arc<Fronts>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    _admission: Admission,
+) {
     let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty);
     async move {
         let mut hello = BytesMut::with_capacity(2048);
@@ -41,7 +46,10 @@ pub(crate) async fn handle(fronts: Arc<Fronts>, mut tcp: TcpStream, peer: Socket
                 return;
             }
         };
-        fronts.proxy(&mut tcp, &mut stream, &hello).await;
+        if !fronts.proxy(&mut tcp, &mut stream, &hello).await {
+            // A reset, not a FIN: the client must not take a cut stream for a whole one.
+            let _ = tcp.set_zero_linger();
+        }
     }
     .instrument(span)
     .await;
@@ -79,7 +87,8 @@ async fn read_sni(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<NodeRef, Sn
             Err(e) if e.is_incomplete() => {}
             Err(e) => return Err(e.into()),
         }
-        // The sniffer bounds the total (TooLarge), so this buffer cannot grow past ~16 KiB.
+        // The sniffer bounds the hello (16 KiB over at most 8 records), so this buffer stays
+        // below ~17 KiB plus one read.
         if tcp.read_buf(buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }

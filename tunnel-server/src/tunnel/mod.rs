@@ -28,11 +28,12 @@ pub(crate) async fn serve(
                     continue;
                 }
                 let registry = registry.clone();
+                let stop = stop.clone();
                 let peer = pending.remote_addr();
                 links.spawn(
                     async move {
                         match pending.establish().await {
-                            Ok(session) => serve_link(session, &registry).await,
+                            Ok(session) => serve_link(session, &registry, &stop).await,
                             Err(e) => {
                                 metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "rejected").increment(1);
                                 if e.is_peer() {
@@ -54,7 +55,7 @@ pub(crate) async fn serve(
     while links.join_next().await.is_some() {}
 }
 
-async fn serve_link(session: ServerSession, registry: &Registry) {
+async fn serve_link(session: ServerSession, registry: &Registry, stop: &watch::Receiver<bool>) {
     let node = session.identity().node_name.clone();
     let transport = session.transport().as_str();
     metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "accepted").increment(1);
@@ -69,6 +70,10 @@ async fn serve_link(session: ServerSession, registry: &Registry) {
         info!(agent.id = %node, old.session = old.id(), "agent reconnected; closing its previous session");
         old.go_away("replaced by a newer session", Duration::ZERO);
         old.close("replaced by a newer session");
+    }
+    if *stop.borrow() {
+        // Registered while the server drains (after its go-away round): tell it too.
+        session.go_away("server shutting down", Duration::from_secs(1));
     }
     let gauge = metrics::gauge!("edge_tunnel_server_sessions", "transport" => transport);
     gauge.increment(1.0);
