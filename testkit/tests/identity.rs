@@ -286,3 +286,42 @@ async fn a_node_ip_claimed_twice_stays_with_its_first_owner() {
     cluster.registry.wait_gone("node-a").await;
     assert_eq!(owner(&cluster).as_deref(), Some("node-b"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_to_start_with_an_expired_certificate_and_says_why() {
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let cluster = TestCluster::start(pki, 10250, 10255).await;
+    let ca_key =
+        rcgen::KeyPair::from_pem(&String::from_utf8(read(&cluster.pki.tunnel.ca_key)).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &String::from_utf8(read(&cluster.pki.tunnel.ca_cert)).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["node-a".to_owned()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let dir = cluster.pki.dir().join("expired");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("node-a.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("node-a.key"), key.serialize_pem()).unwrap();
+
+    let mut config = cluster.agent_config("node-a");
+    config.tls_cert_file = Some(dir.join("node-a.crt"));
+    config.tls_private_key_file = Some(dir.join("node-a.key"));
+    let err = cluster
+        .spawn_agent(config)
+        .join()
+        .await
+        .expect_err("must not start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--tls-cert-file") && msg.contains("renew"),
+        "{msg}"
+    );
+    assert!(cluster.registry.is_empty());
+}

@@ -53,6 +53,20 @@ pub async fn load(config: &AgentConfig) -> Result<LoadedIdentity, ConfigError> {
         flag: "--tls-cert-file",
     })?;
     let identity = AgentIdentity::from_certificate(leaf)?;
+    // Say it plainly at start rather than as a handshake failure on every reconnect.
+    let validity = tls::Validity::of(leaf)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if !validity.contains(now) {
+        return Err(ConfigError::Invalid {
+            what: "--tls-cert-file",
+            why: format!(
+                "the certificate is valid from {} to {} (Unix seconds), not now ({now}); renew it",
+                validity.not_before, validity.not_after
+            ),
+        });
+    }
     if !config.node_name.is_empty() && config.node_name.to_ascii_lowercase() != identity.node_name {
         warn!(
             node.flag = %config.node_name,

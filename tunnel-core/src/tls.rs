@@ -113,6 +113,32 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The validity window of a certificate, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Not valid before this instant.
+    pub not_before: i64,
+    /// Not valid after this instant.
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// Reads the window of `der`.
+    pub fn of(der: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparseable)?;
+        Ok(Self {
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+
+    /// Whether `now` (seconds since the Unix epoch) lies inside the window.
+    pub fn contains(&self, now: i64) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
 /// Who an agent is, taken from its verified certificate: nothing else decides it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AgentIdentity {
