@@ -41,6 +41,6 @@ pub use proto::OpenRequest;
 pub use route::{NodeRef, PortSet, Target, TargetHost};
 pub use tls::{AgentIdentity, Identity};
 pub use transport::{
-    AgentSession, IncomingStream, LinkState, QuicConnector, QuicListener, RequestedStream,
-    ServerSession, SessionConfig, TransportKind, TunnelStream,
+    AgentSession, GrpcConnector, GrpcListener, IncomingStream, LinkState, QuicConnector,
+    QuicListener, RequestedStream, ServerSession, SessionConfig, TransportKind, TunnelStream,
 };

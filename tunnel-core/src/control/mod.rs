@@ -46,6 +46,10 @@ pub enum Event {
     RegisterReceived(proto::Register),
     /// Agent side: the server accepted the registration.
     Registered(proto::Registered),
+    /// Agent side, gRPC transport: the server asks for a stream.
+    Dial(proto::DialRequest),
+    /// Agent side, gRPC transport: the server's client is gone; drop this stream's dial.
+    Cancel(u64),
     /// The peer accepts no new streams.
     GoAway {
         /// The peer's reason.
@@ -111,6 +115,7 @@ const MAX_OUTBOX: usize = 64;
 /// One side of the control channel.
 #[derive(Debug)]
 pub struct Control {
+    agent: bool,
     config: ControlConfig,
     state: State,
     outbox: VecDeque<proto::Control>,
@@ -127,6 +132,8 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::Ping(_) => "ping",
         Msg::Pong(_) => "pong",
         Msg::GoAway(_) => "go-away",
+        Msg::Dial(_) => "dial",
+        Msg::Cancel(_) => "cancel",
     }
 }
 
@@ -135,6 +142,7 @@ impl Control {
     pub fn agent(now: Instant, config: ControlConfig, register: proto::Register) -> Self {
         let deadline = now + config.register_timeout;
         let mut c = Self::new(config, State::AwaitRegistered { deadline });
+        c.agent = true;
         c.outbox.push_back(wrap(Msg::Register(register)));
         c
     }
@@ -147,6 +155,7 @@ impl Control {
 
     fn new(config: ControlConfig, state: State) -> Self {
         Self {
+            agent: false,
             config,
             state,
             outbox: VecDeque::new(),
@@ -200,6 +209,12 @@ impl Control {
                     self.outstanding = None;
                 }
             }
+            (State::Active, Msg::Dial(d)) if self.agent => {
+                self.events.push_back(Event::Dial(d));
+            }
+            (State::Active | State::Draining, Msg::Cancel(c)) if self.agent => {
+                self.events.push_back(Event::Cancel(c.stream_id));
+            }
             (State::Active | State::Draining, Msg::GoAway(g)) => {
                 self.state = State::Draining;
                 self.events.push_back(Event::GoAway {
@@ -228,6 +243,26 @@ impl Control {
         self.outbox.push_back(wrap(Msg::Registered(registered)));
         self.activate(now);
         Ok(())
+    }
+
+    /// Server side, gRPC transport: asks the agent to dial. Only while active.
+    pub fn dial(&mut self, request: proto::DialRequest) -> Result<(), ControlError> {
+        if self.agent || self.state != State::Active {
+            return Err(ControlError::Unexpected {
+                message: "dial",
+                state: self.state.name(),
+            });
+        }
+        self.outbox.push_back(wrap(Msg::Dial(request)));
+        Ok(())
+    }
+
+    /// Server side, gRPC transport: withdraws a dial whose client is gone.
+    pub fn cancel(&mut self, stream_id: u64) {
+        if !self.agent {
+            self.outbox
+                .push_back(wrap(Msg::Cancel(proto::DialCancel { stream_id })));
+        }
     }
 
     /// Tells the peer that this side accepts no new streams.

@@ -9,7 +9,13 @@ use prost::Message;
 
 use crate::route::{self, TargetHost};
 
-#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic
+)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/edgetunnel.v1.rs"));
 }

@@ -295,6 +295,8 @@ fn event_name(e: &Event) -> &'static str {
         Event::RegisterReceived(_) => "register",
         Event::Registered(_) => "registered",
         Event::GoAway { .. } => "go-away",
+        Event::Dial(_) => "dial",
+        Event::Cancel(_) => "cancel",
     }
 }
 
@@ -433,7 +435,9 @@ async fn drive(
                         control.go_away(reason.clone(), drain);
                         state.send_replace(LinkState::Draining { reason });
                     }
-                    None => return Ok(()),
+                    // Dials and cancels are the gRPC transport's; QUIC opens streams directly.
+                    Some(Command::Dial(_) | Command::Cancel(_)) => {}
+                    Some(Command::Close) | None => return Ok(()),
                 },
                 e = conn.closed() => return Err(e.into()),
             }

@@ -33,7 +33,16 @@ pub enum LinkState {
 /// Requests from handles to the link's driver.
 #[derive(Debug)]
 pub(crate) enum Command {
-    GoAway { reason: String, drain: Duration },
+    GoAway {
+        reason: String,
+        drain: Duration,
+    },
+    /// gRPC: ask the agent to dial.
+    Dial(proto::DialRequest),
+    /// gRPC: withdraw a dial.
+    Cancel(u64),
+    /// End the link (gRPC: end the control call).
+    Close,
 }
 
 /// The driver task of a link; aborted when the last handle goes.
@@ -91,6 +100,7 @@ impl Link {
 #[derive(Debug)]
 pub(crate) enum ServerConn {
     Quic(quinn::Connection),
+    Grpc(super::grpc::GrpcServerConn),
 }
 
 #[derive(Debug)]
@@ -161,6 +171,7 @@ impl ServerSession {
     pub fn transport(&self) -> TransportKind {
         match self.shared.conn {
             ServerConn::Quic(_) => TransportKind::Quic,
+            ServerConn::Grpc(_) => TransportKind::Grpc,
         }
     }
 
@@ -180,6 +191,15 @@ impl ServerSession {
         }
         match &self.shared.conn {
             ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config).await,
+            ServerConn::Grpc(conn) => {
+                super::grpc::open(
+                    conn,
+                    &self.shared.link.commands,
+                    request,
+                    &self.shared.config,
+                )
+                .await
+            }
         }
     }
 
@@ -198,6 +218,9 @@ impl ServerSession {
         self.shared.link.note_close(reason);
         match &self.shared.conn {
             ServerConn::Quic(conn) => quic::close(conn, quic::CLOSE_BY_SERVER, reason),
+            ServerConn::Grpc(_) => {
+                let _ = self.shared.link.commands.try_send(Command::Close);
+            }
         }
     }
 
@@ -221,6 +244,10 @@ pub(crate) enum AgentConn {
         conn: quinn::Connection,
         // Owns the UDP socket of this link.
         _endpoint: quinn::Endpoint,
+    },
+    Grpc {
+        client: proto::tunnel_client::TunnelClient<tonic::transport::Channel>,
+        dials: super::grpc::DialQueue,
     },
 }
 
@@ -270,6 +297,7 @@ impl AgentSession {
     pub fn transport(&self) -> TransportKind {
         match self.conn {
             AgentConn::Quic { .. } => TransportKind::Quic,
+            AgentConn::Grpc { .. } => TransportKind::Grpc,
         }
     }
 
@@ -286,6 +314,22 @@ impl AgentSession {
                 let (send, recv) = conn.accept_bi().await?;
                 Ok(IncomingStream {
                     inner: IncomingInner::Quic { send, recv },
+                    header_timeout: self.config.header_timeout,
+                })
+            }
+            AgentConn::Grpc { client, dials } => {
+                let Some((request, cancelled)) = dials.lock().await.recv().await else {
+                    return Err(SessionError::Io(std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "link closed",
+                    )));
+                };
+                Ok(IncomingStream {
+                    inner: IncomingInner::Grpc {
+                        request,
+                        cancelled,
+                        client: client.clone(),
+                    },
                     header_timeout: self.config.header_timeout,
                 })
             }
@@ -320,6 +364,9 @@ impl AgentSession {
         self.link.note_close(reason);
         match &self.conn {
             AgentConn::Quic { conn, .. } => quic::close(conn, quic::CLOSE_BY_AGENT, reason),
+            AgentConn::Grpc { .. } => {
+                let _ = self.link.commands.try_send(Command::Close);
+            }
         }
     }
 }
@@ -329,6 +376,11 @@ enum IncomingInner {
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+    },
+    Grpc {
+        request: proto::DialRequest,
+        cancelled: tokio::sync::oneshot::Receiver<()>,
+        client: proto::tunnel_client::TunnelClient<tonic::transport::Channel>,
     },
 }
 
@@ -347,6 +399,23 @@ impl IncomingStream {
             IncomingInner::Quic { send, recv } => {
                 quic::read_request(send, recv, self.header_timeout).await
             }
+            IncomingInner::Grpc {
+                request,
+                cancelled,
+                client,
+            } => {
+                let open = request
+                    .open
+                    .ok_or(proto::DecodeError::Invalid("dial without target"))?;
+                Ok(RequestedStream {
+                    request: OpenRequest::from_proto(open)?,
+                    inner: RequestedInner::Grpc {
+                        id: request.stream_id,
+                        cancelled,
+                        client,
+                    },
+                })
+            }
         }
     }
 }
@@ -356,6 +425,11 @@ pub(crate) enum RequestedInner {
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+    },
+    Grpc {
+        id: u64,
+        cancelled: tokio::sync::oneshot::Receiver<()>,
+        client: proto::tunnel_client::TunnelClient<tonic::transport::Channel>,
     },
 }
 
@@ -383,6 +457,18 @@ impl RequestedStream {
                 quic::write_reply(&mut send, &reply).await?;
                 Ok(TunnelStream::quic(send, recv))
             }
+            RequestedInner::Grpc {
+                id,
+                mut cancelled,
+                client,
+            } => {
+                // The server withdrew the dial (its client left): answer nothing.
+                if cancelled.try_recv().is_ok() {
+                    return Err(SessionError::Timeout("dial cancelled by the server"));
+                }
+                let stream = super::grpc::answer(&client, id, reply).await?;
+                Ok(TunnelStream::grpc(stream))
+            }
         }
     }
 
@@ -398,6 +484,11 @@ impl RequestedStream {
                 drop(recv);
                 // Finishing (rather than dropping) makes the reply reach the server intact.
                 let _ = send.finish();
+                Ok(())
+            }
+            RequestedInner::Grpc { id, client, .. } => {
+                let mut stream = super::grpc::answer(&client, id, reply).await?;
+                stream.shutdown();
                 Ok(())
             }
         }
