@@ -43,6 +43,9 @@ pub struct Cli {
     /// Ports dialed on the node's own IPs.
     #[arg(long, default_value = "10250,10255")]
     pub allowed_ports: PortSet,
+    /// Transport to the server: auto (QUIC, else gRPC over TLS/TCP), quic or grpc.
+    #[arg(long, default_value = "auto")]
+    pub transport: crate::dialer::TransportChoice,
     /// Ports dialed on 127.0.0.1 instead of the node IP.
     #[arg(long, default_value = "10250,10255,10266,10267")]
     pub localhost_proxy_ports: PortSet,
@@ -63,6 +66,7 @@ impl Cli {
             meta_port: self.meta_port,
             allowed_ports: self.allowed_ports,
             localhost_proxy_ports: self.localhost_proxy_ports,
+            transport: self.transport,
             ..AgentConfig::default()
         }
     }

@@ -83,6 +83,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Renders `/metrics`; `None` serves 404 there.
     pub metrics: Option<PrometheusHandle>,
+    /// Which transport to use. Default auto (QUIC, else gRPC).
+    pub transport: crate::dialer::TransportChoice,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +107,7 @@ impl Default for AgentConfig {
             backoff: Backoff::default(),
             drain_timeout: Duration::from_secs(10),
             metrics: None,
+            transport: crate::dialer::TransportChoice::default(),
         }
     }
 }

@@ -70,7 +70,77 @@ pub struct ServerDialer {
     port: u16,
     server_name: String,
     resolver: Option<TokioResolver>,
-    connector: QuicConnector,
+    connector: Connectors,
+}
+
+/// Which transport the agent uses to reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// QUIC first; gRPC over TLS/TCP when no QUIC session is up within [`QUIC_FIRST`].
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// gRPC only (networks that block UDP).
+    Grpc,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Quic),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!("unknown transport {other:?} (auto, quic, grpc)")),
+        }
+    }
+}
+
+/// How long `auto` gives QUIC before it tries gRPC on the same address.
+pub const QUIC_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The connectors of both transports and the choice between them.
+#[derive(Debug, Clone)]
+pub struct Connectors {
+    /// QUIC.
+    pub quic: QuicConnector,
+    /// gRPC.
+    pub grpc: tunnel_core::GrpcConnector,
+    /// Which to use.
+    pub choice: TransportChoice,
+}
+
+impl Connectors {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        register: proto::Register,
+    ) -> Result<AgentSession, SessionError> {
+        match self.choice {
+            TransportChoice::Quic => self.quic.connect(addr, name, register).await,
+            TransportChoice::Grpc => self.grpc.connect(addr, name, register).await,
+            TransportChoice::Auto => {
+                match tokio::time::timeout(
+                    QUIC_FIRST,
+                    self.quic.connect(addr, name, register.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(session)) => Ok(session),
+                    Ok(Err(e)) => {
+                        debug!(%addr, error = %e, "QUIC failed; trying gRPC");
+                        self.grpc.connect(addr, name, register).await
+                    }
+                    Err(_) => {
+                        debug!(%addr, "no QUIC session within {QUIC_FIRST:?}; trying gRPC");
+                        self.grpc.connect(addr, name, register).await
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl ServerDialer {
@@ -79,7 +149,7 @@ impl ServerDialer {
     pub fn new(
         address: &str,
         server_name: Option<&str>,
-        connector: QuicConnector,
+        connector: Connectors,
     ) -> Result<Self, ConfigError> {
         let (host, port) = split_host_port(address)?;
         let resolver = if host.parse::<IpAddr>().is_ok() {

@@ -93,12 +93,18 @@ impl Agent {
         let Self { config, status } = self;
         config.validate()?;
         let loaded = certs::load(&config).await?;
-        let connector = QuicConnector::new(loaded.client, config.session.clone()).map_err(|e| {
-            ConfigError::Invalid {
-                what: "TLS configuration for QUIC",
-                why: e.to_string(),
-            }
-        })?;
+        let quic =
+            QuicConnector::new(loaded.client.clone(), config.session.clone()).map_err(|e| {
+                ConfigError::Invalid {
+                    what: "TLS configuration for QUIC",
+                    why: e.to_string(),
+                }
+            })?;
+        let connector = dialer::Connectors {
+            quic,
+            grpc: tunnel_core::GrpcConnector::new(loaded.client, config.session.clone()),
+            choice: config.transport,
+        };
         let dialer = dialer::ServerDialer::new(
             &config.server_address,
             config.server_name.as_deref(),

@@ -107,6 +107,9 @@ pub struct ServeArgs {
     /// Node port used on the HTTP front when a request names none.
     #[arg(long, default_value_t = 10255)]
     pub kubelet_read_only_port: u16,
+    /// Tunnel transports to serve: quic (UDP), grpc (TCP), or both.
+    #[arg(long, default_value = "quic,grpc")]
+    pub transports: crate::config::Transports,
     /// Seconds open streams may run on after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_seconds: u64,
@@ -129,6 +132,7 @@ impl ServeArgs {
             kubelet_port: self.kubelet_port,
             kubelet_read_only_port: self.kubelet_read_only_port,
             drain_timeout: Duration::from_secs(self.drain_timeout_seconds),
+            transports: self.transports,
             ..ServerConfig::default()
         }
     }

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_front_connections: usize,
     /// On shutdown, how long open streams may finish. Default 30 s.
     pub drain_timeout: Duration,
+    /// Which tunnel transports to serve. Default both: QUIC on UDP and gRPC on TCP, at the
+    /// same port number.
+    pub transports: Transports,
     /// Renders `/metrics`; `None` serves 404 there (the embedding program owns the recorder).
     pub metrics: Option<PrometheusHandle>,
 }
@@ -73,7 +76,49 @@ impl Default for ServerConfig {
             max_front_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             metrics: None,
+            transports: Transports::default(),
         }
+    }
+}
+
+/// The tunnel transports a server offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transports {
+    /// QUIC on UDP.
+    pub quic: bool,
+    /// gRPC over TLS/TCP, for agents whose network blocks UDP.
+    pub grpc: bool,
+}
+
+impl Default for Transports {
+    fn default() -> Self {
+        Self {
+            quic: true,
+            grpc: true,
+        }
+    }
+}
+
+impl std::str::FromStr for Transports {
+    type Err = String;
+
+    /// `quic,grpc`, `quic` or `grpc`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut t = Self {
+            quic: false,
+            grpc: false,
+        };
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item {
+                "quic" => t.quic = true,
+                "grpc" => t.grpc = true,
+                other => return Err(format!("unknown transport {other:?} (quic, grpc)")),
+            }
+        }
+        if !t.quic && !t.grpc {
+            return Err("at least one transport is needed".into());
+        }
+        Ok(t)
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 use tunnel_core::QuicListener;
 
-pub use config::{ConfigError, ServerConfig};
+pub use config::{ConfigError, ServerConfig, Transports};
 pub use registry::Registry;
 
 /// Why the server could not start.
@@ -59,7 +59,8 @@ pub enum ServerError {
 pub struct Server {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
-    quic: Arc<QuicListener>,
+    quic: Option<Arc<QuicListener>>,
+    grpc: Option<tunnel_core::GrpcListener>,
     secure: TcpListener,
     insecure: TcpListener,
     meta: Option<TcpListener>,
@@ -107,26 +108,62 @@ impl Server {
     /// `*_addr` methods).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let tls = tls_config(&config)?;
-        let tunnel_addr = config.addr(config.tunnel_port);
-        let quic = QuicListener::bind(tunnel_addr, tls, config.session.clone(), &config.server_id)
-            .map_err(|e| match e {
-                tunnel_core::transport::quic::BindError::Io(source) => ServerError::Bind {
-                    what: "--tunnel-port (UDP)",
-                    addr: tunnel_addr,
-                    source,
-                },
-                tunnel_core::transport::quic::BindError::Config(source) => {
-                    ServerError::Config(ConfigError::Tls {
-                        flag: "--tls-cert-file",
+        let mut tunnel_addr = config.addr(config.tunnel_port);
+        let quic = if !config.transports.quic {
+            None
+        } else {
+            Some(
+                QuicListener::bind(
+                    tunnel_addr,
+                    tls.clone(),
+                    config.session.clone(),
+                    &config.server_id,
+                )
+                .map_err(|e| match e {
+                    tunnel_core::transport::quic::BindError::Io(source) => ServerError::Bind {
+                        what: "--tunnel-port (UDP)",
+                        addr: tunnel_addr,
                         source,
-                    })
-                }
-                other => ServerError::Bind {
-                    what: "--tunnel-port (UDP)",
+                    },
+                    tunnel_core::transport::quic::BindError::Config(source) => {
+                        ServerError::Config(ConfigError::Tls {
+                            flag: "--tls-cert-file",
+                            source,
+                        })
+                    }
+                    other => ServerError::Bind {
+                        what: "--tunnel-port (UDP)",
+                        addr: tunnel_addr,
+                        source: std::io::Error::other(other.to_string()),
+                    },
+                })?,
+            )
+        };
+        // gRPC listens on TCP at the same port number as QUIC on UDP (the kernel's pick when
+        // the port is 0).
+        if let Some(q) = &quic
+            && let Ok(a) = q.local_addr()
+        {
+            tunnel_addr = a;
+        }
+        let grpc = if config.transports.grpc {
+            Some(
+                tunnel_core::GrpcListener::bind(
+                    tunnel_addr,
+                    tls,
+                    config.session.clone(),
+                    &config.server_id,
+                )
+                .await
+                .map_err(|e| ServerError::Bind {
+                    what: "--tunnel-port (TCP, gRPC)",
                     addr: tunnel_addr,
-                    source: std::io::Error::other(other.to_string()),
-                },
-            })?;
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+            )
+        } else {
+            None
+        };
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
         let meta = Some(
@@ -139,18 +176,25 @@ impl Server {
         Ok(Self {
             config: Arc::new(config),
             registry: Arc::new(Registry::default()),
-            quic: Arc::new(quic),
+            quic: quic.map(Arc::new),
+            grpc,
             secure,
             insecure,
             meta,
         })
     }
 
-    /// The tunnel listener's address (UDP).
+    /// The tunnel listeners' address (UDP for QUIC, TCP for gRPC: the same port number).
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.quic
-            .local_addr()
-            .unwrap_or_else(|_| self.config.addr(self.config.tunnel_port))
+            .as_ref()
+            .and_then(|q| q.local_addr().ok())
+            .or_else(|| {
+                self.grpc
+                    .as_ref()
+                    .map(tunnel_core::GrpcListener::local_addr)
+            })
+            .unwrap_or_else(|| self.config.addr(self.config.tunnel_port))
     }
 
     /// The TLS front's address.
@@ -183,6 +227,7 @@ impl Server {
             config,
             registry,
             quic,
+            grpc,
             secure,
             insecure,
             meta,
@@ -191,7 +236,8 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(true));
         let fronts = Arc::new(front::Fronts::new(registry.clone(), config.clone()));
         info!(
-            tunnel = %quic.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            quic = ?quic.as_ref().and_then(|q| q.local_addr().ok()),
+            grpc = ?grpc.as_ref().map(tunnel_core::GrpcListener::local_addr),
             secure = ?secure.local_addr().ok(),
             insecure = ?insecure.local_addr().ok(),
             server.id = %config.server_id,
@@ -199,7 +245,12 @@ impl Server {
         );
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(tunnel::serve(quic.clone(), registry.clone(), stop.clone()));
+        if let Some(quic) = &quic {
+            tasks.spawn(tunnel::serve(quic.clone(), registry.clone(), stop.clone()));
+        }
+        if let Some(grpc) = grpc {
+            tasks.spawn(tunnel::serve_grpc(grpc, registry.clone(), stop.clone()));
+        }
         tasks.spawn(front::serve_tcp(
             secure,
             fronts.clone(),
@@ -239,12 +290,17 @@ impl Server {
         {
             warn!("drain timeout reached; closing the remaining streams");
         }
-        quic.close("server shutting down");
-        if tokio::time::timeout(std::time::Duration::from_secs(2), quic.wait_idle())
-            .await
-            .is_err()
-        {
-            warn!("agents did not acknowledge the close in time");
+        for session in registry.sessions() {
+            session.close("server shutting down");
+        }
+        if let Some(quic) = &quic {
+            quic.close("server shutting down");
+            if tokio::time::timeout(std::time::Duration::from_secs(2), quic.wait_idle())
+                .await
+                .is_err()
+            {
+                warn!("agents did not acknowledge the close in time");
+            }
         }
         tasks.shutdown().await;
         let _ = meta_stop_tx.send(true);

@@ -55,6 +55,34 @@ pub(crate) async fn serve(
     while links.join_next().await.is_some() {}
 }
 
+/// Serves agents registering over gRPC until `stop` turns true (the listener is dropped then,
+/// so new agents fail over to another replica or retry).
+pub(crate) async fn serve_grpc(
+    mut listener: tunnel_core::GrpcListener,
+    registry: Arc<Registry>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut links = JoinSet::new();
+    loop {
+        tokio::select! {
+            session = listener.accept() => {
+                let Some(session) = session else { break };
+                let registry = registry.clone();
+                let stop = stop.clone();
+                let peer = session.remote_addr();
+                links.spawn(
+                    async move { serve_link(session, &registry, &stop).await }
+                        .instrument(info_span!("agent", peer.addr = %peer)),
+                );
+            }
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+            () = crate::stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    while links.join_next().await.is_some() {}
+}
+
 async fn serve_link(session: ServerSession, registry: &Registry, stop: &watch::Receiver<bool>) {
     let node = session.identity().node_name.clone();
     let transport = session.transport().as_str();
