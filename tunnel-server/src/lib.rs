@@ -103,67 +103,103 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, S
         .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
+fn bind_quic(
+    config: &ServerConfig,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<QuicListener, ServerError> {
+    use tunnel_core::transport::quic::BindError;
+    QuicListener::bind(addr, tls, config.session.clone(), &config.server_id).map_err(|e| match e {
+        BindError::Io(source) => ServerError::Bind {
+            what: "--tunnel-port (UDP, QUIC)",
+            addr,
+            source,
+        },
+        BindError::Config(source) => ServerError::Config(ConfigError::Tls {
+            flag: "--tls-cert-file",
+            source,
+        }),
+        other => ServerError::Bind {
+            what: "--tunnel-port (UDP, QUIC)",
+            addr,
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
+}
+
+async fn bind_grpc(
+    config: &ServerConfig,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<tunnel_core::GrpcListener, ServerError> {
+    use tunnel_core::transport::quic::BindError;
+    tunnel_core::GrpcListener::bind(addr, tls, config.session.clone(), &config.server_id)
+        .await
+        .map_err(|e| match e {
+            BindError::Io(source) => ServerError::Bind {
+                what: "--tunnel-port (TCP, gRPC)",
+                addr,
+                source,
+            },
+            BindError::Config(source) => ServerError::Config(ConfigError::Tls {
+                flag: "--tls-cert-file",
+                source,
+            }),
+            other => ServerError::Bind {
+                what: "--tunnel-port (TCP, gRPC)",
+                addr,
+                source: std::io::Error::other(other.to_string()),
+            },
+        })
+}
+
+/// Binds the tunnel listeners: gRPC on TCP and QUIC on UDP at one port number. With port 0 the
+/// kernel picks the TCP port and the UDP twin is tried; a taken twin means another pick.
+async fn bind_tunnel(
+    config: &ServerConfig,
+    tls: rustls::ServerConfig,
+) -> Result<(Option<QuicListener>, Option<tunnel_core::GrpcListener>), ServerError> {
+    let want = config.transports;
+    let attempts = if config.tunnel_port == 0 && want.quic && want.grpc {
+        16
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..attempts {
+        let grpc = match want.grpc {
+            true => Some(bind_grpc(config, config.addr(config.tunnel_port), tls.clone()).await?),
+            false => None,
+        };
+        if !want.quic {
+            return Ok((None, grpc));
+        }
+        let port = grpc
+            .as_ref()
+            .map_or(config.tunnel_port, |g| g.local_addr().port());
+        match bind_quic(config, config.addr(port), tls.clone()) {
+            Ok(quic) => return Ok((Some(quic), grpc)),
+            Err(ServerError::Bind { source, .. })
+                if attempts > 1 && source.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                last = Some(source);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ServerError::Bind {
+        what: "--tunnel-port (UDP and TCP)",
+        addr: config.addr(0),
+        source: last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)),
+    })
+}
+
 impl Server {
     /// Loads the TLS files and binds every listener. Port 0 picks a free port (see the
     /// `*_addr` methods).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let tls = tls_config(&config)?;
-        let mut tunnel_addr = config.addr(config.tunnel_port);
-        let quic = if !config.transports.quic {
-            None
-        } else {
-            Some(
-                QuicListener::bind(
-                    tunnel_addr,
-                    tls.clone(),
-                    config.session.clone(),
-                    &config.server_id,
-                )
-                .map_err(|e| match e {
-                    tunnel_core::transport::quic::BindError::Io(source) => ServerError::Bind {
-                        what: "--tunnel-port (UDP)",
-                        addr: tunnel_addr,
-                        source,
-                    },
-                    tunnel_core::transport::quic::BindError::Config(source) => {
-                        ServerError::Config(ConfigError::Tls {
-                            flag: "--tls-cert-file",
-                            source,
-                        })
-                    }
-                    other => ServerError::Bind {
-                        what: "--tunnel-port (UDP)",
-                        addr: tunnel_addr,
-                        source: std::io::Error::other(other.to_string()),
-                    },
-                })?,
-            )
-        };
-        // gRPC listens on TCP at the same port number as QUIC on UDP (the kernel's pick when
-        // the port is 0).
-        if let Some(q) = &quic
-            && let Ok(a) = q.local_addr()
-        {
-            tunnel_addr = a;
-        }
-        let grpc = if config.transports.grpc {
-            Some(
-                tunnel_core::GrpcListener::bind(
-                    tunnel_addr,
-                    tls,
-                    config.session.clone(),
-                    &config.server_id,
-                )
-                .await
-                .map_err(|e| ServerError::Bind {
-                    what: "--tunnel-port (TCP, gRPC)",
-                    addr: tunnel_addr,
-                    source: std::io::Error::other(e.to_string()),
-                })?,
-            )
-        } else {
-            None
-        };
+        let (quic, grpc) = bind_tunnel(&config, tls).await?;
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
         let meta = Some(
