@@ -118,3 +118,19 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u64).wrapping_mul(31).wrapping_add(u64::from(seed)) as u8 ^ (i >> 13) as u8)
         .collect()
 }
+
+/// Writes `data` while reading as many bytes back, then half-closes and expects the peer's end
+/// of stream: the reply must arrive whole after our write side is shut.
+pub async fn echo_exact<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = tokio::io::split(io);
+    let write = async {
+        w.write_all(data).await.expect("write");
+        w.shutdown().await.expect("half-close");
+    };
+    let mut got = Vec::with_capacity(data.len());
+    let ((), n) = tokio::join!(write, r.read_to_end(&mut got));
+    n.expect("read to end");
+    assert_eq!(got.len(), data.len(), "echoed length");
+    assert!(got == data, "echoed bytes differ");
+}

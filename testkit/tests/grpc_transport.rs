@@ -6,23 +6,9 @@ use edge_tunnel_testkit::client::{self, Upgrade, pattern};
 use edge_tunnel_testkit::{FakeKubelet, TestCluster, TestPki};
 use http::StatusCode;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tunnel_agent::dialer::TransportChoice;
 use tunnel_core::{NodeRef, TransportKind};
-
-async fn echo_exact<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: IO, data: &[u8]) {
-    let (mut r, mut w) = tokio::io::split(io);
-    let write = async {
-        w.write_all(data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut got = Vec::new();
-    let ((), n) = tokio::join!(write, r.read_to_end(&mut got));
-    n.unwrap();
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "echoed bytes differ");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_grpc_logs_follow_upgrades_echo_and_refusals_are_typed() {
@@ -70,7 +56,7 @@ async fn over_grpc_logs_follow_upgrades_echo_and_refusals_are_typed() {
         let io = client::exec_upgrade(&mut sender, &host, kind)
             .await
             .unwrap();
-        echo_exact(io, &pattern(1024 * 1024, seed)).await;
+        client::echo_exact(io, &pattern(1024 * 1024, seed)).await;
     }
 
     // 100 sequential requests on one connection, and a forbidden port.

@@ -9,7 +9,7 @@ use edge_tunnel_testkit::client::{self, Upgrade, pattern};
 use edge_tunnel_testkit::{AgentHandle, FakeKubelet, TestCluster, TestPki, metric_value};
 use http::StatusCode;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const MIB: usize = 1024 * 1024;
@@ -35,25 +35,6 @@ async fn setup() -> Setup {
         kubelet,
         _agent: agent,
     }
-}
-
-/// Writes `data` and reads as many bytes back at the same time; then half-closes and expects
-/// the peer's end of stream.
-async fn echo_exact<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, data: &[u8]) {
-    let (mut r, mut w) = tokio::io::split(io);
-    let write = async {
-        w.write_all(data).await.unwrap();
-        // Half-close: our write side ends; the reply must still arrive in full.
-        w.shutdown().await.unwrap();
-    };
-    let read = async {
-        let mut got = Vec::with_capacity(data.len());
-        r.read_to_end(&mut got).await.unwrap();
-        got
-    };
-    let ((), got) = tokio::join!(write, read);
-    assert_eq!(got.len(), data.len(), "echoed length");
-    assert!(got == data, "echoed bytes differ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +91,7 @@ async fn websocket_exec_through_the_tls_front_echoes_1mib_with_half_close() {
     let io = client::exec_upgrade(&mut sender, "node-a:10250", Upgrade::WebSocket)
         .await
         .unwrap();
-    echo_exact(io, &pattern(MIB, 1)).await;
+    client::echo_exact(io, &pattern(MIB, 1)).await;
     assert!(!s.kubelet.client_subjects().contains(&"node-a".to_owned()));
 }
 
@@ -128,7 +109,7 @@ async fn spdy_exec_through_the_tls_front_echoes_1mib_with_half_close() {
     let io = client::exec_upgrade(&mut sender, "node-a:10250", Upgrade::Spdy)
         .await
         .unwrap();
-    echo_exact(io, &pattern(MIB, 2)).await;
+    client::echo_exact(io, &pattern(MIB, 2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +122,7 @@ async fn both_upgrades_through_the_http_front_echo_1mib_with_half_close() {
         let io = client::exec_upgrade(&mut sender, &host, kind)
             .await
             .unwrap();
-        echo_exact(io, &pattern(MIB, seed)).await;
+        client::echo_exact(io, &pattern(MIB, seed)).await;
     }
 }
 
@@ -311,7 +292,7 @@ async fn two_hundred_concurrent_streams_through_one_agent() {
     );
     let mut tasks = tokio::task::JoinSet::new();
     for (i, io) in ios.into_iter().enumerate() {
-        tasks.spawn(async move { echo_exact(io, &pattern(16 * 1024, i as u8)).await });
+        tasks.spawn(async move { client::echo_exact(io, &pattern(16 * 1024, i as u8)).await });
     }
     while let Some(r) = tasks.join_next().await {
         r.unwrap();

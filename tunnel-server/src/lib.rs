@@ -103,28 +103,33 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, S
         .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
-fn bind_quic(
-    config: &ServerConfig,
+fn bind_error(
+    what: &'static str,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
-) -> Result<QuicListener, ServerError> {
+    e: tunnel_core::transport::quic::BindError,
+) -> ServerError {
     use tunnel_core::transport::quic::BindError;
-    QuicListener::bind(addr, tls, config.session.clone(), &config.server_id).map_err(|e| match e {
-        BindError::Io(source) => ServerError::Bind {
-            what: "--tunnel-port (UDP, QUIC)",
-            addr,
-            source,
-        },
+    match e {
+        BindError::Io(source) => ServerError::Bind { what, addr, source },
         BindError::Config(source) => ServerError::Config(ConfigError::Tls {
             flag: "--tls-cert-file",
             source,
         }),
         other => ServerError::Bind {
-            what: "--tunnel-port (UDP, QUIC)",
+            what,
             addr,
             source: std::io::Error::other(other.to_string()),
         },
-    })
+    }
+}
+
+fn bind_quic(
+    config: &ServerConfig,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<QuicListener, ServerError> {
+    QuicListener::bind(addr, tls, config.session.clone(), &config.server_id)
+        .map_err(|e| bind_error("--tunnel-port (UDP, QUIC)", addr, e))
 }
 
 async fn bind_grpc(
@@ -132,25 +137,9 @@ async fn bind_grpc(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
 ) -> Result<tunnel_core::GrpcListener, ServerError> {
-    use tunnel_core::transport::quic::BindError;
     tunnel_core::GrpcListener::bind(addr, tls, config.session.clone(), &config.server_id)
         .await
-        .map_err(|e| match e {
-            BindError::Io(source) => ServerError::Bind {
-                what: "--tunnel-port (TCP, gRPC)",
-                addr,
-                source,
-            },
-            BindError::Config(source) => ServerError::Config(ConfigError::Tls {
-                flag: "--tls-cert-file",
-                source,
-            }),
-            other => ServerError::Bind {
-                what: "--tunnel-port (TCP, gRPC)",
-                addr,
-                source: std::io::Error::other(other.to_string()),
-            },
-        })
+        .map_err(|e| bind_error("--tunnel-port (TCP, gRPC)", addr, e))
 }
 
 /// Binds the tunnel listeners: gRPC on TCP and QUIC on UDP at one port number. With port 0 the
