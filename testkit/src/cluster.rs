@@ -134,6 +134,26 @@ impl TestCluster {
         }
     }
 
+    /// A cluster for `nodes` whose fronts target a fresh fake kubelet serving the first node:
+    /// the TLS front its HTTPS port, the HTTP front (by default) its read-only port.
+    pub async fn with_kubelet(
+        nodes: &[(&str, &[std::net::IpAddr])],
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> (Self, crate::FakeKubelet) {
+        let pki = TestPki::new(nodes);
+        let kubelet = crate::FakeKubelet::start(nodes[0].0, pki.kubelet_tls())
+            .await
+            .expect("fake kubelet starts");
+        let cluster = Self::start_with(
+            pki,
+            kubelet.https_addr.port(),
+            kubelet.http_addr.port(),
+            tweak,
+        )
+        .await;
+        (cluster, kubelet)
+    }
+
     /// An agent configuration for `node` (certificate from the test PKI) that serves the
     /// cluster's ports on loopback.
     pub fn agent_config(&self, node: &str) -> AgentConfig {

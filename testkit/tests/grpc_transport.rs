@@ -2,8 +2,8 @@
 //! back to gRPC when the server offers no QUIC.
 
 use bytes::Bytes;
+use edge_tunnel_testkit::TestCluster;
 use edge_tunnel_testkit::client::{self, Upgrade, pattern};
-use edge_tunnel_testkit::{FakeKubelet, TestCluster, TestPki};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::net::TcpStream;
@@ -12,12 +12,7 @@ use tunnel_core::{NodeRef, TransportKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_grpc_logs_follow_upgrades_echo_and_refusals_are_typed() {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let cluster =
-        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let (cluster, kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |_| {}).await;
     let mut config = cluster.agent_config("node-a");
     config.transport = TransportChoice::Grpc;
     let (_agent, _) = cluster.start_agent(config).await;
@@ -73,18 +68,9 @@ async fn over_grpc_logs_follow_upgrades_echo_and_refusals_are_typed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_falls_back_to_grpc_when_the_server_has_no_quic() {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let cluster = TestCluster::start_with(
-        pki,
-        kubelet.https_addr.port(),
-        kubelet.http_addr.port(),
-        |c| {
-            c.transports = "grpc".parse().unwrap();
-        },
-    )
+    let (cluster, _kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |c| {
+        c.transports = "grpc".parse().unwrap();
+    })
     .await;
     let config = cluster.agent_config("node-a");
     assert_eq!(config.transport, TransportChoice::Auto);

@@ -230,24 +230,8 @@ async fn an_expired_agent_certificate_is_refused() {
     let pki = TestPki::new(&[("node-a", &[])]);
     let cluster = TestCluster::start(pki, 10250, 10255).await;
     // Signed by the right CA, for the right node, but no longer valid.
-    let ca_key =
-        rcgen::KeyPair::from_pem(&String::from_utf8(read(&cluster.pki.tunnel.ca_key)).unwrap())
-            .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(
-        &String::from_utf8(read(&cluster.pki.tunnel.ca_cert)).unwrap(),
-        ca_key,
-    )
-    .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["node-a".to_owned()]).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let expired =
-        tunnel_core::Identity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
-            .unwrap();
+    let (cert_pem, key_pem) = expired_agent_certificate(&cluster.pki, "node-a");
+    let expired = tunnel_core::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap();
 
     let ca = read(&cluster.pki.tunnel.ca_cert);
     let connector =
@@ -291,24 +275,11 @@ async fn a_node_ip_claimed_twice_stays_with_its_first_owner() {
 async fn the_agent_refuses_to_start_with_an_expired_certificate_and_says_why() {
     let pki = TestPki::new(&[("node-a", &[])]);
     let cluster = TestCluster::start(pki, 10250, 10255).await;
-    let ca_key =
-        rcgen::KeyPair::from_pem(&String::from_utf8(read(&cluster.pki.tunnel.ca_key)).unwrap())
-            .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(
-        &String::from_utf8(read(&cluster.pki.tunnel.ca_cert)).unwrap(),
-        ca_key,
-    )
-    .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["node-a".to_owned()]).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_pem, key_pem) = expired_agent_certificate(&cluster.pki, "node-a");
     let dir = cluster.pki.dir().join("expired");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("node-a.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("node-a.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("node-a.crt"), cert_pem).unwrap();
+    std::fs::write(dir.join("node-a.key"), key_pem).unwrap();
 
     let mut config = cluster.agent_config("node-a");
     config.tls_cert_file = Some(dir.join("node-a.crt"));
@@ -324,4 +295,21 @@ async fn the_agent_refuses_to_start_with_an_expired_certificate_and_says_why() {
         "{msg}"
     );
     assert!(cluster.registry.is_empty());
+}
+
+/// A client certificate for `node`, signed by the tunnel CA, that expired in 2021: right CA,
+/// right node, wrong time. Returns (certificate PEM, key PEM).
+fn expired_agent_certificate(pki: &TestPki, node: &str) -> (String, String) {
+    let pem = |p: &std::path::Path| String::from_utf8(read(p)).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&pem(&pki.tunnel.ca_key)).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&pem(&pki.tunnel.ca_cert), ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![node.to_owned()]).unwrap();
+    // The name only as a DNS SAN, so nothing but the dates can make it fail.
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
 }

@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use edge_tunnel_testkit::client::{self, Upgrade, pattern};
-use edge_tunnel_testkit::{FakeKubelet, TestCluster, TestPki};
+use edge_tunnel_testkit::{TestCluster, TestPki};
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tunnel_agent::{AgentConfig, Backoff};
 
@@ -28,18 +27,9 @@ async fn get_pods(cluster: &TestCluster, node: &str) -> (StatusCode, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_serves_again_after_the_server_restarts() {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let mut cluster = TestCluster::start_with(
-        pki,
-        kubelet.https_addr.port(),
-        kubelet.http_addr.port(),
-        |c| {
-            c.drain_timeout = Duration::from_millis(200);
-        },
-    )
+    let (mut cluster, _kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |c| {
+        c.drain_timeout = Duration::from_millis(200);
+    })
     .await;
     let (agent, _) = cluster
         .start_agent(fast_reconnect(cluster.agent_config("node-a")))
@@ -69,12 +59,7 @@ async fn a_vanished_agent_is_unregistered_and_its_node_answers_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_agent_replaces_its_old_session() {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let cluster =
-        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let (cluster, _kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |_| {}).await;
     let (_first, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
     let (old, _) = cluster
         .registry
@@ -91,18 +76,9 @@ async fn a_reconnecting_agent_replaces_its_old_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_server_lets_open_streams_finish_and_refuses_new_connections() {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let mut cluster = TestCluster::start_with(
-        pki,
-        kubelet.https_addr.port(),
-        kubelet.http_addr.port(),
-        |c| {
-            c.drain_timeout = Duration::from_secs(20);
-        },
-    )
+    let (mut cluster, kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |c| {
+        c.drain_timeout = Duration::from_secs(20);
+    })
     .await;
     let (_agent, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
     let host = format!("node-a:{}", kubelet.http_addr.port());
@@ -140,18 +116,7 @@ async fn draining_server_lets_open_streams_finish_and_refuses_new_connections() 
         "the HTTP front must stop accepting while draining"
     );
     // The open exec stream still works end to end, half-close included.
-    let data = pattern(256 * 1024, 9);
-    let (mut r, mut w) = tokio::io::split(&mut io);
-    let write = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut got = Vec::new();
-    let ((), n) = tokio::join!(write, r.read_to_end(&mut got));
-    n.unwrap();
-    assert_eq!(got.len(), data.len(), "echoed length during the drain");
-    assert_eq!(got.len(), data.len(), "echoed length during the drain");
-    assert!(got == data, "stream finished intact during the drain");
+    client::echo_exact(&mut io, &pattern(256 * 1024, 9)).await;
     drop(io);
     drop(sender);
     tokio::time::timeout(Duration::from_secs(15), cluster.shutdown_server())
@@ -161,12 +126,7 @@ async fn draining_server_lets_open_streams_finish_and_refuses_new_connections() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_resolves_the_server_name_with_hickory() {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let cluster =
-        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let (cluster, _kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |_| {}).await;
     let mut config = cluster.agent_config("node-a");
     // A name, not an address: resolved (hosts file, then DNS), every address tried.
     config.server_address = format!("localhost:{}", cluster.tunnel_addr.port());

@@ -3,7 +3,7 @@
 
 use std::process::Output;
 
-use edge_tunnel_testkit::{FakeKubelet, TestCluster, TestPki};
+use edge_tunnel_testkit::{FakeKubelet, TestCluster};
 use tokio::process::Command;
 
 async fn run(cmd: &mut Command, tool: &str) -> Output {
@@ -21,12 +21,7 @@ async fn run(cmd: &mut Command, tool: &str) -> Output {
 }
 
 async fn setup() -> (TestCluster, FakeKubelet, edge_tunnel_testkit::AgentHandle) {
-    let pki = TestPki::new(&[("node-a", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let cluster =
-        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let (cluster, kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |_| {}).await;
     let (agent, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
     (cluster, kubelet, agent)
 }

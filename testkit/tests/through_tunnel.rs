@@ -22,12 +22,8 @@ struct Setup {
 
 async fn setup() -> Setup {
     let ip: IpAddr = "127.0.0.2".parse().unwrap();
-    let pki = TestPki::new(&[("node-a", &[ip]), ("node-b", &[])]);
-    let kubelet = FakeKubelet::start("node-a", pki.kubelet_tls())
-        .await
-        .unwrap();
-    let cluster =
-        TestCluster::start(pki, kubelet.https_addr.port(), kubelet.http_addr.port()).await;
+    let (cluster, kubelet) =
+        TestCluster::with_kubelet(&[("node-a", &[ip]), ("node-b", &[])], |_| {}).await;
     let (agent, node) = cluster.start_agent(cluster.agent_config("node-a")).await;
     assert_eq!(node, "node-a");
     Setup {
@@ -78,38 +74,27 @@ async fn followed_log_arrives_line_by_line_through_the_tls_front() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_exec_through_the_tls_front_echoes_1mib_with_half_close() {
+async fn both_upgrades_through_the_tls_front_echo_1mib_with_half_close() {
     let s = setup().await;
-    let tls = client::tls_connect(
-        s.cluster.secure_addr,
-        "node-a",
-        s.cluster.pki.apiserver_tls(),
-    )
-    .await
-    .unwrap();
-    let mut sender = client::http1(tls).await.unwrap();
-    let io = client::exec_upgrade(&mut sender, "node-a:10250", Upgrade::WebSocket)
+    for (kind, seed) in [(Upgrade::WebSocket, 1), (Upgrade::Spdy, 2)] {
+        let tls = client::tls_connect(
+            s.cluster.secure_addr,
+            "node-a",
+            s.cluster.pki.apiserver_tls(),
+        )
         .await
         .unwrap();
-    client::echo_exact(io, &pattern(MIB, 1)).await;
-    assert!(!s.kubelet.client_subjects().contains(&"node-a".to_owned()));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spdy_exec_through_the_tls_front_echoes_1mib_with_half_close() {
-    let s = setup().await;
-    let tls = client::tls_connect(
-        s.cluster.secure_addr,
-        "node-a",
-        s.cluster.pki.apiserver_tls(),
-    )
-    .await
-    .unwrap();
-    let mut sender = client::http1(tls).await.unwrap();
-    let io = client::exec_upgrade(&mut sender, "node-a:10250", Upgrade::Spdy)
-        .await
-        .unwrap();
-    client::echo_exact(io, &pattern(MIB, 2)).await;
+        let mut sender = client::http1(tls).await.unwrap();
+        let io = client::exec_upgrade(&mut sender, "node-a:10250", kind)
+            .await
+            .unwrap();
+        client::echo_exact(io, &pattern(MIB, seed)).await;
+    }
+    // Each exec was authenticated by the kubelet as the apiserver, never as the tunnel.
+    assert_eq!(
+        s.kubelet.client_subjects(),
+        vec!["kube-apiserver-kubelet-client".to_owned(); 2]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
