@@ -1,5 +1,8 @@
 //! End to end through the tunnel: real server, real agent, fake kubelet, clients as the
 //! apiserver and Prometheus are. Loopback only; ports from :0.
+//!
+//! The conformance suite: every test runs once per transport (`quic::*` and `grpc::*`), so
+//! users get the same behaviour whichever transport carries them.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -11,6 +14,9 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tunnel_agent::AgentConfig;
+use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::{NodeRef, TransportKind};
 
 const MIB: usize = 1024 * 1024;
 
@@ -20,12 +26,36 @@ struct Setup {
     _agent: AgentHandle,
 }
 
-async fn setup() -> Setup {
+/// An agent configuration for `node` that uses only `transport`.
+fn agent_config(cluster: &TestCluster, node: &str, transport: TransportChoice) -> AgentConfig {
+    let mut config = cluster.agent_config(node);
+    config.transport = transport;
+    config
+}
+
+/// Asserts that the server carries `node` over `transport`.
+fn assert_transport(cluster: &TestCluster, node: &str, transport: TransportChoice) {
+    let (session, _) = cluster
+        .registry
+        .lookup(&NodeRef::Name(node.into()))
+        .expect("node registered");
+    let want = match transport {
+        TransportChoice::Quic => TransportKind::Quic,
+        TransportChoice::Grpc => TransportKind::Grpc,
+        TransportChoice::Auto => unreachable!("the suite names its transport"),
+    };
+    assert_eq!(session.transport(), want, "{node}");
+}
+
+async fn setup(transport: TransportChoice) -> Setup {
     let ip: IpAddr = "127.0.0.2".parse().unwrap();
     let (cluster, kubelet) =
         TestCluster::with_kubelet(&[("node-a", &[ip]), ("node-b", &[])], |_| {}).await;
-    let (agent, node) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    let (agent, node) = cluster
+        .start_agent(agent_config(&cluster, "node-a", transport))
+        .await;
     assert_eq!(node, "node-a");
+    assert_transport(&cluster, "node-a", transport);
     Setup {
         cluster,
         kubelet,
@@ -33,9 +63,8 @@ async fn setup() -> Setup {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followed_log_arrives_line_by_line_through_the_tls_front() {
-    let s = setup().await;
+async fn followed_log_arrives_line_by_line_through_the_tls_front(transport: TransportChoice) {
+    let s = setup(transport).await;
     let tls = client::tls_connect(
         s.cluster.secure_addr,
         "node-a",
@@ -73,9 +102,8 @@ async fn followed_log_arrives_line_by_line_through_the_tls_front() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_upgrades_through_the_tls_front_echo_1mib_with_half_close() {
-    let s = setup().await;
+async fn both_upgrades_through_the_tls_front_echo_1mib_with_half_close(transport: TransportChoice) {
+    let s = setup(transport).await;
     for (kind, seed) in [(Upgrade::WebSocket, 1), (Upgrade::Spdy, 2)] {
         let tls = client::tls_connect(
             s.cluster.secure_addr,
@@ -97,9 +125,10 @@ async fn both_upgrades_through_the_tls_front_echo_1mib_with_half_close() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_upgrades_through_the_http_front_echo_1mib_with_half_close() {
-    let s = setup().await;
+async fn both_upgrades_through_the_http_front_echo_1mib_with_half_close(
+    transport: TransportChoice,
+) {
+    let s = setup(transport).await;
     let host = format!("node-a:{}", s.kubelet.http_addr.port());
     for (kind, seed) in [(Upgrade::WebSocket, 3), (Upgrade::Spdy, 4)] {
         let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
@@ -111,9 +140,10 @@ async fn both_upgrades_through_the_http_front_echo_1mib_with_half_close() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_front_routes_by_host_by_node_ip_by_absolute_form_and_connect() {
-    let s = setup().await;
+async fn http_front_routes_by_host_by_node_ip_by_absolute_form_and_connect(
+    transport: TransportChoice,
+) {
+    let s = setup(transport).await;
     let port = s.kubelet.http_addr.port();
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
@@ -176,8 +206,9 @@ async fn http_front_routes_by_host_by_node_ip_by_absolute_form_and_connect() {
     assert_eq!(status, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_requests_naming_different_nodes_reach_their_own_node() {
+async fn keep_alive_requests_naming_different_nodes_reach_their_own_node(
+    transport: TransportChoice,
+) {
     let pki = TestPki::new(&[("node-a", &[]), ("node-b", &[])]);
     let kubelet_a = FakeKubelet::start("node-a", pki.kubelet_tls())
         .await
@@ -188,11 +219,15 @@ async fn keep_alive_requests_naming_different_nodes_reach_their_own_node() {
     let cluster =
         TestCluster::start(pki, kubelet_a.https_addr.port(), kubelet_a.http_addr.port()).await;
     let (pa, pb) = (kubelet_a.http_addr.port(), kubelet_b.http_addr.port());
-    let mut config_b = cluster.agent_config("node-b");
+    let mut config_b = agent_config(&cluster, "node-b", transport);
     config_b.allowed_ports = tunnel_core::PortSet::new([pb]);
     config_b.localhost_proxy_ports = tunnel_core::PortSet::new([pb]);
-    let (_a, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    let (_a, _) = cluster
+        .start_agent(agent_config(&cluster, "node-a", transport))
+        .await;
     let (_b, _) = cluster.start_agent(config_b).await;
+    assert_transport(&cluster, "node-a", transport);
+    assert_transport(&cluster, "node-b", transport);
 
     let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
@@ -217,9 +252,8 @@ async fn keep_alive_requests_naming_different_nodes_reach_their_own_node() {
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_sequential_requests_on_one_connection() {
-    let s = setup().await;
+async fn thousand_sequential_requests_on_one_connection(transport: TransportChoice) {
+    let s = setup(transport).await;
     let host = format!("node-a:{}", s.kubelet.http_addr.port());
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
@@ -251,9 +285,8 @@ async fn thousand_sequential_requests_on_one_connection() {
     assert_eq!(after - before, 1000.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_streams_through_one_agent() {
-    let s = setup().await;
+async fn two_hundred_concurrent_streams_through_one_agent(transport: TransportChoice) {
+    let s = setup(transport).await;
     let host = format!("node-a:{}", s.kubelet.http_addr.port());
     // Every stream is upgraded and open before any of them sends: 200 at once for certain.
     let mut ios = Vec::new();
@@ -284,9 +317,8 @@ async fn two_hundred_concurrent_streams_through_one_agent() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_node_gets_503_within_a_second_and_tls_front_closes() {
-    let s = setup().await;
+async fn unknown_node_gets_503_within_a_second_and_tls_front_closes(transport: TransportChoice) {
+    let s = setup(transport).await;
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
     let started = Instant::now();
@@ -327,9 +359,8 @@ async fn unknown_node_gets_503_within_a_second_and_tls_front_closes() {
     assert_eq!(after - before, 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refusals_map_to_502_and_bad_requests_to_400() {
-    let s = setup().await;
+async fn refusals_map_to_502_and_bad_requests_to_400(transport: TransportChoice) {
+    let s = setup(transport).await;
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
     // A port the agent does not allow: the agent refuses, the client reads why.
@@ -345,7 +376,7 @@ async fn refusals_map_to_502_and_bad_requests_to_400() {
         l.local_addr().unwrap().port()
     };
     drop(sender);
-    let mut config = s.cluster.agent_config("node-b");
+    let mut config = agent_config(&s.cluster, "node-b", transport);
     config.allowed_ports = tunnel_core::PortSet::new([closed]);
     config.localhost_proxy_ports = tunnel_core::PortSet::new([closed]);
     let (_b, _) = s.cluster.start_agent(config).await;
@@ -362,3 +393,39 @@ async fn refusals_map_to_502_and_bad_requests_to_400() {
     let (status, _) = client::get(&mut sender, "not_a_node", "/").await.unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+/// Runs each named test once per transport, in modules `quic` and `grpc`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            use super::TransportChoice;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(TransportChoice::Quic).await;
+                }
+            )*
+        }
+        mod grpc {
+            use super::TransportChoice;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(TransportChoice::Grpc).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    followed_log_arrives_line_by_line_through_the_tls_front,
+    both_upgrades_through_the_tls_front_echo_1mib_with_half_close,
+    both_upgrades_through_the_http_front_echo_1mib_with_half_close,
+    http_front_routes_by_host_by_node_ip_by_absolute_form_and_connect,
+    keep_alive_requests_naming_different_nodes_reach_their_own_node,
+    thousand_sequential_requests_on_one_connection,
+    two_hundred_concurrent_streams_through_one_agent,
+    unknown_node_gets_503_within_a_second_and_tls_front_closes,
+    refusals_map_to_502_and_bad_requests_to_400,
+);
