@@ -39,6 +39,29 @@ where
     Ok(sender)
 }
 
+/// A raw TCP tunnel to `authority` (`node:port`) through the HTTP front at `proxy`, by
+/// `CONNECT`, as kube-apiserver's egress selector and `curl -p` open one.
+pub async fn connect_via(proxy: SocketAddr, authority: &str) -> std::io::Result<TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(proxy).await?;
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 1024 {
+            return Err(std::io::Error::other("CONNECT response head too long"));
+        }
+        head.push(tcp.read_u8().await?);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "CONNECT refused: {}",
+            String::from_utf8_lossy(&head).trim_end()
+        )));
+    }
+    Ok(tcp)
+}
+
 /// A GET with `Host: host`; the status and the whole body.
 pub async fn get(
     sender: &mut http1::SendRequest<Full<Bytes>>,

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tunnel_agent::dialer::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentError, AgentStatus};
-use tunnel_core::PortSet;
+use tunnel_core::{NodeRef, PortSet, TransportKind};
 use tunnel_server::{Registry, Server, ServerConfig, ServerError};
 
 use crate::pki::TestPki;
@@ -171,6 +172,22 @@ impl TestCluster {
             metrics: Some(crate::metrics()),
             ..AgentConfig::default()
         }
+    }
+
+    /// As [`agent_config`](Self::agent_config), using only `transport`.
+    pub fn agent_config_over(&self, node: &str, transport: TransportChoice) -> AgentConfig {
+        let mut config = self.agent_config(node);
+        config.transport = transport;
+        config
+    }
+
+    /// The transport the server carries `node` over now (panics when `node` has no agent).
+    pub fn transport_of(&self, node: &str) -> TransportKind {
+        let (session, _) = self
+            .registry
+            .lookup(&NodeRef::Name(node.into()))
+            .unwrap_or_else(|| panic!("{node} has no agent"));
+        session.transport()
     }
 
     /// Starts an agent without waiting for it to connect.

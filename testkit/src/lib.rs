@@ -8,6 +8,7 @@ pub mod client;
 pub mod cluster;
 pub mod kubelet;
 pub mod pki;
+pub mod target;
 
 pub use cluster::{AgentHandle, TestCluster};
 pub use kubelet::{FakeKubelet, LogFeed};
@@ -57,6 +58,40 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// The transport a fixed choice (`quic` or `grpc`) lands on.
+pub fn kind_of(choice: tunnel_agent::dialer::TransportChoice) -> tunnel_core::TransportKind {
+    use tunnel_agent::dialer::TransportChoice;
+    match choice {
+        TransportChoice::Quic => tunnel_core::TransportKind::Quic,
+        TransportChoice::Grpc => tunnel_core::TransportKind::Grpc,
+        TransportChoice::Auto => panic!("auto lands on either transport"),
+    }
+}
+
+/// Runs each named `async fn(TransportChoice)` once per transport, as tests in modules `quic`
+/// and `grpc`: the conformance suite, so that both transports keep the same behaviour.
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(tunnel_agent::dialer::TransportChoice::Quic).await;
+                }
+            )*
+        }
+        mod grpc {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(tunnel_agent::dialer::TransportChoice::Grpc).await;
+                }
+            )*
+        }
+    };
 }
 
 /// Installs a compact tracing subscriber once (RUST_LOG controls it; default warnings only).

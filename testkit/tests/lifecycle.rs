@@ -199,7 +199,15 @@ async fn agent_meta_reports_ready_only_while_a_session_is_up() {
     assert_eq!(meta("/readyz").await.0, StatusCode::OK);
     let (status, text) = meta("/metrics").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(text.contains("edge_tunnel_agent_session_up 1"), "{text}");
+    assert_eq!(
+        edge_tunnel_testkit::metric_value(
+            &text,
+            "edge_tunnel_agent_session_up",
+            &[("transport", "quic")]
+        ),
+        1.0,
+        "{text}"
+    );
 
     // The server goes away for good: the agent is alive but not ready.
     let mut status_rx = agent.status.clone();

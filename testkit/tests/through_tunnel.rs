@@ -9,14 +9,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use edge_tunnel_testkit::client::{self, Upgrade, pattern};
-use edge_tunnel_testkit::{AgentHandle, FakeKubelet, TestCluster, TestPki, metric_value};
+use edge_tunnel_testkit::{AgentHandle, FakeKubelet, TestCluster, TestPki, kind_of, metric_value};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tunnel_agent::AgentConfig;
 use tunnel_agent::dialer::TransportChoice;
-use tunnel_core::{NodeRef, TransportKind};
 
 const MIB: usize = 1024 * 1024;
 
@@ -26,36 +24,15 @@ struct Setup {
     _agent: AgentHandle,
 }
 
-/// An agent configuration for `node` that uses only `transport`.
-fn agent_config(cluster: &TestCluster, node: &str, transport: TransportChoice) -> AgentConfig {
-    let mut config = cluster.agent_config(node);
-    config.transport = transport;
-    config
-}
-
-/// Asserts that the server carries `node` over `transport`.
-fn assert_transport(cluster: &TestCluster, node: &str, transport: TransportChoice) {
-    let (session, _) = cluster
-        .registry
-        .lookup(&NodeRef::Name(node.into()))
-        .expect("node registered");
-    let want = match transport {
-        TransportChoice::Quic => TransportKind::Quic,
-        TransportChoice::Grpc => TransportKind::Grpc,
-        TransportChoice::Auto => unreachable!("the suite names its transport"),
-    };
-    assert_eq!(session.transport(), want, "{node}");
-}
-
 async fn setup(transport: TransportChoice) -> Setup {
     let ip: IpAddr = "127.0.0.2".parse().unwrap();
     let (cluster, kubelet) =
         TestCluster::with_kubelet(&[("node-a", &[ip]), ("node-b", &[])], |_| {}).await;
     let (agent, node) = cluster
-        .start_agent(agent_config(&cluster, "node-a", transport))
+        .start_agent(cluster.agent_config_over("node-a", transport))
         .await;
     assert_eq!(node, "node-a");
-    assert_transport(&cluster, "node-a", transport);
+    assert_eq!(cluster.transport_of("node-a"), kind_of(transport));
     Setup {
         cluster,
         kubelet,
@@ -219,15 +196,15 @@ async fn keep_alive_requests_naming_different_nodes_reach_their_own_node(
     let cluster =
         TestCluster::start(pki, kubelet_a.https_addr.port(), kubelet_a.http_addr.port()).await;
     let (pa, pb) = (kubelet_a.http_addr.port(), kubelet_b.http_addr.port());
-    let mut config_b = agent_config(&cluster, "node-b", transport);
+    let mut config_b = cluster.agent_config_over("node-b", transport);
     config_b.allowed_ports = tunnel_core::PortSet::new([pb]);
     config_b.localhost_proxy_ports = tunnel_core::PortSet::new([pb]);
     let (_a, _) = cluster
-        .start_agent(agent_config(&cluster, "node-a", transport))
+        .start_agent(cluster.agent_config_over("node-a", transport))
         .await;
     let (_b, _) = cluster.start_agent(config_b).await;
-    assert_transport(&cluster, "node-a", transport);
-    assert_transport(&cluster, "node-b", transport);
+    assert_eq!(cluster.transport_of("node-a"), kind_of(transport));
+    assert_eq!(cluster.transport_of("node-b"), kind_of(transport));
 
     let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
@@ -376,7 +353,7 @@ async fn refusals_map_to_502_and_bad_requests_to_400(transport: TransportChoice)
         l.local_addr().unwrap().port()
     };
     drop(sender);
-    let mut config = agent_config(&s.cluster, "node-b", transport);
+    let mut config = s.cluster.agent_config_over("node-b", transport);
     config.allowed_ports = tunnel_core::PortSet::new([closed]);
     config.localhost_proxy_ports = tunnel_core::PortSet::new([closed]);
     let (_b, _) = s.cluster.start_agent(config).await;
@@ -394,31 +371,7 @@ async fn refusals_map_to_502_and_bad_requests_to_400(transport: TransportChoice)
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
-/// Runs each named test once per transport, in modules `quic` and `grpc`.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            use super::TransportChoice;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(TransportChoice::Quic).await;
-                }
-            )*
-        }
-        mod grpc {
-            use super::TransportChoice;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(TransportChoice::Grpc).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+edge_tunnel_testkit::conformance!(
     followed_log_arrives_line_by_line_through_the_tls_front,
     both_upgrades_through_the_tls_front_echo_1mib_with_half_close,
     both_upgrades_through_the_http_front_echo_1mib_with_half_close,

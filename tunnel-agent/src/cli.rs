@@ -46,6 +46,10 @@ pub struct Cli {
     /// Transport to the server: auto (QUIC, else gRPC over TLS/TCP), quic or grpc.
     #[arg(long, default_value = "auto")]
     pub transport: crate::dialer::TransportChoice,
+    /// With --transport auto running over gRPC: seconds between attempts to move back to QUIC
+    /// (open streams finish on gRPC).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub quic_retry_interval_seconds: u64,
     /// Ports dialed on 127.0.0.1 instead of the node IP.
     #[arg(long, default_value = "10250,10255,10266,10267")]
     pub localhost_proxy_ports: PortSet,
@@ -67,6 +71,7 @@ impl Cli {
             allowed_ports: self.allowed_ports,
             localhost_proxy_ports: self.localhost_proxy_ports,
             transport: self.transport,
+            quic_retry_interval: std::time::Duration::from_secs(self.quic_retry_interval_seconds),
             ..AgentConfig::default()
         }
     }

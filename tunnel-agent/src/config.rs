@@ -85,6 +85,9 @@ pub struct AgentConfig {
     pub metrics: Option<PrometheusHandle>,
     /// Which transport to use. Default auto (QUIC, else gRPC).
     pub transport: crate::dialer::TransportChoice,
+    /// With `auto` running over gRPC: how often to try QUIC again. A QUIC session that comes
+    /// up takes over; the gRPC one finishes its open streams first. Default 5 min.
+    pub quic_retry_interval: Duration,
 }
 
 impl Default for AgentConfig {
@@ -108,6 +111,7 @@ impl Default for AgentConfig {
             drain_timeout: Duration::from_secs(10),
             metrics: None,
             transport: crate::dialer::TransportChoice::default(),
+            quic_retry_interval: Duration::from_secs(300),
         }
     }
 }
@@ -180,6 +184,12 @@ impl AgentConfig {
                     "{:?} must be shorter than the server's open timeout {:?}",
                     self.dial_timeout, self.session.open_timeout
                 ),
+            });
+        }
+        if self.quic_retry_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                what: "--quic-retry-interval-seconds",
+                why: "must be at least 1 s".into(),
             });
         }
         Ok(())

@@ -114,11 +114,12 @@ pub struct Connectors {
 impl Connectors {
     async fn connect(
         &self,
+        choice: TransportChoice,
         addr: SocketAddr,
         name: &str,
         register: proto::Register,
     ) -> Result<AgentSession, SessionError> {
-        match self.choice {
+        match choice {
             TransportChoice::Quic => self.quic.connect(addr, name, register).await,
             TransportChoice::Grpc => self.grpc.connect(addr, name, register).await,
             TransportChoice::Auto => {
@@ -206,6 +207,21 @@ impl ServerDialer {
     /// packets (an IPv6 path that does not work, say) costs a quarter second, not a handshake
     /// timeout.
     pub async fn connect(&self, register: &proto::Register) -> Result<AgentSession, DialError> {
+        self.connect_over(self.connector.choice, register).await
+    }
+
+    /// The transport choice the dialer was made with.
+    pub fn choice(&self) -> TransportChoice {
+        self.connector.choice
+    }
+
+    /// As [`connect`](Self::connect), over `choice` rather than the configured choice (`auto`
+    /// tries QUIC again this way while it runs over gRPC).
+    pub async fn connect_over(
+        &self,
+        choice: TransportChoice,
+        register: &proto::Register,
+    ) -> Result<AgentSession, DialError> {
         let mut pending = self.addresses().await?.into_iter();
         let mut attempts = JoinSet::new();
         let mut last = None;
@@ -214,8 +230,9 @@ impl ServerDialer {
                 let connector = self.connector.clone();
                 let name = self.server_name.clone();
                 let register = register.clone();
-                attempts
-                    .spawn(async move { (addr, connector.connect(addr, &name, register).await) });
+                attempts.spawn(async move {
+                    (addr, connector.connect(choice, addr, &name, register).await)
+                });
             }
             if attempts.is_empty() {
                 break;

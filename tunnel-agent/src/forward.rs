@@ -13,9 +13,26 @@ use crate::Shared;
 /// How long a finished stream waits for the server to acknowledge its last bytes.
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A local dial in progress, in `edge_tunnel_agent_dials_in_progress` until dropped.
+struct DialInProgress(metrics::Gauge);
+
+impl DialInProgress {
+    fn new() -> Self {
+        let gauge = metrics::gauge!("edge_tunnel_agent_dials_in_progress");
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for DialInProgress {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// Serves one incoming stream to its end.
 pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
-    let requested = match incoming.read_request().await {
+    let mut requested = match incoming.read_request().await {
         Ok(r) => r,
         Err(e) => {
             metrics::counter!("edge_tunnel_agent_streams_total", "result" => "bad_header")
@@ -42,8 +59,19 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
                 return;
             }
         };
-        let dialed =
-            tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr)).await;
+        let in_progress = DialInProgress::new();
+        let dial = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr));
+        let dialed = tokio::select! {
+            dialed = dial => dialed,
+            () = requested.withdrawn() => {
+                // The server's client left before we answered: stop dialing, answer nothing.
+                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "cancelled")
+                    .increment(1);
+                debug!(%addr, "dial withdrawn by the server");
+                return;
+            }
+        };
+        drop(in_progress);
         let mut tcp = match dialed {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {

@@ -17,12 +17,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{Instrument, info, info_span, warn};
-use tunnel_core::{AgentSession, LinkState, QuicConnector, proto};
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_core::{AgentSession, LinkState, QuicConnector, TransportKind, proto};
+
+use crate::dialer::TransportChoice;
 
 pub use allowlist::Allowlist;
 pub use config::{AgentConfig, Backoff, ConfigError};
@@ -156,16 +159,22 @@ impl Agent {
         // Sessions whose server sent go-away: kept until they close, so their open streams
         // finish while we move to another replica.
         let mut draining: Vec<Arc<AgentSession>> = Vec::new();
+        // A session that came up while another was serving (QUIC found again): served next.
+        let mut next: Option<AgentSession> = None;
         'outer: loop {
             draining.retain(|s| !matches!(s.state(), LinkState::Closed { .. }));
-            let attempt = tokio::select! {
-                r = dialer.connect(&register) => r,
-                () = &mut shutdown => break 'outer,
+            let attempt = match next.take() {
+                Some(session) => Ok(session),
+                None => tokio::select! {
+                    r = dialer.connect(&register) => r,
+                    () = &mut shutdown => break 'outer,
+                },
             };
             match attempt {
                 Ok(session) => {
                     let connected_at = tokio::time::Instant::now();
-                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "ok")
+                    let transport = session.transport().as_str();
+                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "ok", "transport" => transport)
                         .increment(1);
                     info!(
                         node = session.node_name(),
@@ -180,16 +189,41 @@ impl Agent {
                         server: session.remote_addr(),
                     });
                     ready.store(true, Ordering::Release);
-                    metrics::gauge!("edge_tunnel_agent_session_up").set(1.0);
+                    let up =
+                        metrics::gauge!("edge_tunnel_agent_session_up", "transport" => transport);
+                    up.set(1.0);
                     let session = Arc::new(session);
-                    let span = info_span!("session", server.addr = %session.remote_addr());
-                    let end = serve_session(&shared, &session, &mut streams, &mut shutdown)
-                        .instrument(span)
-                        .await;
-                    ready.store(false, Ordering::Release);
-                    metrics::gauge!("edge_tunnel_agent_session_up").set(0.0);
-                    status.send_replace(AgentStatus::Disconnected);
+                    let span =
+                        info_span!("session", server.addr = %session.remote_addr(), transport);
+                    let end = serve_session(
+                        &shared,
+                        &session,
+                        Upgrade {
+                            dialer: &dialer,
+                            register: &register,
+                        },
+                        &mut streams,
+                        &mut shutdown,
+                    )
+                    .instrument(span)
+                    .await;
+                    up.set(0.0);
+                    if !matches!(end, SessionEnd::Moved(_)) {
+                        ready.store(false, Ordering::Release);
+                        status.send_replace(AgentStatus::Disconnected);
+                    }
                     match end {
+                        SessionEnd::Moved(newer) => {
+                            info!(
+                                from = transport,
+                                to = %newer.transport(),
+                                "moved to a QUIC session; the old one finishes its open streams"
+                            );
+                            metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "quic_again").increment(1);
+                            retire(&mut streams, session, shared.config.drain_timeout);
+                            next = Some(*newer);
+                            continue 'outer;
+                        }
                         SessionEnd::Shutdown => {
                             session.go_away("agent shutting down", shared.config.drain_timeout);
                             draining.push(session);
@@ -202,20 +236,26 @@ impl Agent {
                             if connected_at.elapsed() >= STABLE_SESSION {
                                 failures = 0;
                             }
+                            metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "lost")
+                                .increment(1);
                         }
                         SessionEnd::Draining(reason) => {
                             // The server is leaving: its open streams go on while we move.
                             info!(%reason, "server sent go-away; reconnecting");
                             metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "go_away").increment(1);
                             draining.push(session);
-                            continue 'outer;
+                            // After a session that lasted, move at once. A short one (another
+                            // agent with our certificate keeps replacing us) backs off instead,
+                            // so that two such agents do not take turns at full speed.
+                            if connected_at.elapsed() >= STABLE_SESSION {
+                                failures = 0;
+                                continue 'outer;
+                            }
                         }
                     }
-                    metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "lost")
-                        .increment(1);
                 }
                 Err(e) => {
-                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "error")
+                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "error", "transport" => "none")
                         .increment(1);
                     if e.is_peer() {
                         warn!(error = %e, "server rejected the agent; check the certificate and CA");
@@ -251,22 +291,100 @@ impl Agent {
 }
 
 /// A session that lasted this long counts as healthy for the reconnect backoff.
-const STABLE_SESSION: std::time::Duration = std::time::Duration::from_secs(30);
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 enum SessionEnd {
     Shutdown,
     Lost(String),
     Draining(String),
+    /// `auto` found QUIC again while serving over gRPC: this session is the successor.
+    Moved(Box<AgentSession>),
+}
+
+/// What serving over gRPC needs to try QUIC again.
+struct Upgrade<'a> {
+    dialer: &'a dialer::ServerDialer,
+    register: &'a proto::Register,
+}
+
+type Attempt<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<AgentSession, dialer::DialError>> + Send + 'a>>;
+
+impl<'a> Upgrade<'a> {
+    /// Whether `auto` should look for QUIC again while on `current`.
+    fn wanted(&self, current: TransportKind) -> bool {
+        self.dialer.choice() == TransportChoice::Auto && current == TransportKind::Grpc
+    }
+
+    fn attempt(&self) -> Attempt<'a> {
+        let (dialer, register) = (self.dialer, self.register);
+        Box::pin(async move { dialer.connect_over(TransportChoice::Quic, register).await })
+    }
+}
+
+/// How a session ended, unless a QUIC attempt in flight succeeds: the server retires the gRPC
+/// session that the new QUIC one replaces, so the go-away may arrive before our own
+/// registration answer does. The attempt is bounded by the handshake timeout.
+async fn unless_moved(attempt: Option<Attempt<'_>>, end: SessionEnd) -> SessionEnd {
+    match attempt {
+        Some(attempt) => match attempt.await {
+            Ok(newer) => SessionEnd::Moved(Box::new(newer)),
+            Err(e) => {
+                debug!(error = %e, "QUIC attempt failed");
+                end
+            }
+        },
+        None => end,
+    }
+}
+
+/// Tells the server `session` is leaving and waits for the server to close it, which it does
+/// once its side of the session's streams is done: by then every byte has arrived, whereas a
+/// close from here could cut bytes still in flight. After `drain` the agent closes it itself
+/// (a server that never does, or one on another replica). The task lives in `streams`, so
+/// shutdown waits for it too.
+fn retire(streams: &mut JoinSet<()>, session: Arc<AgentSession>, drain: Duration) {
+    session.go_away("agent moved to another session", drain);
+    streams.spawn(
+        async move {
+            if tokio::time::timeout(drain, session.closed()).await.is_err() {
+                warn!(
+                    open = session.open_streams(),
+                    "old session still open after the drain timeout; closing it"
+                );
+                session.close("agent moved to another session");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 async fn serve_session(
     shared: &Arc<Shared>,
     session: &Arc<AgentSession>,
+    upgrade: Upgrade<'_>,
     streams: &mut JoinSet<()>,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
+    // With `auto` over gRPC: every `quic_retry_interval`, one QUIC attempt in the background.
+    let upgrading = upgrade.wanted(session.transport());
+    let interval = shared.config.quic_retry_interval;
+    let retry = tokio::time::sleep(interval);
+    let mut retry = std::pin::pin!(retry);
+    let mut attempt: Option<Attempt<'_>> = None;
     loop {
         tokio::select! {
+            () = retry.as_mut(), if upgrading && attempt.is_none() => attempt = Some(upgrade.attempt()),
+            done = async { attempt.as_mut().expect("guarded by is_some").await }, if attempt.is_some() => {
+                attempt = None;
+                match done {
+                    Ok(newer) => return SessionEnd::Moved(Box::new(newer)),
+                    Err(e) => {
+                        debug!(error = %e, "QUIC still unavailable; staying on gRPC");
+                        retry.as_mut().reset(tokio::time::Instant::now() + interval);
+                    }
+                }
+            },
             incoming = session.accept() => match incoming {
                 Ok(incoming) => {
                     let shared = shared.clone();
@@ -281,11 +399,15 @@ async fn serve_session(
                         .in_current_span(),
                     );
                 }
-                Err(e) => return SessionEnd::Lost(e.to_string()),
+                Err(e) => return unless_moved(attempt, SessionEnd::Lost(e.to_string())).await,
             },
             state = session.draining() => match state {
-                LinkState::Draining { reason } => return SessionEnd::Draining(reason),
-                LinkState::Closed { reason } => return SessionEnd::Lost(reason),
+                LinkState::Draining { reason } => {
+                    return unless_moved(attempt, SessionEnd::Draining(reason)).await;
+                }
+                LinkState::Closed { reason } => {
+                    return unless_moved(attempt, SessionEnd::Lost(reason)).await;
+                }
                 LinkState::Active => {}
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}

@@ -271,10 +271,20 @@ impl Server {
 
         let mut tasks = JoinSet::new();
         if let Some(quic) = &quic {
-            tasks.spawn(tunnel::serve(quic.clone(), registry.clone(), stop.clone()));
+            tasks.spawn(tunnel::serve(
+                quic.clone(),
+                registry.clone(),
+                stop.clone(),
+                config.drain_timeout,
+            ));
         }
         if let Some(grpc) = grpc {
-            tasks.spawn(tunnel::serve_grpc(grpc, registry.clone(), stop.clone()));
+            tasks.spawn(tunnel::serve_grpc(
+                grpc,
+                registry.clone(),
+                stop.clone(),
+                config.drain_timeout,
+            ));
         }
         tasks.spawn(front::serve_tcp(
             secure,

@@ -7,6 +7,7 @@
 //! multiplexed inside a call.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::PollSender;
+use tokio_util::sync::{CancellationToken, PollSender, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
@@ -108,6 +109,16 @@ pub(crate) struct GrpcStream {
     pending: Bytes,
     outbound: Outbound,
     read_done: bool,
+    /// Fires when the link's control call ends: the calls of a closed link must not outlive
+    /// it (they share the HTTP/2 connection, which tonic keeps for other links' calls too).
+    link_closed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+/// The agent's way to open `Stream` calls on its link, and the signal that the link ended.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentCalls {
+    client: TunnelClient<tonic::transport::Channel>,
+    closed: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -119,6 +130,34 @@ enum Outbound {
 }
 
 impl GrpcStream {
+    fn new(
+        id: u64,
+        inbound: Streaming<proto::Chunk>,
+        outbound: Outbound,
+        closed: &CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            inbound,
+            pending: Bytes::new(),
+            outbound,
+            read_done: false,
+            link_closed: Box::pin(closed.clone().cancelled_owned()),
+        }
+    }
+
+    /// Aborts the stream when its link has ended.
+    fn check_link(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if self.link_closed.as_mut().poll(cx).is_ready() {
+            self.abort();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "tunnel link closed",
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn abort(&mut self) {
         match &mut self.outbound {
             Outbound::Response(tx) => {
@@ -136,6 +175,7 @@ impl GrpcStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        self.check_link(cx)?;
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -164,6 +204,7 @@ impl GrpcStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.check_link(cx)?;
         let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
         let chunk = proto::Chunk {
             data: Bytes::copy_from_slice(buf),
@@ -196,21 +237,29 @@ struct Paired {
     stream: GrpcStream,
 }
 
+/// A dial's waiting opener, and its link's end signal (the paired call must end with the link).
+type Waiter = (oneshot::Sender<Paired>, CancellationToken);
+
 #[derive(Default)]
 struct Pending {
-    waiting: Mutex<HashMap<(String, u64), oneshot::Sender<Paired>>>,
+    waiting: Mutex<HashMap<(String, u64), Waiter>>,
 }
 
 impl Pending {
-    fn insert(&self, node: &str, id: u64) -> oneshot::Receiver<Paired> {
+    fn insert(
+        &self,
+        node: &str,
+        id: u64,
+        link_closed: CancellationToken,
+    ) -> oneshot::Receiver<Paired> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert((node.to_owned(), id), tx);
+        self.lock().insert((node.to_owned(), id), (tx, link_closed));
         rx
     }
-    fn take(&self, node: &str, id: u64) -> Option<oneshot::Sender<Paired>> {
+    fn take(&self, node: &str, id: u64) -> Option<Waiter> {
         self.lock().remove(&(node.to_owned(), id))
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), oneshot::Sender<Paired>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), Waiter>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -279,28 +328,83 @@ impl ControlIo {
     }
 }
 
+type Cancels = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
 /// Where the agent's driver hands dial requests, and how it withdraws them.
 #[derive(Clone)]
 struct AgentDials {
-    dials: mpsc::Sender<(proto::DialRequest, oneshot::Receiver<()>)>,
-    cancels: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    dials: mpsc::Sender<(proto::DialRequest, DialTicket)>,
+    /// Dials not yet answered, by stream id; each entry leaves with its [`DialTicket`].
+    cancels: Cancels,
+    /// The most dials the server may have outstanding at once (its stream limit).
+    limit: usize,
+}
+
+/// The agent's claim on one dial: tells whether the server withdrew it, and frees its slot
+/// in the cancel table when dropped (answered, refused or abandoned).
+#[derive(Debug)]
+pub(crate) struct DialTicket {
+    id: u64,
+    cancelled: oneshot::Receiver<()>,
+    /// The receiver has resolved (a oneshot must not be polled again after that).
+    done: bool,
+    cancels: Cancels,
+}
+
+impl DialTicket {
+    /// True when the server withdrew the dial or the link is gone.
+    pub(crate) fn is_withdrawn(&mut self) -> bool {
+        if !self.done {
+            self.done = !matches!(
+                self.cancelled.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            );
+        }
+        self.done
+    }
+
+    /// Resolves when the server withdraws the dial or the link goes.
+    pub(crate) async fn withdrawn(&mut self) {
+        if !self.done {
+            let _ = (&mut self.cancelled).await;
+            self.done = true;
+        }
+    }
+}
+
+impl Drop for DialTicket {
+    fn drop(&mut self) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 fn spawn_driver(
     control: Control,
     io: ControlIo,
     agent: Option<AgentDials>,
+    closed: CancellationToken,
     span: tracing::Span,
 ) -> Link {
     let (commands, rx) = mpsc::channel(64);
     let (state_tx, state) = watch::channel(LinkState::Active);
     let local_close = Arc::new(Mutex::new(None));
-    let task =
-        tokio::spawn(drive(control, io, rx, state_tx, agent, local_close.clone()).instrument(span));
+    let driver = drive(control, io, rx, state_tx, agent, local_close.clone());
+    let task = tokio::spawn(
+        async move {
+            // Dropped with the driver, aborted or not: the link's calls end with it.
+            let _cancel = closed.drop_guard();
+            driver.await;
+        }
+        .instrument(span),
+    );
     Link {
         commands,
         state,
         local_close,
+        streams: watch::Sender::new(0),
         _driver: DriverTask(task),
     }
 }
@@ -324,12 +428,26 @@ async fn drive(
                     }
                     (Event::Dial(request), Some(a)) => {
                         let (tx, rx) = oneshot::channel();
-                        a.cancels
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert(request.stream_id, tx);
-                        // A full queue means the server exceeds the stream limit it was given.
-                        if a.dials.try_send((request, rx)).is_err() {
+                        {
+                            let mut cancels =
+                                a.cancels.lock().unwrap_or_else(PoisonError::into_inner);
+                            // More dials outstanding than streams allowed, or an id reused
+                            // while its dial is open: the server breaks the protocol.
+                            if cancels.len() >= a.limit || cancels.contains_key(&request.stream_id)
+                            {
+                                return Err(SessionError::Protocol(ControlError::Flood));
+                            }
+                            cancels.insert(request.stream_id, tx);
+                        }
+                        let ticket = DialTicket {
+                            id: request.stream_id,
+                            cancelled: rx,
+                            done: false,
+                            cancels: a.cancels.clone(),
+                        };
+                        // Bounded by `limit` above, so a full queue cannot happen; still no
+                        // blocking of the driver if it did.
+                        if a.dials.try_send((request, ticket)).is_err() {
                             return Err(SessionError::Protocol(ControlError::Flood));
                         }
                     }
@@ -389,6 +507,8 @@ struct Shared {
 pub(crate) struct GrpcServerConn {
     shared: Arc<Shared>,
     node: String,
+    /// Cancelled when the link's driver ends.
+    closed: CancellationToken,
 }
 
 impl std::fmt::Debug for GrpcServerConn {
@@ -450,8 +570,9 @@ impl Tunnel for Service {
                 if control.accept_registration(now(), registered).is_err() || io.flush(&mut control).await.is_err() {
                     return;
                 }
-                let link = spawn_driver(control, io, None, tracing::Span::current());
-                let conn = GrpcServerConn { shared: shared.clone(), node: identity.node_name.clone() };
+                let closed = CancellationToken::new();
+                let link = spawn_driver(control, io, None, closed.clone(), tracing::Span::current());
+                let conn = GrpcServerConn { shared: shared.clone(), node: identity.node_name.clone(), closed };
                 let session = super::ServerSession::new(
                     identity,
                     claims,
@@ -476,10 +597,14 @@ impl Tunnel for Service {
             .metadata()
             .get(STREAM_ID_KEY)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| Status::invalid_argument("missing or malformed stream id"))?;
+            .and_then(|v| v.parse::<u64>().ok());
+        let Some(id) = id else {
+            refused_stream_call("bad_id");
+            return Err(Status::invalid_argument("missing or malformed stream id"));
+        };
         // Keyed by the certificate's node: an agent can only answer dials sent to it.
-        let Some(waiter) = self.0.pending.take(&identity.node_name, id) else {
+        let Some((waiter, link_closed)) = self.0.pending.take(&identity.node_name, id) else {
+            refused_stream_call("unknown_id");
             debug!(agent.id = %identity.node_name, stream.id = id, "unknown, duplicate or late stream id");
             return Err(Status::not_found("unknown, duplicate or late stream id"));
         };
@@ -493,18 +618,26 @@ impl Tunnel for Service {
             .reply
             .ok_or_else(|| Status::invalid_argument("first chunk without a reply"))?;
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
-        let stream = GrpcStream {
+        let mut stream = GrpcStream::new(
             id,
             inbound,
-            pending: first.data,
-            outbound: Outbound::Response(PollSender::new(tx)),
-            read_done: false,
-        };
+            Outbound::Response(PollSender::new(tx)),
+            &link_closed,
+        );
+        stream.pending = first.data;
         if waiter.send(Paired { reply, stream }).is_err() {
+            refused_stream_call("abandoned");
             return Err(Status::cancelled("the client is gone"));
         }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Counts a `Stream` call the server refused: `bad_id` (no usable stream id), `unknown_id`
+/// (unknown, duplicate, late, or another node's), `abandoned` (the opener left meanwhile).
+fn refused_stream_call(reason: &'static str) {
+    metrics::counter!("edge_tunnel_server_grpc_stream_calls_refused_total", "reason" => reason)
+        .increment(1);
 }
 
 /// Withdraws a dial whose opener went away before the agent answered.
@@ -533,7 +666,10 @@ pub(crate) async fn open(
     use crate::error::{OpenError, Refusal};
     let timeout = config.open_timeout;
     let id = conn.shared.ids.fetch_add(1, Ordering::Relaxed);
-    let answer = conn.shared.pending.insert(&conn.node, id);
+    let answer = conn
+        .shared
+        .pending
+        .insert(&conn.node, id, conn.closed.clone());
     let mut guard = DialGuard {
         conn,
         commands,
@@ -678,8 +814,7 @@ pub struct GrpcConnector {
 }
 
 /// A dial the server asked for, and the signal that it was withdrawn.
-pub(crate) type DialQueue =
-    tokio::sync::Mutex<mpsc::Receiver<(proto::DialRequest, oneshot::Receiver<()>)>>;
+pub(crate) type DialQueue = tokio::sync::Mutex<mpsc::Receiver<(proto::DialRequest, DialTicket)>>;
 
 impl GrpcConnector {
     /// A connector presenting the client certificate in `tls`.
@@ -760,14 +895,16 @@ impl GrpcConnector {
         let agent = AgentDials {
             dials: dials_tx,
             cancels: Arc::new(Mutex::new(HashMap::new())),
+            limit: config.max_streams as usize,
         };
-        let link = spawn_driver(control, io, Some(agent), span);
+        let closed = CancellationToken::new();
+        let link = spawn_driver(control, io, Some(agent), closed.clone(), span);
         Ok(super::AgentSession::new(
             registered,
             addr,
             config,
             super::session::AgentConn::Grpc {
-                client,
+                client: AgentCalls { client, closed },
                 dials: tokio::sync::Mutex::new(dials_rx),
             },
             link,
@@ -777,7 +914,7 @@ impl GrpcConnector {
 
 /// Agent side: answers a dial by opening its `Stream` call, the answer in the first chunk.
 pub(crate) async fn answer(
-    client: &TunnelClient<tonic::transport::Channel>,
+    calls: &AgentCalls,
     stream_id: u64,
     reply: proto::StreamOpenReply,
 ) -> Result<GrpcStream, SessionError> {
@@ -791,17 +928,17 @@ pub(crate) async fn answer(
     let id = tonic::metadata::MetadataValue::try_from(stream_id.to_string())
         .map_err(|e| SessionError::Io(std::io::Error::other(e.to_string())))?;
     request.metadata_mut().insert(STREAM_ID_KEY, id);
-    let inbound = client
+    let inbound = calls
+        .client
         .clone()
         .stream(request)
         .await
         .map_err(|s| SessionError::Io(std::io::Error::other(s.message().to_owned())))?
         .into_inner();
-    Ok(GrpcStream {
-        id: stream_id,
+    Ok(GrpcStream::new(
+        stream_id,
         inbound,
-        pending: Bytes::new(),
-        outbound: Outbound::Request(PollSender::new(tx)),
-        read_done: false,
-    })
+        Outbound::Request(PollSender::new(tx)),
+        &calls.closed,
+    ))
 }

@@ -96,6 +96,8 @@ impl Default for SessionConfig {
 #[derive(Debug)]
 pub struct TunnelStream {
     inner: StreamInner,
+    // Keeps the stream counted in its link's open streams until it is dropped.
+    _count: Option<session::StreamGuard>,
 }
 
 #[derive(Debug)]
@@ -115,13 +117,20 @@ impl TunnelStream {
     pub(crate) fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Self {
             inner: StreamInner::Quic { send, recv },
+            _count: None,
         }
     }
 
     pub(crate) fn grpc(stream: grpc::GrpcStream) -> Self {
         Self {
             inner: StreamInner::Grpc(Box::new(stream)),
+            _count: None,
         }
+    }
+
+    pub(crate) fn counted(mut self, guard: session::StreamGuard) -> Self {
+        self._count = Some(guard);
+        self
     }
 
     /// The transport's id of the stream, for logs.

@@ -404,6 +404,7 @@ fn spawn_driver(
         commands,
         state,
         local_close,
+        streams: watch::Sender::new(0),
         _driver: DriverTask(task),
     }
 }
@@ -548,6 +549,7 @@ pub(crate) async fn read_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     timeout: Duration,
+    guard: super::session::StreamGuard,
 ) -> Result<RequestedStream, SessionError> {
     let header = tokio::time::timeout(
         timeout,
@@ -561,6 +563,7 @@ pub(crate) async fn read_request(
         Ok(request) => Ok(RequestedStream {
             request,
             inner: RequestedInner::Quic { send, recv },
+            guard,
         }),
         Err(e) => {
             abort(&mut send, &mut recv);

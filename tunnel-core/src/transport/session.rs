@@ -62,7 +62,45 @@ pub(crate) struct Link {
     pub(crate) state: watch::Receiver<LinkState>,
     /// Why this side closed the link, for the driver to report.
     pub(crate) local_close: Arc<std::sync::Mutex<Option<String>>>,
+    /// Streams open on the link (agent: from accept on, dials in progress included).
+    pub(crate) streams: watch::Sender<usize>,
     pub(crate) _driver: DriverTask,
+}
+
+/// One opening waiting for the agent's answer, in `edge_tunnel_server_pending_dials`; it
+/// leaves the gauge however the opening ends, the opener dropping it included.
+struct PendingDial(metrics::Gauge);
+
+impl PendingDial {
+    fn new(transport: TransportKind) -> Self {
+        let gauge =
+            metrics::gauge!("edge_tunnel_server_pending_dials", "transport" => transport.as_str());
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for PendingDial {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// One count in a link's open streams, held by the stream (or the dial that becomes one).
+#[derive(Debug)]
+pub(crate) struct StreamGuard(watch::Sender<usize>);
+
+impl StreamGuard {
+    fn new(streams: &watch::Sender<usize>) -> Self {
+        streams.send_modify(|n| *n += 1);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Link {
@@ -84,6 +122,21 @@ impl Link {
 
     fn current(&self) -> LinkState {
         self.state.borrow().clone()
+    }
+
+    fn open_streams(&self) -> usize {
+        *self.streams.borrow()
+    }
+
+    /// Resolves when no stream is open, or the link is closed.
+    async fn idle(&self) {
+        let mut streams = self.streams.subscribe();
+        let mut state = self.state.clone();
+        tokio::select! {
+            // The sender lives in `self`: this wait ends only by its predicate.
+            _ = streams.wait_for(|n| *n == 0) => {}
+            _ = state.wait_for(|s| matches!(s, LinkState::Closed { .. })) => {}
+        }
     }
 
     async fn wait_for(&self, pred: impl Fn(&LinkState) -> bool) -> LinkState {
@@ -189,7 +242,9 @@ impl ServerSession {
                 return Err(OpenError::SessionClosed(reason));
             }
         }
-        match &self.shared.conn {
+        let guard = StreamGuard::new(&self.shared.link.streams);
+        let _pending = PendingDial::new(self.transport());
+        let stream = match &self.shared.conn {
             ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config).await,
             ServerConn::Grpc(conn) => {
                 super::grpc::open(
@@ -200,7 +255,18 @@ impl ServerSession {
                 )
                 .await
             }
-        }
+        }?;
+        Ok(stream.counted(guard))
+    }
+
+    /// Streams open on this link now, openings in progress included.
+    pub fn open_streams(&self) -> usize {
+        self.shared.link.open_streams()
+    }
+
+    /// Resolves when no stream is open on this link (at once if none is), or when it closes.
+    pub async fn idle(&self) {
+        self.shared.link.idle().await;
     }
 
     /// A fresh trace id for a stream of this session.
@@ -246,7 +312,7 @@ pub(crate) enum AgentConn {
         _endpoint: quinn::Endpoint,
     },
     Grpc {
-        client: proto::tunnel_client::TunnelClient<tonic::transport::Channel>,
+        client: super::grpc::AgentCalls,
         dials: super::grpc::DialQueue,
     },
 }
@@ -306,6 +372,16 @@ impl AgentSession {
         self.link.current()
     }
 
+    /// Streams open on this link now, dials in progress included.
+    pub fn open_streams(&self) -> usize {
+        self.link.open_streams()
+    }
+
+    /// Resolves when no stream is open on this link (at once if none is), or when it closes.
+    pub async fn idle(&self) {
+        self.link.idle().await;
+    }
+
     /// The next stream the server opens. Returns quickly: the header is read by
     /// [`IncomingStream::read_request`], so that a slow stream never holds up the others.
     pub async fn accept(&self) -> Result<IncomingStream, SessionError> {
@@ -315,10 +391,11 @@ impl AgentSession {
                 Ok(IncomingStream {
                     inner: IncomingInner::Quic { send, recv },
                     header_timeout: self.config.header_timeout,
+                    guard: StreamGuard::new(&self.link.streams),
                 })
             }
             AgentConn::Grpc { client, dials } => {
-                let Some((request, cancelled)) = dials.lock().await.recv().await else {
+                let Some((request, ticket)) = dials.lock().await.recv().await else {
                     return Err(SessionError::Io(std::io::Error::new(
                         std::io::ErrorKind::NotConnected,
                         "link closed",
@@ -327,10 +404,11 @@ impl AgentSession {
                 Ok(IncomingStream {
                     inner: IncomingInner::Grpc {
                         request,
-                        cancelled,
+                        ticket,
                         client: client.clone(),
                     },
                     header_timeout: self.config.header_timeout,
+                    guard: StreamGuard::new(&self.link.streams),
                 })
             }
         }
@@ -379,8 +457,8 @@ enum IncomingInner {
     },
     Grpc {
         request: proto::DialRequest,
-        cancelled: tokio::sync::oneshot::Receiver<()>,
-        client: proto::tunnel_client::TunnelClient<tonic::transport::Channel>,
+        ticket: super::grpc::DialTicket,
+        client: super::grpc::AgentCalls,
     },
 }
 
@@ -389,6 +467,7 @@ enum IncomingInner {
 pub struct IncomingStream {
     inner: IncomingInner,
     header_timeout: Duration,
+    guard: StreamGuard,
 }
 
 impl IncomingStream {
@@ -397,11 +476,11 @@ impl IncomingStream {
     pub async fn read_request(self) -> Result<RequestedStream, SessionError> {
         match self.inner {
             IncomingInner::Quic { send, recv } => {
-                quic::read_request(send, recv, self.header_timeout).await
+                quic::read_request(send, recv, self.header_timeout, self.guard).await
             }
             IncomingInner::Grpc {
                 request,
-                cancelled,
+                ticket,
                 client,
             } => {
                 let open = request
@@ -411,9 +490,10 @@ impl IncomingStream {
                     request: OpenRequest::from_proto(open)?,
                     inner: RequestedInner::Grpc {
                         id: request.stream_id,
-                        cancelled,
+                        ticket,
                         client,
                     },
+                    guard: self.guard,
                 })
             }
         }
@@ -428,8 +508,8 @@ pub(crate) enum RequestedInner {
     },
     Grpc {
         id: u64,
-        cancelled: tokio::sync::oneshot::Receiver<()>,
-        client: proto::tunnel_client::TunnelClient<tonic::transport::Channel>,
+        ticket: super::grpc::DialTicket,
+        client: super::grpc::AgentCalls,
     },
 }
 
@@ -438,12 +518,25 @@ pub(crate) enum RequestedInner {
 pub struct RequestedStream {
     pub(crate) request: OpenRequest,
     pub(crate) inner: RequestedInner,
+    pub(crate) guard: StreamGuard,
 }
 
 impl RequestedStream {
     /// What the server asks for.
     pub fn request(&self) -> &OpenRequest {
         &self.request
+    }
+
+    /// Resolves when the server has withdrawn this stream before our answer (its client left,
+    /// or it gave up waiting), or the link is gone: a dial in progress can stop.
+    pub async fn withdrawn(&mut self) {
+        match &mut self.inner {
+            RequestedInner::Quic { send, .. } => {
+                // The server stops reading (or resets) a stream it no longer waits for.
+                let _ = send.stopped().await;
+            }
+            RequestedInner::Grpc { ticket, .. } => ticket.withdrawn().await,
+        }
     }
 
     /// Answers OK; the returned stream carries the proxied bytes.
@@ -455,19 +548,19 @@ impl RequestedStream {
         match self.inner {
             RequestedInner::Quic { mut send, recv } => {
                 quic::write_reply(&mut send, &reply).await?;
-                Ok(TunnelStream::quic(send, recv))
+                Ok(TunnelStream::quic(send, recv).counted(self.guard))
             }
             RequestedInner::Grpc {
                 id,
-                mut cancelled,
+                mut ticket,
                 client,
             } => {
                 // The server withdrew the dial (its client left): answer nothing.
-                if cancelled.try_recv().is_ok() {
+                if ticket.is_withdrawn() {
                     return Err(SessionError::Timeout("dial cancelled by the server"));
                 }
                 let stream = super::grpc::answer(&client, id, reply).await?;
-                Ok(TunnelStream::grpc(stream))
+                Ok(TunnelStream::grpc(stream).counted(self.guard))
             }
         }
     }

@@ -88,6 +88,17 @@ impl DialError {
     }
 }
 
+/// Resolves when the client has closed or reset its connection. For use while the client is
+/// waiting for us and has nothing to send (a TLS client after its ClientHello): readable data
+/// means it is still there, and the watch ends without consuming it.
+pub(crate) async fn client_gone(tcp: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match tcp.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// State shared by the fronts.
 #[derive(Debug)]
 pub(crate) struct Fronts {

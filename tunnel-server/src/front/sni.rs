@@ -38,7 +38,17 @@ pub(crate) async fn handle(
         };
         tracing::Span::current().record("node", tracing::field::display(&node));
         let port = fronts.config.kubelet_port;
-        let (mut stream, _guard) = match fronts.dial(Front::Tls, &node, port).await {
+        let dialed = tokio::select! {
+            dialed = fronts.dial(Front::Tls, &node, port) => dialed,
+            // Dropping the dial withdraws it: the agent stops dialing for a client that left.
+            () = super::client_gone(&tcp) => {
+                metrics::counter!("edge_tunnel_server_streams_total", "front" => "tls", "result" => "client_gone")
+                    .increment(1);
+                debug!("client left before the agent answered");
+                return;
+            }
+        };
+        let (mut stream, _guard) = match dialed {
             Ok(s) => s,
             Err(e) => {
                 // No readable error on a passthrough connection: close it, log and count.

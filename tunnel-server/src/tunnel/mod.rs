@@ -15,6 +15,7 @@ pub(crate) async fn serve(
     listener: Arc<QuicListener>,
     registry: Arc<Registry>,
     mut stop: watch::Receiver<bool>,
+    drain: Duration,
 ) {
     let mut links = JoinSet::new();
     let mut draining = false;
@@ -33,7 +34,7 @@ pub(crate) async fn serve(
                 links.spawn(
                     async move {
                         match pending.establish().await {
-                            Ok(session) => serve_link(session, &registry, &stop).await,
+                            Ok(session) => serve_link(session, &registry, &stop, drain).await,
                             Err(e) => {
                                 metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "rejected").increment(1);
                                 if e.is_peer() {
@@ -61,6 +62,7 @@ pub(crate) async fn serve_grpc(
     mut listener: tunnel_core::GrpcListener,
     registry: Arc<Registry>,
     mut stop: watch::Receiver<bool>,
+    drain: Duration,
 ) {
     let mut links = JoinSet::new();
     loop {
@@ -71,7 +73,7 @@ pub(crate) async fn serve_grpc(
                 let stop = stop.clone();
                 let peer = session.remote_addr();
                 links.spawn(
-                    async move { serve_link(session, &registry, &stop).await }
+                    async move { serve_link(session, &registry, &stop, drain).await }
                         .instrument(info_span!("agent", peer.addr = %peer)),
                 );
             }
@@ -83,7 +85,12 @@ pub(crate) async fn serve_grpc(
     while links.join_next().await.is_some() {}
 }
 
-async fn serve_link(session: ServerSession, registry: &Registry, stop: &watch::Receiver<bool>) {
+async fn serve_link(
+    session: ServerSession,
+    registry: &Registry,
+    stop: &watch::Receiver<bool>,
+    drain: Duration,
+) {
     let node = session.identity().node_name.clone();
     let transport = session.transport().as_str();
     metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "accepted").increment(1);
@@ -94,19 +101,33 @@ async fn serve_link(session: ServerSession, registry: &Registry, stop: &watch::R
         transport,
         "agent registered"
     );
-    if let Some(old) = registry.insert(session.clone()) {
-        info!(agent.id = %node, old.session = old.id(), "agent reconnected; closing its previous session");
-        old.go_away("replaced by a newer session", Duration::ZERO);
-        old.close("replaced by a newer session");
-    }
+    let replaced = registry.insert(session.clone());
     if *stop.borrow() {
         // Registered while the server drains (after its go-away round): tell it too.
         session.go_away("server shutting down", Duration::from_secs(1));
     }
     let gauge = metrics::gauge!("edge_tunnel_server_sessions", "transport" => transport);
     gauge.increment(1.0);
-    let reason = session.closed().await;
-    gauge.decrement(1.0);
-    registry.remove(&session);
+    let serve = async {
+        let reason = session.closed().await;
+        gauge.decrement(1.0);
+        registry.remove(&session);
+        reason
+    };
+    let ((), reason) = tokio::join!(retire(replaced, drain), serve);
     info!(agent.id = %node, session.id = session.id(), %reason, "agent session ended");
+}
+
+/// Retires the session a newer one of the same node replaced (a reconnect, or `auto` moving
+/// from gRPC back to QUIC): it gets no new streams, its open ones may finish within `drain`,
+/// then it is closed. A session with nothing open closes at once.
+async fn retire(old: Option<ServerSession>, drain: Duration) {
+    let Some(old) = old else { return };
+    let node = &old.identity().node_name;
+    info!(agent.id = %node, old.session = old.id(), old.transport = %old.transport(), open = old.open_streams(), "agent reconnected; retiring its previous session");
+    old.go_away("replaced by a newer session", drain);
+    if tokio::time::timeout(drain, old.idle()).await.is_err() {
+        warn!(agent.id = %node, old.session = old.id(), open = old.open_streams(), "drain timeout reached on a replaced session; closing it");
+    }
+    old.close("replaced by a newer session");
 }
