@@ -178,7 +178,56 @@ async fn a_client_that_leaves_before_the_answer_leaves_no_dial_behind(transport:
     );
 }
 
+async fn an_agent_link_carries_at_most_max_streams(transport: TransportChoice) {
+    let (cluster, kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |c| {
+        c.session.max_streams = 3;
+    })
+    .await;
+    let (_agent, _) = cluster
+        .start_agent(cluster.agent_config_over("node-a", transport))
+        .await;
+    let host = format!("node-a:{}", kubelet.http_addr.port());
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(cluster.insecure_addr)
+            .await
+            .unwrap();
+        let mut sender = client::http1(tcp).await.unwrap();
+        held.push(
+            client::exec_upgrade(&mut sender, &host, client::Upgrade::Spdy)
+                .await
+                .unwrap(),
+        );
+    }
+    let get = || async {
+        let tcp = tokio::net::TcpStream::connect(cluster.insecure_addr)
+            .await
+            .unwrap();
+        let mut sender = client::http1(tcp).await.unwrap();
+        let (status, body) = client::get(&mut sender, &host, "/healthz").await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (status, body) = get().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("limit of 3 streams"), "{body}");
+    // One ends: there is room again.
+    client::echo_exact(held.pop().unwrap(), b"bye").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get().await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after a stream ended: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 edge_tunnel_testkit::conformance!(
+    an_agent_link_carries_at_most_max_streams,
     a_stopped_reader_does_not_hold_up_ten_other_streams,
     a_client_that_leaves_before_the_answer_leaves_no_dial_behind,
 );

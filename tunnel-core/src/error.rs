@@ -77,6 +77,9 @@ pub enum OpenError {
     /// The session is draining or closed: no new streams.
     #[error("session closed: {0}")]
     SessionClosed(String),
+    /// The agent's link already carries as many streams as it may (`max_streams`).
+    #[error("the agent's link carries its limit of {0} streams")]
+    Busy(u32),
     /// The agent's answer broke the protocol.
     #[error("bad answer from agent: {0}")]
     Protocol(#[from] DecodeError),

@@ -113,6 +113,11 @@ pub struct ServeArgs {
     /// Seconds open streams may run on after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_seconds: u64,
+    /// Most proxied connections one agent may carry at once (QUIC streams, or HTTP/2 streams
+    /// of its gRPC link). Each can hold up to a 2 MiB window; the agent's whole link is capped
+    /// at 16 MiB.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
 }
 
 impl ServeArgs {
@@ -133,6 +138,10 @@ impl ServeArgs {
             kubelet_read_only_port: self.kubelet_read_only_port,
             drain_timeout: Duration::from_secs(self.drain_timeout_seconds),
             transports: self.transports,
+            session: tunnel_core::SessionConfig {
+                max_streams: self.max_concurrent_streams,
+                ..tunnel_core::SessionConfig::default()
+            },
             ..ServerConfig::default()
         }
     }

@@ -95,6 +95,18 @@ impl StreamGuard {
         streams.send_modify(|n| *n += 1);
         Self(streams.clone())
     }
+
+    /// A count, unless `limit` streams are open already (checked and taken under one lock).
+    fn try_new(streams: &watch::Sender<usize>, limit: usize) -> Option<Self> {
+        let taken = streams.send_if_modified(|n| {
+            let room = *n < limit;
+            if room {
+                *n += 1;
+            }
+            room
+        });
+        taken.then(|| Self(streams.clone()))
+    }
 }
 
 impl Drop for StreamGuard {
@@ -242,7 +254,9 @@ impl ServerSession {
                 return Err(OpenError::SessionClosed(reason));
             }
         }
-        let guard = StreamGuard::new(&self.shared.link.streams);
+        let limit = self.shared.config.max_streams;
+        let guard = StreamGuard::try_new(&self.shared.link.streams, limit as usize)
+            .ok_or(OpenError::Busy(limit))?;
         let _pending = PendingDial::new(self.transport());
         let stream = match &self.shared.conn {
             ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config).await,

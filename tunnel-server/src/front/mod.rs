@@ -70,6 +70,7 @@ impl DialError {
             Self::NoAgent(_) => "no_agent",
             Self::Open { source, .. } if !source.is_refusal() => match source {
                 OpenError::Timeout(_) => "timeout",
+                OpenError::Busy(_) => "busy",
                 _ => "session_lost",
             },
             Self::Open { source, .. } => source.refusal().as_str(),
