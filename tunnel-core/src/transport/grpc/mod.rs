@@ -1,0 +1,240 @@
+//! The gRPC transport (tonic over HTTP/2 and TLS/TCP), for networks that block UDP.
+//!
+//! The agent holds one long-lived `Control` call; the server sends a `DialRequest` on it; the
+//! agent dials and answers by opening a `Stream` call whose metadata carries the stream id and
+//! whose first chunk carries the typed answer. The server pairs the call with the waiting
+//! opener. Each proxied connection is one HTTP/2 stream with its own flow control; nothing is
+//! multiplexed inside a call.
+
+mod agent;
+mod server;
+mod stream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+use tracing::{Instrument, debug, info};
+
+use super::LinkState;
+use super::session::{Command, DriverTask, Link};
+use crate::control::{Control, ControlError, Event};
+use crate::error::SessionError;
+use crate::proto;
+
+pub use agent::GrpcConnector;
+pub(crate) use agent::{DialQueue, answer};
+pub use server::GrpcListener;
+pub(crate) use server::{GrpcServerConn, open};
+pub(crate) use stream::{AgentCalls, DialTicket, GrpcStream};
+
+/// Metadata key of a `Stream` call: which dial it answers.
+pub const STREAM_ID_KEY: &str = "x-edge-tunnel-stream-id";
+/// ALPN of the gRPC transport.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Items queued per direction of a proxied connection (each at most one copy-buffer chunk).
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The control call's messages, in and out, for either side.
+struct ControlIo {
+    inbound: Streaming<proto::Control>,
+    out: Out,
+    send_timeout: Duration,
+}
+
+enum Out {
+    Server(mpsc::Sender<Result<proto::Control, Status>>),
+    Agent(mpsc::Sender<proto::Control>),
+}
+
+impl ControlIo {
+    async fn flush(&mut self, control: &mut Control) -> Result<(), SessionError> {
+        while let Some(msg) = control.poll_transmit() {
+            let sent = match &self.out {
+                Out::Server(tx) => tokio::time::timeout(self.send_timeout, tx.send(Ok(msg)))
+                    .await
+                    .map(|r| r.is_ok()),
+                Out::Agent(tx) => tokio::time::timeout(self.send_timeout, tx.send(msg))
+                    .await
+                    .map(|r| r.is_ok()),
+            };
+            match sent {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(SessionError::Io(std::io::Error::from(
+                        std::io::ErrorKind::BrokenPipe,
+                    )));
+                }
+                Err(_) => return Err(SessionError::Timeout("control send")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<proto::Control, SessionError> {
+        match self.inbound.message().await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(SessionError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "control call ended",
+            ))),
+            Err(status) => Err(SessionError::Io(std::io::Error::other(
+                status.message().to_owned(),
+            ))),
+        }
+    }
+
+    async fn until_event(&mut self, control: &mut Control) -> Result<Event, SessionError> {
+        loop {
+            self.flush(control).await?;
+            if let Some(ev) = control.poll_event() {
+                return Ok(ev);
+            }
+            let deadline = control.poll_timeout();
+            tokio::select! {
+                m = self.read() => control.handle_message(now(), m?)?,
+                () = sleep_until(deadline) => control.handle_timeout(now())?,
+            }
+        }
+    }
+}
+
+type Cancels = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
+/// Where the agent's driver hands dial requests, and how it withdraws them.
+#[derive(Clone)]
+struct AgentDials {
+    dials: mpsc::Sender<(proto::DialRequest, DialTicket)>,
+    /// Dials not yet answered, by stream id; each entry leaves with its [`DialTicket`].
+    cancels: Cancels,
+    /// The most dials the server may have outstanding at once (its stream limit).
+    limit: usize,
+}
+
+fn spawn_driver(
+    control: Control,
+    io: ControlIo,
+    agent: Option<AgentDials>,
+    closed: CancellationToken,
+    span: tracing::Span,
+) -> Link {
+    let (commands, rx) = mpsc::channel(64);
+    let (state_tx, state) = watch::channel(LinkState::Active);
+    let local_close = Arc::new(Mutex::new(None));
+    let driver = drive(control, io, rx, state_tx, agent, local_close.clone());
+    let task = tokio::spawn(
+        async move {
+            // Dropped with the driver, aborted or not: the link's calls end with it.
+            let _cancel = closed.drop_guard();
+            driver.await;
+        }
+        .instrument(span),
+    );
+    Link {
+        commands,
+        state,
+        local_close,
+        streams: watch::Sender::new(0),
+        _driver: DriverTask(task),
+    }
+}
+
+async fn drive(
+    mut control: Control,
+    mut io: ControlIo,
+    mut commands: mpsc::Receiver<Command>,
+    state: watch::Sender<LinkState>,
+    agent: Option<AgentDials>,
+    local_close: Arc<Mutex<Option<String>>>,
+) {
+    let result: Result<(), SessionError> = async {
+        loop {
+            io.flush(&mut control).await?;
+            while let Some(ev) = control.poll_event() {
+                match (ev, &agent) {
+                    (Event::GoAway { reason, drain }, _) => {
+                        info!(%reason, ?drain, "peer sent go-away");
+                        state.send_replace(LinkState::Draining { reason });
+                    }
+                    (Event::Dial(request), Some(a)) => {
+                        let (tx, rx) = oneshot::channel();
+                        {
+                            let mut cancels =
+                                a.cancels.lock().unwrap_or_else(PoisonError::into_inner);
+                            // More dials outstanding than streams allowed, or an id reused
+                            // while its dial is open: the server breaks the protocol.
+                            if cancels.len() >= a.limit || cancels.contains_key(&request.stream_id)
+                            {
+                                return Err(SessionError::Protocol(ControlError::Flood));
+                            }
+                            cancels.insert(request.stream_id, tx);
+                        }
+                        let ticket = DialTicket {
+                            id: request.stream_id,
+                            cancelled: rx,
+                            done: false,
+                            cancels: a.cancels.clone(),
+                        };
+                        // Bounded by `limit` above, so a full queue cannot happen; still no
+                        // blocking of the driver if it did.
+                        if a.dials.try_send((request, ticket)).is_err() {
+                            return Err(SessionError::Protocol(ControlError::Flood));
+                        }
+                    }
+                    (Event::Cancel(id), Some(a)) => {
+                        if let Some(tx) = a
+                            .cancels
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&id)
+                        {
+                            let _ = tx.send(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let deadline = control.poll_timeout();
+            tokio::select! {
+                m = io.read() => control.handle_message(now(), m?)?,
+                () = sleep_until(deadline) => control.handle_timeout(now())?,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::GoAway { reason, drain }) => {
+                        control.go_away(reason.clone(), drain);
+                        state.send_replace(LinkState::Draining { reason });
+                    }
+                    Some(Command::Dial(request)) => control.dial(request)?,
+                    Some(Command::Cancel(id)) => control.cancel(id),
+                    Some(Command::Close) | None => return Ok(()),
+                },
+            }
+        }
+    }
+    .await;
+    let local = local_close
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let reason = match (result, local) {
+        (_, Some(local)) => local,
+        (Ok(()), None) => "closed".to_owned(),
+        (Err(e), None) => e.to_string(),
+    };
+    debug!(%reason, "link ended");
+    state.send_replace(LinkState::Closed { reason });
+}

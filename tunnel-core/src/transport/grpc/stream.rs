@@ -1,0 +1,187 @@
+//! The bytes of one proxied connection over a `Stream` call, and the agent's dial ticket.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::PoisonError;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::ReadBuf;
+use tokio::sync::oneshot;
+use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, PollSender, WaitForCancellationFutureOwned};
+use tonic::{Status, Streaming};
+
+use super::Cancels;
+use crate::proto::{self, tunnel_client::TunnelClient};
+
+/// A proxied connection's bytes over one gRPC call.
+#[derive(Debug)]
+pub(crate) struct GrpcStream {
+    pub(crate) id: u64,
+    inbound: Streaming<proto::Chunk>,
+    pub(super) pending: Bytes,
+    outbound: Outbound,
+    read_done: bool,
+    /// Fires when the link's control call ends: the calls of a closed link must not outlive
+    /// it (they share the HTTP/2 connection, which tonic keeps for other links' calls too).
+    link_closed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+/// The agent's way to open `Stream` calls on its link, and the signal that the link ended.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentCalls {
+    pub(super) client: TunnelClient<tonic::transport::Channel>,
+    pub(super) closed: CancellationToken,
+}
+
+#[derive(Debug)]
+pub(super) enum Outbound {
+    /// Server side: the response stream of the `Stream` call.
+    Response(PollSender<Result<proto::Chunk, Status>>),
+    /// Agent side: the request stream of the `Stream` call.
+    Request(PollSender<proto::Chunk>),
+}
+
+impl GrpcStream {
+    pub(super) fn new(
+        id: u64,
+        inbound: Streaming<proto::Chunk>,
+        outbound: Outbound,
+        closed: &CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            inbound,
+            pending: Bytes::new(),
+            outbound,
+            read_done: false,
+            link_closed: Box::pin(closed.clone().cancelled_owned()),
+        }
+    }
+
+    /// Aborts the stream when its link has ended.
+    fn check_link(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if self.link_closed.as_mut().poll(cx).is_ready() {
+            self.abort();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "tunnel link closed",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn abort(&mut self) {
+        match &mut self.outbound {
+            Outbound::Response(tx) => {
+                if let Some(tx) = tx.get_ref() {
+                    let _ = tx.try_send(Err(Status::aborted("peer connection failed")));
+                }
+                tx.close();
+            }
+            Outbound::Request(tx) => tx.close(),
+        }
+    }
+
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check_link(cx)?;
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if self.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.pending = chunk.data,
+                Poll::Ready(Some(Err(status))) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        status.message().to_owned(),
+                    )));
+                }
+                Poll::Ready(None) => self.read_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check_link(cx)?;
+        let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let chunk = proto::Chunk {
+            data: Bytes::copy_from_slice(buf),
+            reply: None,
+        };
+        match &mut self.outbound {
+            Outbound::Response(tx) => {
+                std::task::ready!(tx.poll_reserve(cx)).map_err(|_| closed())?;
+                tx.send_item(Ok(chunk)).map_err(|_| closed())?;
+            }
+            Outbound::Request(tx) => {
+                std::task::ready!(tx.poll_reserve(cx)).map_err(|_| closed())?;
+                tx.send_item(chunk).map_err(|_| closed())?;
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    pub(crate) fn shutdown(&mut self) {
+        match &mut self.outbound {
+            Outbound::Response(tx) => tx.close(),
+            Outbound::Request(tx) => tx.close(),
+        }
+    }
+}
+
+/// The agent's claim on one dial: tells whether the server withdrew it, and frees its slot
+/// in the cancel table when dropped (answered, refused or abandoned).
+#[derive(Debug)]
+pub(crate) struct DialTicket {
+    pub(super) id: u64,
+    pub(super) cancelled: oneshot::Receiver<()>,
+    /// The receiver has resolved (a oneshot must not be polled again after that).
+    pub(super) done: bool,
+    pub(super) cancels: Cancels,
+}
+
+impl DialTicket {
+    /// True when the server withdrew the dial or the link is gone.
+    pub(crate) fn is_withdrawn(&mut self) -> bool {
+        if !self.done {
+            self.done = !matches!(
+                self.cancelled.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            );
+        }
+        self.done
+    }
+
+    /// Resolves when the server withdraws the dial or the link goes.
+    pub(crate) async fn withdrawn(&mut self) {
+        if !self.done {
+            let _ = (&mut self.cancelled).await;
+            self.done = true;
+        }
+    }
+}
+
+impl Drop for DialTicket {
+    fn drop(&mut self) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
