@@ -1,9 +1,18 @@
 //! The gRPC transport end to end on loopback: registration, a proxied connection with
-//! half-close, and a typed refusal, through tonic over TLS/TCP.
+//! half-close, a typed refusal, and the refusal of `Stream` calls that answer no open dial,
+//! through tonic over TLS/TCP.
 
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint, Uri};
 use tunnel_core::copy::{CopyConfig, copy_bidirectional};
+use tunnel_core::proto::tunnel_client::TunnelClient;
+use tunnel_core::transport::grpc::{ALPN_H2, STREAM_ID_KEY};
 use tunnel_core::{
     GrpcConnector, GrpcListener, OpenError, OpenRequest, Refusal, SessionConfig, Target,
     TargetHost, TransportKind, proto, tls,
@@ -36,21 +45,26 @@ fn pki() -> Pki {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxied_connection_over_grpc_echoes_with_half_close_and_refusals_are_typed() {
-    let pki = pki();
-    let roots = || tls::roots_from_pem(pki.ca.as_bytes(), "ca").unwrap();
-    let server_tls = tls::server_config(pki.server.clone(), roots(), &[]).unwrap();
-    let mut listener = GrpcListener::bind(
+impl Pki {
+    fn roots(&self) -> rustls::RootCertStore {
+        tls::roots_from_pem(self.ca.as_bytes(), "ca").unwrap()
+    }
+}
+
+async fn listen(pki: &Pki) -> GrpcListener {
+    let server_tls = tls::server_config(pki.server.clone(), pki.roots(), &[]).unwrap();
+    GrpcListener::bind(
         "127.0.0.1:0".parse().unwrap(),
         server_tls,
         SessionConfig::default(),
         "s1",
     )
     .await
-    .unwrap();
-    let addr = listener.local_addr();
+    .unwrap()
+}
 
+/// A TCP echo server with half-close; returns its port.
+async fn echo_server() -> u16 {
     let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo_port = echo.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -62,14 +76,19 @@ async fn a_proxied_connection_over_grpc_echoes_with_half_close_and_refusals_are_
             });
         }
     });
+    echo_port
+}
 
-    let client_tls = tls::client_config(pki.agent.clone(), roots(), &[]).unwrap();
+/// An agent (node-a, claiming "claimed") that proxies streams to `echo_port` and refuses
+/// every other target as forbidden.
+fn spawn_agent(pki: &Pki, addr: SocketAddr, echo_port: u16) -> JoinHandle<()> {
+    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
     let connector = GrpcConnector::new(client_tls, SessionConfig::default());
     let register = proto::Register {
         node_name: "claimed".into(),
         ..Default::default()
     };
-    let agent = tokio::spawn(async move {
+    tokio::spawn(async move {
         let session = connector
             .connect(addr, "localhost", register)
             .await
@@ -93,7 +112,16 @@ async fn a_proxied_connection_over_grpc_echoes_with_half_close_and_refusals_are_
                     .unwrap();
             });
         }
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_connection_over_grpc_echoes_with_half_close_and_refusals_are_typed() {
+    let pki = pki();
+    let mut listener = listen(&pki).await;
+    let addr = listener.local_addr();
+    let echo_port = echo_server().await;
+    let agent = spawn_agent(&pki, addr, echo_port);
 
     let session = listener.accept().await.unwrap();
     assert_eq!(session.identity().node_name, "node-a");
@@ -129,5 +157,106 @@ async fn a_proxied_connection_over_grpc_echoes_with_half_close_and_refusals_are_
         }) => assert_eq!(detail, "not allowed"),
         other => panic!("expected a forbidden refusal, got {other:?}"),
     }
+    agent.abort();
+}
+
+/// The process-wide metrics recorder, installed once however many tests share the process.
+fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().unwrap())
+}
+
+/// The value of `edge_tunnel_server_grpc_stream_calls_refused_total{reason}` (0 if absent).
+fn refused(reason: &str) -> u64 {
+    let series =
+        format!("edge_tunnel_server_grpc_stream_calls_refused_total{{reason=\"{reason}\"}} ");
+    recorder()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+/// A bare tonic client on its own TLS connection to the listener, with node-a's certificate.
+async fn raw_client(pki: &Pki, addr: SocketAddr) -> TunnelClient<Channel> {
+    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[ALPN_H2]).unwrap();
+    let client_tls = Arc::new(client_tls);
+    let connector = tower::service_fn(move |_: Uri| {
+        let client_tls = client_tls.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let io = tokio_rustls::TlsConnector::from(client_tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+        }
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    TunnelClient::new(channel)
+}
+
+/// Opens a `Stream` call carrying `id` (none: no metadata) and a well-formed "ok" answer;
+/// returns the status it was refused with.
+async fn stream_call(client: &mut TunnelClient<Channel>, id: Option<&str>) -> tonic::Status {
+    let answer = proto::Chunk {
+        data: bytes::Bytes::new(),
+        reply: Some(proto::StreamOpenReply {
+            result: proto::OpenResult::Ok.into(),
+            detail: String::new(),
+        }),
+    };
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![answer]));
+    if let Some(id) = id {
+        request
+            .metadata_mut()
+            .insert(STREAM_ID_KEY, id.parse().unwrap());
+    }
+    match client.stream(request).await {
+        Ok(_) => panic!("a stream call with id {id:?} was accepted"),
+        Err(status) => status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_calls_with_a_missing_malformed_unknown_or_used_id_are_refused_and_counted() {
+    let (bad_before, unknown_before) = (refused("bad_id"), refused("unknown_id"));
+    let pki = pki();
+    let mut listener = listen(&pki).await;
+    let addr = listener.local_addr();
+    let echo_port = echo_server().await;
+    let agent = spawn_agent(&pki, addr, echo_port);
+    let session = listener.accept().await.unwrap();
+
+    // The first dial of a listener is stream id 1; once paired, the id is used up.
+    let target = Target {
+        host: TargetHost::Loopback,
+        port: echo_port,
+    };
+    let mut stream = session.open(&OpenRequest::new(target, 1)).await.unwrap();
+
+    let mut client = raw_client(&pki, addr).await;
+    let status = stream_call(&mut client, None).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = stream_call(&mut client, Some("abc")).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = stream_call(&mut client, Some("987654")).await;
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let status = stream_call(&mut client, Some("1")).await;
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    assert_eq!(refused("bad_id") - bad_before, 2);
+    assert_eq!(refused("unknown_id") - unknown_before, 2);
+
+    // The refused duplicate left the paired stream alone.
+    stream.write_all(b"still mine").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"still mine");
     agent.abort();
 }
