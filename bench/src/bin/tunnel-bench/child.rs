@@ -1,0 +1,165 @@
+//! The server under test runs in a child process (this binary, `serve` mode), so that its
+//! memory is its own: the harness reads the child's RSS, kills it and starts it again on the
+//! same ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// What `serve` needs: the server's TLS files and its ports (0: the kernel picks).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServeArgs {
+    #[arg(long)]
+    pub(crate) cert: PathBuf,
+    #[arg(long)]
+    pub(crate) key: PathBuf,
+    #[arg(long)]
+    pub(crate) ca: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) tunnel_port: u16,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) insecure_port: u16,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) meta_port: u16,
+    /// Streams per agent (the load needs more than the default 1,000 on one agent).
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) max_streams: u32,
+}
+
+/// Runs the server in this process until killed; prints `READY tunnel insecure meta`.
+pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let loopback = "127.0.0.1".parse().expect("address");
+    let config = tunnel_server::ServerConfig {
+        bind_address: loopback,
+        meta_bind_address: loopback,
+        tunnel_port: args.tunnel_port,
+        secure_port: 0,
+        insecure_port: args.insecure_port,
+        meta_port: args.meta_port,
+        tls_cert_file: Some(args.cert),
+        tls_private_key_file: Some(args.key),
+        client_ca_file: Some(args.ca),
+        server_id: "bench".into(),
+        max_front_connections: 40_000,
+        drain_timeout: Duration::from_millis(100),
+        session: crate::session_config(args.max_streams),
+        metrics: Some(
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .context("metrics recorder")?,
+        ),
+        ..tunnel_server::ServerConfig::default()
+    };
+    let server = tunnel_server::Server::bind(config).await?;
+    println!(
+        "READY {} {} {}",
+        server.tunnel_addr(),
+        server.insecure_addr(),
+        server.meta_addr().context("meta address")?
+    );
+    server.run(std::future::pending()).await?;
+    Ok(())
+}
+
+/// A server child process.
+pub(crate) struct ServerChild {
+    child: Child,
+    args: ServeArgs,
+    /// The tunnel port (UDP and TCP).
+    pub(crate) tunnel: SocketAddr,
+    /// The HTTP front.
+    pub(crate) front: SocketAddr,
+    /// The meta server (`/metrics`).
+    pub(crate) meta: SocketAddr,
+}
+
+impl ServerChild {
+    /// Starts `serve` and waits for its READY line.
+    pub(crate) async fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("own executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
+            .args(["--cert".as_ref(), args.cert.as_os_str()])
+            .args(["--key".as_ref(), args.key.as_os_str()])
+            .args(["--ca".as_ref(), args.ca.as_os_str()])
+            .args(["--tunnel-port", &args.tunnel_port.to_string()])
+            .args(["--insecure-port", &args.insecure_port.to_string()])
+            .args(["--meta-port", &args.meta_port.to_string()])
+            .args(["--max-streams", &args.max_streams.to_string()])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("spawn the server child")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("server child did not start")??
+            .context("server child exited")?;
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [_, tunnel, front, meta] = parts[..] else {
+            bail!("unexpected line from the server child: {line}");
+        };
+        // Keep reading so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut args = args;
+        let (tunnel, front, meta): (SocketAddr, SocketAddr, SocketAddr) =
+            (tunnel.parse()?, front.parse()?, meta.parse()?);
+        // A restart binds the same ports.
+        args.tunnel_port = tunnel.port();
+        args.insecure_port = front.port();
+        args.meta_port = meta.port();
+        Ok(Self {
+            child,
+            args,
+            tunnel,
+            front,
+            meta,
+        })
+    }
+
+    /// The child's resident memory, bytes.
+    pub(crate) fn rss(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("child gone")?;
+        crate::memory::rss_of(pid)
+    }
+
+    /// Kills the child (as a crash would) and starts a new one on the same ports.
+    pub(crate) async fn restart(mut self) -> anyhow::Result<Self> {
+        self.child.kill().await?;
+        let args = self.args.clone();
+        drop(self);
+        let mut last = None;
+        // The kernel frees the ports at once after a kill; retry briefly in case it lags.
+        for _ in 0..50 {
+            match Self::start(args.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("restart failed")))
+    }
+
+    /// The value of a metric in the child's `/metrics`, summed over series with `labels`.
+    pub(crate) async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let tcp = tokio::net::TcpStream::connect(self.meta).await?;
+        let mut sender = testkit::client::http1(tcp).await?;
+        let (status, body) = testkit::client::get(&mut sender, "meta", "/metrics").await?;
+        if status != 200 {
+            bail!("metrics answered {status}");
+        }
+        Ok(testkit::metric_value(
+            &String::from_utf8_lossy(&body),
+            name,
+            labels,
+        ))
+    }
+}
