@@ -128,8 +128,20 @@ fn bind_quic(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
 ) -> Result<QuicListener, ServerError> {
-    QuicListener::bind(addr, tls, config.session.clone(), &config.server_id)
-        .map_err(|e| bind_error("--tunnel-port (UDP, QUIC)", addr, e))
+    // The reset key follows the private key, so a restarted (or sibling) replica can tell the
+    // agents of a crashed one to reconnect now rather than after their idle timeout.
+    let secret = match &config.tls_private_key_file {
+        Some(key) => read("--tls-private-key-file", key)?,
+        None => Vec::new(),
+    };
+    QuicListener::bind_with_reset_secret(
+        addr,
+        tls,
+        config.session.clone(),
+        &config.server_id,
+        &secret,
+    )
+    .map_err(|e| bind_error("--tunnel-port (UDP, QUIC)", addr, e))
 }
 
 async fn bind_grpc(
