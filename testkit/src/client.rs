@@ -46,12 +46,31 @@ pub async fn connect_via(proxy: SocketAddr, authority: &str) -> std::io::Result<
     let mut tcp = TcpStream::connect(proxy).await?;
     tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
         .await?;
+    // Peek, then consume exactly the head: bytes after it belong to the tunnel. Two syscalls
+    // in the usual case, where a byte at a time would take dozens.
     let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
+    let mut peeked = [0u8; 1024];
+    loop {
+        let n = tcp.peek(&mut peeked).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // The terminator may straddle what we hold and what we peeked.
+        let from = head.len().saturating_sub(3);
+        let joined: Vec<u8> = head[from..].iter().chain(&peeked[..n]).copied().collect();
+        let take = match joined.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(i) => i + 4 - (head.len() - from),
+            None => n,
+        };
+        let start = head.len();
+        head.resize(start + take, 0);
+        tcp.read_exact(&mut head[start..]).await?;
+        if head.ends_with(b"\r\n\r\n") {
+            break;
+        }
         if head.len() >= 1024 {
             return Err(std::io::Error::other("CONNECT response head too long"));
         }
-        head.push(tcp.read_u8().await?);
     }
     if !head.starts_with(b"HTTP/1.1 200") {
         return Err(std::io::Error::other(format!(
