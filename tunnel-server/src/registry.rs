@@ -8,23 +8,53 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 use tracing::warn;
-use tunnel_core::{NodeRef, ServerSession, TargetHost};
+use tunnel_core::{AgentIdentity, NodeRef, ServerSession, TargetHost};
 
-#[derive(Debug, Default)]
-struct Maps {
-    by_node: HashMap<String, ServerSession>,
+/// What the registry needs of a live agent link: which session it is and whose.
+///
+/// The server stores [`ServerSession`]s, which exist only over a live link. The registry's logic
+/// needs nothing of the link, so benches and tests store a cheap stand-in instead.
+pub trait AgentLink: Clone {
+    /// Unique within this process; tells a replaced session from its successor.
+    fn id(&self) -> u64;
+    /// The agent's identity, from its certificate.
+    fn identity(&self) -> &AgentIdentity;
+}
+
+impl AgentLink for ServerSession {
+    fn id(&self) -> u64 {
+        Self::id(self)
+    }
+
+    fn identity(&self) -> &AgentIdentity {
+        Self::identity(self)
+    }
+}
+
+#[derive(Debug)]
+struct Maps<S> {
+    by_node: HashMap<String, S>,
     by_ip: HashMap<IpAddr, String>,
+}
+
+impl<S> Default for Maps<S> {
+    fn default() -> Self {
+        Self {
+            by_node: HashMap::new(),
+            by_ip: HashMap::new(),
+        }
+    }
 }
 
 /// The live agent sessions of this replica, by node name and by node IP. Both maps change
 /// under one lock, so a lookup never sees a node without its IPs or the reverse.
 #[derive(Debug)]
-pub struct Registry {
-    maps: Mutex<Maps>,
+pub struct Registry<S = ServerSession> {
+    maps: Mutex<Maps<S>>,
     generation: watch::Sender<u64>,
 }
 
-impl Default for Registry {
+impl<S> Default for Registry<S> {
     fn default() -> Self {
         Self {
             maps: Mutex::new(Maps::default()),
@@ -33,14 +63,14 @@ impl Default for Registry {
     }
 }
 
-impl Registry {
-    fn maps(&self) -> MutexGuard<'_, Maps> {
+impl<S: AgentLink> Registry<S> {
+    fn maps(&self) -> MutexGuard<'_, Maps<S>> {
         // The maps are consistent after every statement; a panic elsewhere cannot break them.
         self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers `session` for its node; returns the session it replaces (the caller closes it).
-    pub fn insert(&self, session: ServerSession) -> Option<ServerSession> {
+    pub fn insert(&self, session: S) -> Option<S> {
         let node = session.identity().node_name.clone();
         let old = {
             let mut maps = self.maps();
@@ -74,7 +104,7 @@ impl Registry {
 
     /// Removes `session`, unless a newer session of the same node has replaced it. Its IPs go
     /// to another connected node that also claims them, if any.
-    pub fn remove(&self, session: &ServerSession) {
+    pub fn remove(&self, session: &S) {
         let node = &session.identity().node_name;
         {
             let mut maps = self.maps();
@@ -105,7 +135,7 @@ impl Registry {
     }
 
     /// The session serving `node`, and how to name the host to its agent.
-    pub fn lookup(&self, node: &NodeRef) -> Option<(ServerSession, TargetHost)> {
+    pub fn lookup(&self, node: &NodeRef) -> Option<(S, TargetHost)> {
         let maps = self.maps();
         match node {
             NodeRef::Name(name) => maps
@@ -132,11 +162,11 @@ impl Registry {
     }
 
     /// Every session, for drain.
-    pub fn sessions(&self) -> Vec<ServerSession> {
+    pub fn sessions(&self) -> Vec<S> {
         self.maps().by_node.values().cloned().collect()
     }
 
-    fn has(&self, node: &str, pred: impl Fn(&ServerSession) -> bool) -> bool {
+    fn has(&self, node: &str, pred: impl Fn(&S) -> bool) -> bool {
         self.maps().by_node.get(node).is_some_and(pred)
     }
 
@@ -160,5 +190,110 @@ impl Registry {
             .wait_for(|_| self.has(node, |s| s.id() != old))
             .await
             .map(|_| ());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A stand-in for a live session: an id and an identity, cheap to clone like the real one.
+    #[derive(Debug, Clone)]
+    struct Link(Arc<(u64, AgentIdentity)>);
+
+    impl AgentLink for Link {
+        fn id(&self) -> u64 {
+            self.0.0
+        }
+
+        fn identity(&self) -> &AgentIdentity {
+            &self.0.1
+        }
+    }
+
+    fn link(id: u64, node: &str, ips: &[&str]) -> Link {
+        Link(Arc::new((
+            id,
+            AgentIdentity {
+                node_name: node.into(),
+                node_ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            },
+        )))
+    }
+
+    fn by_ip(registry: &Registry<Link>, ip: &str) -> Option<(String, TargetHost)> {
+        registry
+            .lookup(&NodeRef::Ip(ip.parse().unwrap()))
+            .map(|(s, host)| (s.identity().node_name.clone(), host))
+    }
+
+    #[test]
+    fn lookup_by_name_and_by_ip() {
+        let registry = Registry::default();
+        assert!(registry.insert(link(1, "node-a", &["10.0.0.1"])).is_none());
+        let (s, host) = registry.lookup(&NodeRef::Name("node-a".into())).unwrap();
+        assert_eq!((s.id(), host), (1, TargetHost::Node));
+        assert_eq!(
+            by_ip(&registry, "10.0.0.1"),
+            Some((
+                "node-a".into(),
+                TargetHost::NodeIp("10.0.0.1".parse().unwrap())
+            ))
+        );
+        assert!(registry.lookup(&NodeRef::Name("node-b".into())).is_none());
+        assert!(by_ip(&registry, "10.0.0.2").is_none());
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn an_ip_stays_with_its_first_claimer_and_passes_on_when_it_leaves() {
+        let registry = Registry::default();
+        let a = link(1, "node-a", &["10.0.0.1"]);
+        registry.insert(a.clone());
+        registry.insert(link(2, "node-b", &["10.0.0.1", "10.0.0.2"]));
+        assert_eq!(by_ip(&registry, "10.0.0.1").unwrap().0, "node-a");
+        assert_eq!(by_ip(&registry, "10.0.0.2").unwrap().0, "node-b");
+        registry.remove(&a);
+        assert_eq!(by_ip(&registry, "10.0.0.1").unwrap().0, "node-b");
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn a_replaced_session_cannot_remove_its_successor() {
+        let registry = Registry::default();
+        let old = link(1, "node-a", &["10.0.0.1", "10.0.0.9"]);
+        registry.insert(old.clone());
+        let replaced = registry.insert(link(2, "node-a", &["10.0.0.1"])).unwrap();
+        assert_eq!(replaced.id(), 1);
+        // The IP the new certificate dropped no longer routes.
+        assert!(by_ip(&registry, "10.0.0.9").is_none());
+        registry.remove(&old);
+        let (s, _) = registry.lookup(&NodeRef::Name("node-a".into())).unwrap();
+        assert_eq!(s.id(), 2);
+        assert_eq!(by_ip(&registry, "10.0.0.1").unwrap().0, "node-a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_see_connects_and_reconnects() {
+        let registry = Arc::new(Registry::default());
+        let waiter = tokio::spawn({
+            let registry = registry.clone();
+            async move {
+                registry.wait_for("node-a").await;
+                registry.wait_for_new("node-a", 1).await;
+            }
+        });
+        tokio::task::yield_now().await;
+        registry.insert(link(1, "node-a", &[]));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        registry.insert(link(2, "node-a", &[]));
+        waiter.await.unwrap();
+        let last = link(2, "node-a", &[]);
+        registry.remove(&last);
+        registry.wait_gone("node-a").await;
+        assert!(registry.is_empty());
     }
 }
