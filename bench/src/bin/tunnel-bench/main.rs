@@ -260,7 +260,7 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
     })
     .await??;
 
-    let mut server = ServerChild::start(ServeArgs {
+    let server = ServerChild::start(ServeArgs {
         cert: pki.server_cert.clone(),
         key: pki.server_key.clone(),
         ca: pki.ca_cert.clone(),
@@ -453,38 +453,48 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
         hol,
     );
 
-    // 4. Memory per idle proxied connection, at the server.
+    // 4. Memory per idle proxied connection, at the server. Each figure on a fresh server
+    // process: the heap left by the bulk runs would hide growth.
+    quic_agent.stop().await;
+    grpc_agent.stop().await;
+    drop(server);
+    drop(rathole);
     report.notes.push(format!(
-        "memory: {idle_conns} idle proxied connections; {} idle agents",
+        "memory: {idle_conns} idle proxied connections; {} idle agents; each on a fresh server process",
         sizes.idle_agents
     ));
+    let serve_args = ServeArgs {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        ca: pki.ca_cert.clone(),
+        tunnel_port: 0,
+        insecure_port: 0,
+        meta_port: 0,
+        max_streams: 20_000,
+    };
     let mut per_conn = Vec::new();
-    for (col, path) in &paths {
-        let rss = match col {
-            Column::Direct => continue,
-            Column::Rathole => match &rathole {
-                Some(r) => Box::new(|| r.server_rss()) as Box<dyn Fn() -> anyhow::Result<u64>>,
-                None => continue,
-            },
-            _ => Box::new(|| server.rss()),
+    for (col, choice, index, node) in [
+        (Column::Quic, TransportChoice::Quic, 0, "bench-quic"),
+        (Column::Grpc, TransportChoice::Grpc, 1, "bench-grpc"),
+    ] {
+        let server = ServerChild::start(serve_args.clone()).await?;
+        let mut agent = RunningAgent::start(agent_config(&server, &pki, index, choice, &ports));
+        agent.connected().await?;
+        let path = Path::Tunnel {
+            front: server.front,
+            node: node.into(),
         };
-        let before = rss()?;
-        let mut held = Vec::with_capacity(idle_conns);
-        for _ in 0..idle_conns {
-            let mut tcp = path.connect(echo).await?;
-            // One byte each way: the stream is open end to end, not just accepted.
-            tokio::io::AsyncWriteExt::write_all(&mut tcp, b"x").await?;
-            tokio::io::AsyncReadExt::read_u8(&mut tcp).await?;
-            held.push(tcp);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss()?;
-        per_conn.push((
-            *col,
-            after.saturating_sub(before) as f64 / idle_conns as f64 / 1024.0,
-        ));
-        drop(held);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let kib = idle_connections(&path, echo, idle_conns, || server.rss()).await?;
+        per_conn.push((col, kib));
+        agent.stop().await;
+    }
+    if paths.iter().any(|(c, _)| *c == Column::Rathole) {
+        let fresh = rathole::start(dir.path(), &pki, &[echo]).await?;
+        let path = Path::Rathole {
+            services: fresh.services.clone(),
+        };
+        let kib = idle_connections(&path, echo, idle_conns, || fresh.server_rss()).await?;
+        per_conn.push((Column::Rathole, kib));
     }
     report.add(
         "4. memory at the server",
@@ -502,6 +512,7 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
         (Column::Quic, TransportChoice::Quic, "quic"),
         (Column::Grpc, TransportChoice::Grpc, "grpc"),
     ] {
+        let mut server = ServerChild::start(serve_args.clone()).await?;
         let before = server.rss()?;
         let mut idle = Vec::with_capacity(sizes.idle_agents);
         for i in 0..sizes.idle_agents {
@@ -513,13 +524,7 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
                 &ports,
             )));
         }
-        sessions_reach(
-            &server,
-            label,
-            sizes.idle_agents + 1,
-            Duration::from_secs(120),
-        )
-        .await?;
+        sessions_reach(&server, label, sizes.idle_agents, Duration::from_secs(120)).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = server.rss()?;
         per_agent.push((
@@ -528,19 +533,13 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
         ));
 
         server = server.restart().await?;
-        let (half, all) = sessions_reach(
-            &server,
-            label,
-            sizes.idle_agents + 1,
-            Duration::from_secs(120),
-        )
-        .await?;
+        let (half, all) =
+            sessions_reach(&server, label, sizes.idle_agents, Duration::from_secs(120)).await?;
         back_half.push((col, half.as_secs_f64()));
         back_all.push((col, all.as_secs_f64()));
         for a in idle {
             a.stop().await;
         }
-        sessions_reach(&server, label, 1, Duration::from_secs(60)).await?;
     }
     report.add(
         "4. memory at the server",
@@ -552,14 +551,14 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
     let section = "6. server killed (no close) and restarted on the same ports";
     report.add(
         section,
-        format!("until half of {} agents serve again", sizes.idle_agents + 1),
+        format!("until half of {} agents serve again", sizes.idle_agents),
         "s",
         Better::Lower,
         back_half,
     );
     report.add(
         section,
-        format!("until all {} agents serve again", sizes.idle_agents + 1),
+        format!("until all {} agents serve again", sizes.idle_agents),
         "s",
         Better::Lower,
         back_all,
@@ -568,14 +567,34 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
         .skipped
         .push("7. compression: zstd streams are not built yet (issue [compress])".into());
 
-    quic_agent.stop().await;
-    grpc_agent.stop().await;
     if json {
         report.print_json();
     } else {
         report.print_table();
     }
     Ok(())
+}
+
+/// Opens `n` idle connections along `path` (one byte each way, so each is open end to end)
+/// and returns the growth of `rss` per connection, KiB.
+async fn idle_connections(
+    path: &Path,
+    echo: std::net::SocketAddr,
+    n: usize,
+    rss: impl Fn() -> anyhow::Result<u64>,
+) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = rss()?;
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut tcp = path.connect(echo).await?;
+        tcp.write_all(b"x").await?;
+        tcp.read_u8().await?;
+        held.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss()?;
+    Ok(after.saturating_sub(before) as f64 / n as f64 / 1024.0)
 }
 
 fn tempfile_dir() -> anyhow::Result<TempDir> {
