@@ -50,6 +50,11 @@ pub struct Cli {
     /// (open streams finish on gRPC).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub quic_retry_interval_seconds: u64,
+    /// Most proxied connections the server may open to this agent at once (QUIC stream credit,
+    /// and the bound on gRPC dials outstanding). Keep it equal to the server's
+    /// --max-concurrent-streams: the smaller of the two is the limit.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
     /// Ports dialed on 127.0.0.1 instead of the node IP.
     #[arg(long, default_value = "10250,10255,10266,10267")]
     pub localhost_proxy_ports: PortSet,
@@ -72,6 +77,10 @@ impl Cli {
             localhost_proxy_ports: self.localhost_proxy_ports,
             transport: self.transport,
             quic_retry_interval: std::time::Duration::from_secs(self.quic_retry_interval_seconds),
+            session: tunnel_core::SessionConfig {
+                max_streams: self.max_concurrent_streams,
+                ..tunnel_core::SessionConfig::default()
+            },
             ..AgentConfig::default()
         }
     }
