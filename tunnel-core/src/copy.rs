@@ -317,7 +317,17 @@ mod tests {
         });
         // Small, exactly a probe, just over it, bulk, small again: the buffers switch between
         // probe and large without losing or reordering a byte.
-        let sizes = [10usize, PROBE, PROBE + 1, 3, 70_000, 5, PROBE - 1, 200_000, 1];
+        let sizes = [
+            10usize,
+            PROBE,
+            PROBE + 1,
+            3,
+            70_000,
+            5,
+            PROBE - 1,
+            200_000,
+            1,
+        ];
         let mut sent = Vec::new();
         for (i, n) in sizes.iter().enumerate() {
             sent.extend((0..*n).map(|j| (i * 31 + j * 7) as u8));
@@ -334,7 +344,12 @@ mod tests {
         let mut got = Vec::new();
         let (_, read) = tokio::join!(writer, server.read_to_end(&mut got));
         read.unwrap();
-        assert!(got == sent, "bytes differ ({} of {})", got.len(), sent.len());
+        assert!(
+            got == sent,
+            "bytes differ ({} of {})",
+            got.len(),
+            sent.len()
+        );
         server.shutdown().await.unwrap();
         let t = copy.await.unwrap().unwrap();
         assert_eq!(t.a_to_b, sent.len() as u64);
