@@ -73,7 +73,7 @@ impl AsyncWrite for PeerIo {
     }
 }
 
-/// A dial waiting for its `Stream` call.
+/// What the `Stream` call hands the waiting opener: the agent's answer and, on success, the stream.
 struct Paired {
     reply: proto::StreamOpenReply,
     stream: GrpcStream,
