@@ -34,14 +34,32 @@ impl AgentLink for ServerSession {
 #[derive(Debug)]
 struct Maps<S> {
     by_node: HashMap<String, S>,
-    by_ip: HashMap<IpAddr, String>,
+    /// The connected nodes that claim each IP, in the order they claimed it: the first one owns
+    /// it; when it leaves, the next one takes over. Kept per IP so that a node leaving costs
+    /// the few claimants of its IPs, not a scan of every node under the lock.
+    claims: HashMap<IpAddr, Vec<String>>,
 }
 
 impl<S> Default for Maps<S> {
     fn default() -> Self {
         Self {
             by_node: HashMap::new(),
-            by_ip: HashMap::new(),
+            claims: HashMap::new(),
+        }
+    }
+}
+
+impl<S> Maps<S> {
+    fn owner(&self, ip: &IpAddr) -> Option<&String> {
+        self.claims.get(ip).and_then(|c| c.first())
+    }
+
+    fn unclaim(&mut self, ip: &IpAddr, node: &str) {
+        if let Some(claimants) = self.claims.get_mut(ip) {
+            claimants.retain(|n| n != node);
+            if claimants.is_empty() {
+                self.claims.remove(ip);
+            }
         }
     }
 }
@@ -75,25 +93,23 @@ impl<S: AgentLink> Registry<S> {
         let old = {
             let mut maps = self.maps();
             let old = maps.by_node.insert(node.clone(), session.clone());
-            // IPs the previous session of this node had and the new one has not.
+            // IPs the previous session of this node had and the new one has not: the next
+            // claimant, if any, takes them over.
             if let Some(old) = &old {
                 for ip in &old.identity().node_ips {
-                    if !session.identity().node_ips.contains(ip)
-                        && maps.by_ip.get(ip) == Some(&node)
-                    {
-                        maps.by_ip.remove(ip);
+                    if !session.identity().node_ips.contains(ip) {
+                        maps.unclaim(ip, &node);
                     }
                 }
             }
             for ip in &session.identity().node_ips {
-                match maps.by_ip.get(ip) {
-                    Some(owner) if *owner != node => {
-                        metrics::counter!("edge_tunnel_server_ip_conflicts_total").increment(1);
-                        warn!(%ip, agent.id = %node, owner = %owner, "node IP already claimed by another connected node; not routing it here");
-                    }
-                    _ => {
-                        maps.by_ip.insert(*ip, node.clone());
-                    }
+                let claimants = maps.claims.entry(*ip).or_default();
+                if !claimants.contains(&node) {
+                    claimants.push(node.clone());
+                }
+                if let Some(owner) = claimants.first().filter(|o| **o != node) {
+                    metrics::counter!("edge_tunnel_server_ip_conflicts_total").increment(1);
+                    warn!(%ip, agent.id = %node, owner = %owner, "node IP already claimed by another connected node; not routing it here");
                 }
             }
             old
@@ -117,18 +133,7 @@ impl<S: AgentLink> Registry<S> {
             }
             maps.by_node.remove(node);
             for ip in &session.identity().node_ips {
-                if maps.by_ip.get(ip) != Some(node) {
-                    continue;
-                }
-                maps.by_ip.remove(ip);
-                let heir = maps
-                    .by_node
-                    .iter()
-                    .find(|(_, s)| s.identity().node_ips.contains(ip))
-                    .map(|(n, _)| n.clone());
-                if let Some(heir) = heir {
-                    maps.by_ip.insert(*ip, heir);
-                }
+                maps.unclaim(ip, node);
             }
         }
         self.generation.send_modify(|g| *g += 1);
@@ -143,7 +148,7 @@ impl<S: AgentLink> Registry<S> {
                 .get(name)
                 .map(|s| (s.clone(), TargetHost::Node)),
             NodeRef::Ip(ip) => {
-                let name = maps.by_ip.get(ip)?;
+                let name = maps.owner(ip)?;
                 maps.by_node
                     .get(name)
                     .map(|s| (s.clone(), TargetHost::NodeIp(*ip)))
@@ -273,6 +278,27 @@ mod tests {
         let (s, _) = registry.lookup(&NodeRef::Name("node-a".into())).unwrap();
         assert_eq!(s.id(), 2);
         assert_eq!(by_ip(&registry, "10.0.0.1").unwrap().0, "node-a");
+    }
+
+    #[test]
+    fn heirs_follow_claim_order_on_leave_and_on_a_replacement_that_drops_the_ip() {
+        let registry = Registry::default();
+        let a = link(1, "node-a", &["10.0.0.1"]);
+        registry.insert(a.clone());
+        registry.insert(link(2, "node-b", &["10.0.0.1"]));
+        registry.insert(link(3, "node-c", &["10.0.0.1"]));
+        // node-a's new certificate no longer names the IP: the next claimant, node-b, owns it.
+        registry.insert(link(4, "node-a", &[]));
+        assert_eq!(by_ip(&registry, "10.0.0.1").unwrap().0, "node-b");
+        let b = registry.lookup(&NodeRef::Name("node-b".into())).unwrap().0;
+        registry.remove(&b);
+        assert_eq!(by_ip(&registry, "10.0.0.1").unwrap().0, "node-c");
+        let c = registry.lookup(&NodeRef::Name("node-c".into())).unwrap().0;
+        registry.remove(&c);
+        assert!(by_ip(&registry, "10.0.0.1").is_none());
+        // The first session of node-a is long replaced: removing it changes nothing.
+        registry.remove(&a);
+        assert_eq!(registry.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
