@@ -260,7 +260,8 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
     })
     .await??;
 
-    let server = ServerChild::start(ServeArgs {
+    // Every server of the run: fresh ports, the same certificate.
+    let serve_args = ServeArgs {
         cert: pki.server_cert.clone(),
         key: pki.server_key.clone(),
         ca: pki.ca_cert.clone(),
@@ -268,8 +269,8 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
         insecure_port: 0,
         meta_port: 0,
         max_streams: 20_000,
-    })
-    .await?;
+    };
+    let server = ServerChild::start(serve_args.clone()).await?;
     let mut quic_agent = RunningAgent::start(agent_config(
         &server,
         &pki,
@@ -463,15 +464,6 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
         "memory: {idle_conns} idle proxied connections; {} idle agents; each on a fresh server process",
         sizes.idle_agents
     ));
-    let serve_args = ServeArgs {
-        cert: pki.server_cert.clone(),
-        key: pki.server_key.clone(),
-        ca: pki.ca_cert.clone(),
-        tunnel_port: 0,
-        insecure_port: 0,
-        meta_port: 0,
-        max_streams: 20_000,
-    };
     let mut per_conn = Vec::new();
     for (col, choice, index, node) in [
         (Column::Quic, TransportChoice::Quic, 0, "bench-quic"),
