@@ -260,3 +260,60 @@ async fn stream_calls_with_a_missing_malformed_unknown_or_used_id_are_refused_an
     assert_eq!(got, b"still mine");
     agent.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_a_reply_fails_the_open_as_a_protocol_error_and_is_counted() {
+    let before = refused("bad_reply");
+    let pki = pki();
+    let mut listener = listen(&pki).await;
+    let addr = listener.local_addr();
+    // An agent that registers and takes dials but never answers them itself.
+    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
+    let connector = GrpcConnector::new(client_tls, SessionConfig::default());
+    let silent = tokio::spawn(async move {
+        let session = connector
+            .connect(addr, "localhost", proto::Register::default())
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        while let Ok(incoming) = session.accept().await {
+            held.push(incoming);
+        }
+    });
+    let session = listener.accept().await.unwrap();
+    let target = Target {
+        host: TargetHost::Loopback,
+        port: 10250,
+    };
+    let open = tokio::spawn(async move { session.open(&OpenRequest::new(target, 1)).await });
+
+    // The first dial of a listener is stream id 1; answer it with a chunk that carries no reply.
+    let mut client = raw_client(&pki, addr).await;
+    let mut tries = 0;
+    let status = loop {
+        tries += 1;
+        assert!(tries < 500, "the dial never became pending");
+        let mut request = tonic::Request::new(tokio_stream::iter(vec![proto::Chunk {
+            data: bytes::Bytes::from_static(b"no answer"),
+            reply: None,
+        }]));
+        request
+            .metadata_mut()
+            .insert(STREAM_ID_KEY, "1".parse().unwrap());
+        match client.stream(request).await {
+            // The dial may not be pending yet: try again.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(status) => break status,
+            Ok(_) => panic!("an answer without a reply was accepted"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    match open.await.unwrap() {
+        Err(OpenError::Protocol(_)) => {}
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert_eq!(refused("bad_reply") - before, 1);
+    silent.abort();
+}

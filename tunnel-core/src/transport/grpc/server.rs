@@ -80,7 +80,11 @@ struct Paired {
 }
 
 /// A dial's waiting opener, and its link's end signal (the paired call must end with the link).
-type Waiter = (oneshot::Sender<Paired>, CancellationToken);
+type Waiter = (oneshot::Sender<Answer>, CancellationToken);
+
+/// The agent's call paired with the dial, or why it could not be (its first chunk was late or
+/// malformed): the opener reports that, not a lost link.
+type Answer = Result<Paired, crate::error::OpenError>;
 
 #[derive(Default)]
 struct Pending {
@@ -93,7 +97,7 @@ impl Pending {
         node: &str,
         id: u64,
         link_closed: CancellationToken,
-    ) -> oneshot::Receiver<Paired> {
+    ) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
         self.lock().insert((node.to_owned(), id), (tx, link_closed));
         rx
@@ -221,14 +225,34 @@ impl Tunnel for Service {
             return Err(Status::not_found("unknown, duplicate or late stream id"));
         };
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(self.0.config.header_timeout, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no reply chunk"))?
-            .map_err(|s| Status::invalid_argument(s.message().to_owned()))?
-            .ok_or_else(|| Status::invalid_argument("stream call without a reply"))?;
-        let reply = first
-            .reply
-            .ok_or_else(|| Status::invalid_argument("first chunk without a reply"))?;
+        let first =
+            match tokio::time::timeout(self.0.config.header_timeout, inbound.message()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Err(status)) => {
+                    return Err(bad_reply(
+                        waiter,
+                        Status::invalid_argument(status.message().to_owned()),
+                    ));
+                }
+                Ok(Ok(None)) => {
+                    return Err(bad_reply(
+                        waiter,
+                        Status::invalid_argument("stream call without a reply"),
+                    ));
+                }
+                Err(_) => {
+                    let timeout = self.0.config.header_timeout;
+                    refused_stream_call("bad_reply");
+                    let _ = waiter.send(Err(crate::error::OpenError::Timeout(timeout)));
+                    return Err(Status::deadline_exceeded("no reply chunk"));
+                }
+            };
+        let Some(reply) = first.reply else {
+            return Err(bad_reply(
+                waiter,
+                Status::invalid_argument("first chunk without a reply"),
+            ));
+        };
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         let mut stream = GrpcStream::new(
             id,
@@ -237,7 +261,7 @@ impl Tunnel for Service {
             &link_closed,
         );
         stream.pending = first.data;
-        if waiter.send(Paired { reply, stream }).is_err() {
+        if waiter.send(Ok(Paired { reply, stream })).is_err() {
             refused_stream_call("abandoned");
             return Err(Status::cancelled("the client is gone"));
         }
@@ -245,8 +269,18 @@ impl Tunnel for Service {
     }
 }
 
+/// Tells the opener that the agent's answer broke the protocol; returns the status for the call.
+fn bad_reply(waiter: oneshot::Sender<Answer>, status: Status) -> Status {
+    refused_stream_call("bad_reply");
+    let _ = waiter.send(Err(crate::error::OpenError::Protocol(
+        proto::DecodeError::Invalid("malformed answer to a dial"),
+    )));
+    status
+}
+
 /// Counts a `Stream` call the server refused: `bad_id` (no usable stream id), `unknown_id`
-/// (unknown, duplicate, late, or another node's), `abandoned` (the opener left meanwhile).
+/// (unknown, duplicate, late, or another node's), `bad_reply` (its first chunk was late or
+/// carried no answer), `abandoned` (the opener left meanwhile).
 fn refused_stream_call(reason: &'static str) {
     metrics::counter!("edge_tunnel_server_grpc_stream_calls_refused_total", "reason" => reason)
         .increment(1);
@@ -299,7 +333,7 @@ pub(crate) async fn open(
             .map_err(|_| OpenError::SessionClosed("link closed".into()))?;
         answer
             .await
-            .map_err(|_| OpenError::SessionClosed("link closed".into()))
+            .map_err(|_| OpenError::SessionClosed("link closed".into()))?
     };
     let paired = tokio::time::timeout(timeout, exchange)
         .await
