@@ -135,7 +135,11 @@ impl std::fmt::Debug for GrpcServerConn {
     }
 }
 
-struct Service(Arc<Shared>);
+struct Service(Arc<Shared>, Registrations);
+
+/// Registrations in progress (each bounded by the registration timeout). Owned by the listener
+/// too, so that they end with it instead of outliving it.
+type Registrations = Arc<Mutex<tokio::task::JoinSet<()>>>;
 
 fn peer(extensions: &tonic::Extensions) -> Result<(AgentIdentity, SocketAddr), Status> {
     let info = extensions
@@ -164,7 +168,7 @@ impl Tunnel for Service {
         let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote, transport = "grpc");
         // Registration runs beside the call: our answer travels in the response stream, which
         // starts flowing only once this handler has returned it.
-        tokio::spawn(
+        let registration =
             async move {
                 let mut io = ControlIo { inbound, out: Out::Server(out_tx), send_timeout: shared.config.control.ping_timeout };
                 let mut control = Control::server(now(), shared.config.control.clone());
@@ -199,8 +203,12 @@ impl Tunnel for Service {
                 );
                 let _ = shared.sessions.send(session).await;
             }
-            .instrument(span),
-        );
+            .instrument(span);
+        {
+            let mut tasks = self.1.lock().unwrap_or_else(PoisonError::into_inner);
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(registration);
+        }
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }
 
@@ -365,6 +373,7 @@ pub struct GrpcListener {
     local: SocketAddr,
     sessions: mpsc::Receiver<crate::transport::ServerSession>,
     _serve: DriverTask,
+    _registrations: Registrations,
 }
 
 impl std::fmt::Debug for GrpcListener {
@@ -398,6 +407,7 @@ impl GrpcListener {
             pending: Pending::default(),
             ids: AtomicU64::new(1),
         });
+        let registrations = Registrations::default();
         let (conn_tx, conn_rx) = mpsc::channel::<Result<PeerIo, std::io::Error>>(64);
         let handshake = config.handshake_timeout;
         let accept = async move {
@@ -428,7 +438,7 @@ impl GrpcListener {
             .max_concurrent_streams(config.max_streams.saturating_add(1))
             .http2_keepalive_interval(Some(config.keep_alive))
             .http2_keepalive_timeout(Some(config.idle_timeout))
-            .add_service(TunnelServer::new(Service(shared)))
+            .add_service(TunnelServer::new(Service(shared, registrations.clone())))
             .serve_with_incoming(ReceiverStream::new(conn_rx));
         let task = tokio::spawn(async move {
             tokio::select! {
@@ -440,6 +450,7 @@ impl GrpcListener {
             local,
             sessions,
             _serve: DriverTask(task),
+            _registrations: registrations,
         })
     }
 
