@@ -156,13 +156,9 @@ impl Agent {
         let mut streams = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failures: u32 = 0;
-        // Sessions whose server sent go-away: kept until they close, so their open streams
-        // finish while we move to another replica.
-        let mut draining: Vec<Arc<AgentSession>> = Vec::new();
         // A session that came up while another was serving (QUIC found again): served next.
         let mut next: Option<AgentSession> = None;
         'outer: loop {
-            draining.retain(|s| !matches!(s.state(), LinkState::Closed { .. }));
             let attempt = match next.take() {
                 Some(session) => Ok(session),
                 None => tokio::select! {
@@ -220,13 +216,26 @@ impl Agent {
                                 "moved to a QUIC session; the old one finishes its open streams"
                             );
                             metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "quic_again").increment(1);
-                            retire(&mut streams, session, shared.config.drain_timeout);
+                            retire(
+                                &mut streams,
+                                &shared,
+                                session,
+                                Some("agent moved to another session"),
+                                Some(shared.config.drain_timeout),
+                                false,
+                            );
                             next = Some(*newer);
                             continue 'outer;
                         }
                         SessionEnd::Shutdown => {
-                            session.go_away("agent shutting down", shared.config.drain_timeout);
-                            draining.push(session);
+                            retire(
+                                &mut streams,
+                                &shared,
+                                session,
+                                Some("agent shutting down"),
+                                Some(shared.config.drain_timeout),
+                                true,
+                            );
                             break 'outer;
                         }
                         SessionEnd::Lost(reason) => {
@@ -243,7 +252,8 @@ impl Agent {
                             // The server is leaving: its open streams go on while we move.
                             info!(%reason, "server sent go-away; reconnecting");
                             metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "go_away").increment(1);
-                            draining.push(session);
+                            // The server closes it after its own drain.
+                            retire(&mut streams, &shared, session, None, None, false);
                             // After a session that lasted, move at once. A short one (another
                             // agent with our certificate keeps replacing us) backs off instead,
                             // so that two such agents do not take turns at full speed.
@@ -279,10 +289,8 @@ impl Agent {
         {
             warn!("drain timeout reached; closing the remaining streams");
         }
+        // Aborting the tasks drops the sessions they hold, which closes those links.
         streams.shutdown().await;
-        for session in draining {
-            session.close("agent shutting down");
-        }
         let _ = meta_stop_tx.send(true);
         meta.shutdown().await;
         info!("tunnel agent stopped");
@@ -338,25 +346,72 @@ async fn unless_moved(attempt: Option<Attempt<'_>>, end: SessionEnd) -> SessionE
     }
 }
 
-/// Tells the server `session` is leaving and waits for the server to close it, which it does
-/// once its side of the session's streams is done: by then every byte has arrived, whereas a
-/// close from here could cut bytes still in flight. After `drain` the agent closes it itself
-/// (a server that never does, or one on another replica). The task lives in `streams`, so
-/// shutdown waits for it too.
-fn retire(streams: &mut JoinSet<()>, session: Arc<AgentSession>, drain: Duration) {
-    session.go_away("agent moved to another session", drain);
+/// Retires `session` in a task of `streams` (so shutdown waits for it): tells the server we
+/// are leaving (`go_away`), and goes on serving what the server opened before it heard (a
+/// stream or dial may cross the go-away on the wire) until the link closes. The server closes
+/// it once its side of the streams is done, by when every byte has arrived; a close from here
+/// could cut bytes in flight, so the agent closes it itself only after `deadline` (a server
+/// that never does, or one on another replica), or, when shutting down, once it is idle.
+fn retire(
+    streams: &mut JoinSet<()>,
+    shared: &Arc<Shared>,
+    session: Arc<AgentSession>,
+    go_away: Option<&'static str>,
+    deadline: Option<Duration>,
+    close_when_idle: bool,
+) {
+    if let Some(reason) = go_away {
+        session.go_away(reason, deadline.unwrap_or_default());
+    }
+    let shared = shared.clone();
     streams.spawn(
         async move {
-            if tokio::time::timeout(drain, session.closed()).await.is_err() {
-                warn!(
-                    open = session.open_streams(),
-                    "old session still open after the drain timeout; closing it"
-                );
-                session.close("agent moved to another session");
+            let expiry = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut expiry = std::pin::pin!(expiry);
+            let mut open = JoinSet::new();
+            loop {
+                tokio::select! {
+                    incoming = session.accept() => match incoming {
+                        Ok(incoming) => {
+                            open.spawn(forward::serve(shared.clone(), incoming).in_current_span());
+                        }
+                        Err(_) => break,
+                    },
+                    _ = session.closed() => break,
+                    // Shutting down: nothing more will be asked of this link once it is idle.
+                    () = session.idle(), if close_when_idle => {
+                        session.close("agent shutting down");
+                        break;
+                    }
+                    () = &mut expiry => {
+                        warn!(open = session.open_streams(), "old session still open after the drain timeout; closing it");
+                        session.close("agent drain timeout");
+                        break;
+                    }
+                    Some(_) = open.join_next(), if !open.is_empty() => {}
+                }
             }
+            // The streams of a closed link end with it.
+            while open.join_next().await.is_some() {}
         }
         .in_current_span(),
     );
+}
+
+/// `end`, unless shutdown comes first (an in-flight QUIC attempt must not delay it).
+async fn until_shutdown(
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    end: impl Future<Output = SessionEnd>,
+) -> SessionEnd {
+    tokio::select! {
+        end = end => end,
+        () = shutdown.as_mut() => SessionEnd::Shutdown,
+    }
 }
 
 async fn serve_session(
@@ -399,14 +454,14 @@ async fn serve_session(
                         .in_current_span(),
                     );
                 }
-                Err(e) => return unless_moved(attempt, SessionEnd::Lost(e.to_string())).await,
+                Err(e) => return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Lost(e.to_string()))).await,
             },
             state = session.draining() => match state {
                 LinkState::Draining { reason } => {
-                    return unless_moved(attempt, SessionEnd::Draining(reason)).await;
+                    return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Draining(reason))).await;
                 }
                 LinkState::Closed { reason } => {
-                    return unless_moved(attempt, SessionEnd::Lost(reason)).await;
+                    return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Lost(reason))).await;
                 }
                 LinkState::Active => {}
             },

@@ -270,10 +270,12 @@ impl Half {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // Drained, and the traffic is small: give the large buffer back.
+                        // Drained, and the traffic is small (or quiet twice in a row after a
+                        // burst): give the large buffer back.
                         if self.last_small {
                             self.large = None;
                         }
+                        self.last_small = true;
                         // Nothing more to read now: push out what the writer buffered so
                         // that an interactive peer (exec, logs) sees it without delay.
                         if self.need_flush {

@@ -209,7 +209,9 @@ impl Control {
                     self.outstanding = None;
                 }
             }
-            (State::Active, Msg::Dial(d)) if self.agent => {
+            // A dial may cross a go-away on the wire; it was sent while the link was open, so
+            // it is served like a QUIC stream opened just before the go-away.
+            (State::Active | State::Draining, Msg::Dial(d)) if self.agent => {
                 self.events.push_back(Event::Dial(d));
             }
             (State::Active | State::Draining, Msg::Cancel(c)) if self.agent => {
@@ -245,9 +247,11 @@ impl Control {
         Ok(())
     }
 
-    /// Server side, gRPC transport: asks the agent to dial. Only while active.
+    /// Server side, gRPC transport: asks the agent to dial. Also while draining: an opener that
+    /// checked the link just before the go-away still gets its stream (new opens are refused
+    /// by the session, which sees the draining state).
     pub fn dial(&mut self, request: proto::DialRequest) -> Result<(), ControlError> {
-        if self.agent || self.state != State::Active {
+        if self.agent || !matches!(self.state, State::Active | State::Draining) {
             return Err(ControlError::Unexpected {
                 message: "dial",
                 state: self.state.name(),

@@ -89,19 +89,25 @@ impl QuicListener {
             &[b"edge-tunnel stateless reset v1\0".as_slice(), secret].concat(),
         );
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
+        // The id check is a filter against noise, not a secret (ids are seen on the wire), so
+        // its key is derived apart from the reset key.
+        let cid_digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[b"edge-tunnel connection ids v1\0".as_slice(), secret].concat(),
+        );
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
         // Connection ids carry a check keyed the same way: a successor must accept its
         // predecessor's ids as well-formed, or it drops their packets without the reset.
         let mut cid_key = [0u8; 8];
-        cid_key.copy_from_slice(&digest.as_ref()[..8]);
+        cid_key.copy_from_slice(&cid_digest.as_ref()[..8]);
         let cid_key = u64::from_le_bytes(cid_key);
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
         // quinn sends at most one reset per 20 ms by default: 5,000 agents of a crashed server
-        // would need minutes to hear it (bench: half of them back after 24 s). Garbage cannot
-        // make us send resets (ids that fail the keyed check are dropped, and a reset is always
-        // smaller than what incited it), so 10,000 a second is safe.
+        // would need minutes to hear it (bench: half of them back after 24 s). Random noise
+        // mostly fails the id check, and a reset is always smaller than what incited it (no
+        // amplification); someone replaying a seen id can make us send at most 10,000 a second.
         endpoint_config.min_reset_interval(Duration::from_micros(100));
         let socket = std::net::UdpSocket::bind(addr)?;
         let runtime = quinn::default_runtime()

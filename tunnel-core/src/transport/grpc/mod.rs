@@ -236,5 +236,12 @@ async fn drive(
         (Err(e), None) => e.to_string(),
     };
     debug!(%reason, "link ended");
+    // Dials not yet answered are withdrawn with the link: their tickets see the senders go.
+    if let Some(a) = &agent {
+        a.cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
     state.send_replace(LinkState::Closed { reason });
 }

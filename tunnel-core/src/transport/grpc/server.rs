@@ -339,9 +339,11 @@ pub(crate) async fn open(
             .send(Command::Dial(dial))
             .await
             .map_err(|_| OpenError::SessionClosed("link closed".into()))?;
-        answer
-            .await
-            .map_err(|_| OpenError::SessionClosed("link closed".into()))?
+        tokio::select! {
+            answer = answer => answer.map_err(|_| OpenError::SessionClosed("link closed".into()))?,
+            // An answer can no longer come: fail now rather than at the open timeout.
+            () = conn.closed.cancelled() => Err(OpenError::SessionClosed("link closed".into())),
+        }
     };
     let paired = tokio::time::timeout(timeout, exchange)
         .await

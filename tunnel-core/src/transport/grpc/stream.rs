@@ -89,7 +89,6 @@ impl GrpcStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.check_link(cx)?;
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -108,7 +107,12 @@ impl GrpcStream {
                     )));
                 }
                 Poll::Ready(None) => self.read_done = true,
-                Poll::Pending => return Poll::Pending,
+                // Everything that arrived has been read; only now may a closed link end the
+                // stream, so that a retired link's last bytes are not thrown away.
+                Poll::Pending => {
+                    self.check_link(cx)?;
+                    return Poll::Pending;
+                }
             }
         }
     }
