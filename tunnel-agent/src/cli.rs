@@ -50,9 +50,9 @@ pub struct Cli {
     /// (open streams finish on gRPC).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub quic_retry_interval_seconds: u64,
-    /// Most proxied connections the server may open to this agent at once (QUIC stream credit,
-    /// and the bound on gRPC dials outstanding). Keep it equal to the server's
-    /// --max-concurrent-streams: the smaller of the two is the limit.
+    /// Most QUIC streams the server may open to this agent at once (its stream credit; the
+    /// smaller of this and the server's --max-concurrent-streams is the limit). Over gRPC the
+    /// server's limit governs.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
     /// Ports dialed on 127.0.0.1 instead of the node IP.

@@ -14,7 +14,8 @@ use tracing::debug_span;
 
 use super::stream::{AgentCalls, DialTicket, GrpcStream, Outbound};
 use super::{
-    ALPN_H2, AgentDials, CHUNKS_IN_FLIGHT, ControlIo, Out, STREAM_ID_KEY, now, spawn_driver,
+    ALPN_H2, AgentDials, CHUNKS_IN_FLIGHT, ControlIo, MAX_OUTSTANDING_DIALS, Out, STREAM_ID_KEY,
+    now, spawn_driver,
 };
 use crate::control::{Control, ControlError, Event};
 use crate::error::SessionError;
@@ -106,14 +107,15 @@ impl GrpcConnector {
                 state: "await-registered",
             }));
         };
-        let (dials_tx, dials_rx) = mpsc::channel(config.max_streams as usize);
+        let (dials_tx, dials_rx) = mpsc::channel(MAX_OUTSTANDING_DIALS);
         let agent = AgentDials {
             dials: dials_tx,
             cancels: Arc::new(Mutex::new(HashMap::new())),
-            limit: config.max_streams as usize,
+            limit: MAX_OUTSTANDING_DIALS,
         };
         let closed = CancellationToken::new();
-        let link = spawn_driver(control, io, Some(agent), closed.clone(), span);
+        // The agent's commands are go-away and close only.
+        let link = spawn_driver(control, io, Some(agent), closed.clone(), 16, span);
         Ok(crate::transport::AgentSession::new(
             registered,
             addr,

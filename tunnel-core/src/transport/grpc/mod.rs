@@ -122,18 +122,24 @@ struct AgentDials {
     dials: mpsc::Sender<(proto::DialRequest, DialTicket)>,
     /// Dials not yet answered, by stream id; each entry leaves with its [`DialTicket`].
     cancels: Cancels,
-    /// The most dials the server may have outstanding at once (its stream limit).
+    /// The most dials the server may have outstanding at once ([`MAX_OUTSTANDING_DIALS`]).
     limit: usize,
 }
+
+/// Agent side: more unanswered dials than this is a server gone wrong, and ends the link. A
+/// bound on memory (about 100 bytes each), not the stream limit: over gRPC the server's
+/// `max_streams` governs, and an agent configured lower must not drop its link for it.
+pub(crate) const MAX_OUTSTANDING_DIALS: usize = 65_536;
 
 fn spawn_driver(
     control: Control,
     io: ControlIo,
     agent: Option<AgentDials>,
     closed: CancellationToken,
+    commands_capacity: usize,
     span: tracing::Span,
 ) -> Link {
-    let (commands, rx) = mpsc::channel(64);
+    let (commands, rx) = mpsc::channel(commands_capacity);
     let (state_tx, state) = watch::channel(LinkState::Active);
     let local_close = Arc::new(Mutex::new(None));
     let driver = drive(control, io, rx, state_tx, agent, local_close.clone());

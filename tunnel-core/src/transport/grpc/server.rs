@@ -191,7 +191,11 @@ impl Tunnel for Service {
                     return;
                 }
                 let closed = CancellationToken::new();
-                let link = spawn_driver(control, io, None, closed.clone(), tracing::Span::current());
+                // Every open sends a dial and perhaps a cancel, and at most `max_streams` opens
+                // run at once: room for all, so a cancel (sent from a drop, without waiting) is
+                // never lost to a full queue.
+                let capacity = 2 * shared.config.max_streams as usize + 16;
+                let link = spawn_driver(control, io, None, closed.clone(), capacity, tracing::Span::current());
                 let conn = GrpcServerConn { shared: shared.clone(), node: identity.node_name.clone(), closed };
                 let session = crate::transport::ServerSession::new(
                     identity,
