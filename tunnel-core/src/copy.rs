@@ -311,6 +311,43 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     #[tokio::test]
+    async fn a_quiet_direction_gives_its_large_buffer_back() {
+        let (mut src_tx, mut src) = duplex(256 * 1024);
+        let (mut dst, mut dst_rx) = duplex(256 * 1024);
+        let mut half = Half::new(DEFAULT_BUFFER);
+        async fn poll_once<R, W>(half: &mut Half, r: &mut R, w: &mut W)
+        where
+            R: AsyncRead + Unpin,
+            W: AsyncWrite + Unpin,
+        {
+            std::future::poll_fn(|cx| {
+                assert!(half.poll_copy(cx, r, w).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+        }
+        src_tx.write_all(&vec![7u8; 10 * PROBE]).await.unwrap();
+        poll_once(&mut half, &mut src, &mut dst).await;
+        assert!(
+            half.large.is_some(),
+            "a burst moves through the large buffer"
+        );
+        // Nothing more arrives: the second quiet poll gives it back.
+        poll_once(&mut half, &mut src, &mut dst).await;
+        assert!(
+            half.large.is_none(),
+            "an idle direction holds only its probe"
+        );
+        // Small traffic then stays in the probe.
+        src_tx.write_all(b"tick").await.unwrap();
+        poll_once(&mut half, &mut src, &mut dst).await;
+        assert!(half.large.is_none());
+        let mut got = vec![0u8; 10 * PROBE + 4];
+        dst_rx.read_exact(&mut got).await.unwrap();
+        assert!(got[..10 * PROBE].iter().all(|b| *b == 7) && &got[10 * PROBE..] == b"tick");
+    }
+
+    #[tokio::test]
     async fn mixed_sizes_around_the_probe_arrive_exact() {
         let (mut client, mut a) = duplex(256 * 1024);
         let (mut b, mut server) = duplex(256 * 1024);

@@ -97,7 +97,7 @@ impl Default for SessionConfig {
 pub struct TunnelStream {
     inner: StreamInner,
     // Keeps the stream counted in its link's open streams until it is dropped.
-    _count: Option<session::StreamGuard>,
+    _count: session::StreamGuard,
 }
 
 #[derive(Debug)]
@@ -114,23 +114,22 @@ enum StreamInner {
 const RESET_ABORTED: u32 = 1;
 
 impl TunnelStream {
-    pub(crate) fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+    pub(crate) fn quic(
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        count: session::StreamGuard,
+    ) -> Self {
         Self {
             inner: StreamInner::Quic { send, recv },
-            _count: None,
+            _count: count,
         }
     }
 
-    pub(crate) fn grpc(stream: grpc::GrpcStream) -> Self {
+    pub(crate) fn grpc(stream: grpc::GrpcStream, count: session::StreamGuard) -> Self {
         Self {
             inner: StreamInner::Grpc(Box::new(stream)),
-            _count: None,
+            _count: count,
         }
-    }
-
-    pub(crate) fn counted(mut self, guard: session::StreamGuard) -> Self {
-        self._count = Some(guard);
-        self
     }
 
     /// The transport's id of the stream, for logs.

@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
-use super::session::{AgentConn, Command, DriverTask, Link, RequestedInner, ServerConn};
+use super::session::{AgentConn, Command, Link, LocalClose, RequestedInner, ServerConn};
 use super::{AgentSession, LinkState, RequestedStream, ServerSession, SessionConfig, TunnelStream};
 use crate::control::{Control, ControlError, Event};
 use crate::error::{ConfigError, OpenError, Refusal, SessionError};
@@ -442,18 +442,9 @@ fn spawn_driver(
     conn: quinn::Connection,
     span: tracing::Span,
 ) -> Link {
-    let (commands, rx) = mpsc::channel(4);
-    let (state_tx, state) = watch::channel(LinkState::Active);
-    let local_close = Arc::new(std::sync::Mutex::new(None));
-    let task =
-        tokio::spawn(drive(control, io, conn, rx, state_tx, local_close.clone()).instrument(span));
-    Link {
-        commands,
-        state,
-        local_close,
-        streams: watch::Sender::new(0),
-        _driver: DriverTask(task),
-    }
+    Link::spawn(4, span, |rx, state, local_close| {
+        drive(control, io, conn, rx, state, local_close)
+    })
 }
 
 /// One task per link: control messages in and out, pings, go-away, and the link's end.
@@ -463,7 +454,7 @@ async fn drive(
     conn: quinn::Connection,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<LinkState>,
-    local_close: Arc<std::sync::Mutex<Option<String>>>,
+    local_close: LocalClose,
 ) {
     let result: Result<(), SessionError> = async {
         loop {
@@ -492,10 +483,7 @@ async fn drive(
         }
     }
     .await;
-    let local = local_close
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let local = Link::local_reason(&local_close);
     let reason = match (&result, conn.close_reason()) {
         (_, Some(quinn::ConnectionError::LocallyClosed)) if local.is_some() => {
             local.unwrap_or_default()
@@ -535,6 +523,7 @@ pub(crate) async fn open(
     conn: &quinn::Connection,
     request: &OpenRequest,
     config: &SessionConfig,
+    count: super::session::StreamGuard,
 ) -> Result<TunnelStream, OpenError> {
     let timeout = config.open_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -567,7 +556,7 @@ pub(crate) async fn open(
         }
     };
     let refusal = match proto::OpenResult::try_from(reply.result) {
-        Ok(proto::OpenResult::Ok) => return Ok(TunnelStream::quic(send, recv)),
+        Ok(proto::OpenResult::Ok) => return Ok(TunnelStream::quic(send, recv, count)),
         Ok(proto::OpenResult::Forbidden) => Refusal::Forbidden,
         Ok(proto::OpenResult::Refused) => Refusal::Refused,
         Ok(proto::OpenResult::Timeout) => Refusal::Timeout,

@@ -61,7 +61,7 @@ pub(crate) struct Link {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) state: watch::Receiver<LinkState>,
     /// Why this side closed the link, for the driver to report.
-    pub(crate) local_close: Arc<std::sync::Mutex<Option<String>>>,
+    pub(crate) local_close: LocalClose,
     /// Streams open on the link (agent: from accept on, dials in progress included).
     pub(crate) streams: watch::Sender<usize>,
     pub(crate) _driver: DriverTask,
@@ -115,7 +115,42 @@ impl Drop for StreamGuard {
     }
 }
 
+/// Why this side closed a link, for its driver to report.
+pub(crate) type LocalClose = Arc<std::sync::Mutex<Option<String>>>;
+
 impl Link {
+    /// Starts a link's driver task: `driver` gets the command queue (`capacity` deep), the
+    /// state to publish and the slot where handles note why they closed the link.
+    pub(crate) fn spawn<F>(
+        capacity: usize,
+        span: tracing::Span,
+        driver: impl FnOnce(mpsc::Receiver<Command>, watch::Sender<LinkState>, LocalClose) -> F,
+    ) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        use tracing::Instrument;
+        let (commands, rx) = mpsc::channel(capacity);
+        let (state_tx, state) = watch::channel(LinkState::Active);
+        let local_close = LocalClose::default();
+        let task = tokio::spawn(driver(rx, state_tx, local_close.clone()).instrument(span));
+        Self {
+            commands,
+            state,
+            local_close,
+            streams: watch::Sender::new(0),
+            _driver: DriverTask(task),
+        }
+    }
+
+    /// Why this side closed the link, if it did.
+    pub(crate) fn local_reason(local_close: &LocalClose) -> Option<String> {
+        local_close
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     fn go_away(&self, reason: &str, drain: Duration) {
         // A full queue means a go-away is already on its way; a closed one, that the link is gone.
         let _ = self.commands.try_send(Command::GoAway {
@@ -258,19 +293,19 @@ impl ServerSession {
         let guard = StreamGuard::try_new(&self.shared.link.streams, limit as usize)
             .ok_or(OpenError::Busy(limit))?;
         let _pending = PendingDial::new(self.transport());
-        let stream = match &self.shared.conn {
-            ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config).await,
+        match &self.shared.conn {
+            ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config, guard).await,
             ServerConn::Grpc(conn) => {
                 super::grpc::open(
                     conn,
                     &self.shared.link.commands,
                     request,
                     &self.shared.config,
+                    guard,
                 )
                 .await
             }
-        }?;
-        Ok(stream.counted(guard))
+        }
     }
 
     /// Streams open on this link now, openings in progress included.
@@ -562,7 +597,7 @@ impl RequestedStream {
         match self.inner {
             RequestedInner::Quic { mut send, recv } => {
                 quic::write_reply(&mut send, &reply).await?;
-                Ok(TunnelStream::quic(send, recv).counted(self.guard))
+                Ok(TunnelStream::quic(send, recv, self.guard))
             }
             RequestedInner::Grpc {
                 id,
@@ -574,7 +609,7 @@ impl RequestedStream {
                     return Err(SessionError::Timeout("dial cancelled by the server"));
                 }
                 let stream = super::grpc::answer(&client, id, reply).await?;
-                Ok(TunnelStream::grpc(stream).counted(self.guard))
+                Ok(TunnelStream::grpc(stream, self.guard))
             }
         }
     }

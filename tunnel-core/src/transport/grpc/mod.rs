@@ -17,10 +17,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
-use tracing::{Instrument, debug, info};
+use tracing::{debug, info};
 
 use super::LinkState;
-use super::session::{Command, DriverTask, Link};
+use super::session::{Command, Link, LocalClose};
 use crate::control::{Control, ControlError, Event};
 use crate::error::SessionError;
 use crate::proto;
@@ -139,25 +139,15 @@ fn spawn_driver(
     commands_capacity: usize,
     span: tracing::Span,
 ) -> Link {
-    let (commands, rx) = mpsc::channel(commands_capacity);
-    let (state_tx, state) = watch::channel(LinkState::Active);
-    let local_close = Arc::new(Mutex::new(None));
-    let driver = drive(control, io, rx, state_tx, agent, local_close.clone());
-    let task = tokio::spawn(
-        async move {
+    Link::spawn(
+        commands_capacity,
+        span,
+        |rx, state, local_close| async move {
             // Dropped with the driver, aborted or not: the link's calls end with it.
             let _cancel = closed.drop_guard();
-            driver.await;
-        }
-        .instrument(span),
-    );
-    Link {
-        commands,
-        state,
-        local_close,
-        streams: watch::Sender::new(0),
-        _driver: DriverTask(task),
-    }
+            drive(control, io, rx, state, agent, local_close).await;
+        },
+    )
 }
 
 async fn drive(
@@ -166,7 +156,7 @@ async fn drive(
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<LinkState>,
     agent: Option<AgentDials>,
-    local_close: Arc<Mutex<Option<String>>>,
+    local_close: LocalClose,
 ) {
     let result: Result<(), SessionError> = async {
         loop {
@@ -232,11 +222,7 @@ async fn drive(
         }
     }
     .await;
-    let local = local_close
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let reason = match (result, local) {
+    let reason = match (result, Link::local_reason(&local_close)) {
         (_, Some(local)) => local,
         (Ok(()), None) => "closed".to_owned(),
         (Err(e), None) => e.to_string(),

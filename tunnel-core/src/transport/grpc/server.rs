@@ -320,6 +320,7 @@ pub(crate) async fn open(
     commands: &mpsc::Sender<Command>,
     request: &proto::OpenRequest,
     config: &SessionConfig,
+    count: crate::transport::session::StreamGuard,
 ) -> Result<crate::transport::TunnelStream, crate::error::OpenError> {
     use crate::error::{OpenError, Refusal};
     let timeout = config.open_timeout;
@@ -355,7 +356,7 @@ pub(crate) async fn open(
     guard.armed = false;
     let refusal = match proto::OpenResult::try_from(paired.reply.result) {
         Ok(proto::OpenResult::Ok) => {
-            return Ok(crate::transport::TunnelStream::grpc(paired.stream));
+            return Ok(crate::transport::TunnelStream::grpc(paired.stream, count));
         }
         Ok(proto::OpenResult::Forbidden) => Refusal::Forbidden,
         Ok(proto::OpenResult::Refused) => Refusal::Refused,

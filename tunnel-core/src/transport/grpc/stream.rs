@@ -23,8 +23,11 @@ pub(crate) struct GrpcStream {
     pub(super) pending: Bytes,
     outbound: Outbound,
     read_done: bool,
-    /// Fires when the link's control call ends: the calls of a closed link must not outlive
-    /// it (they share the HTTP/2 connection, which tonic keeps for other links' calls too).
+    /// Cancelled when the link's control call ends: the calls of a closed link must not
+    /// outlive it (they share the HTTP/2 connection, which tonic keeps for other links' calls).
+    link: CancellationToken,
+    /// The same, as a future, polled only where the stream is about to wait: polling it
+    /// takes the token's lock, which every stream of the link shares.
     link_closed: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
@@ -56,13 +59,20 @@ impl GrpcStream {
             pending: Bytes::new(),
             outbound,
             read_done: false,
+            link: closed.clone(),
             link_closed: Box::pin(closed.clone().cancelled_owned()),
         }
     }
 
-    /// Aborts the stream when its link has ended.
-    fn check_link(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        if self.link_closed.as_mut().poll(cx).is_ready() {
+    /// Aborts the stream when its link has ended; before waiting, also arranges to be woken
+    /// when it does (`waiting`).
+    fn check_link(&mut self, cx: &mut Context<'_>, waiting: bool) -> std::io::Result<()> {
+        let ended = if waiting {
+            self.link_closed.as_mut().poll(cx).is_ready()
+        } else {
+            self.link.is_cancelled()
+        };
+        if ended {
             self.abort();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
@@ -110,7 +120,7 @@ impl GrpcStream {
                 // Everything that arrived has been read; only now may a closed link end the
                 // stream, so that a retired link's last bytes are not thrown away.
                 Poll::Pending => {
-                    self.check_link(cx)?;
+                    self.check_link(cx, true)?;
                     return Poll::Pending;
                 }
             }
@@ -122,21 +132,30 @@ impl GrpcStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.check_link(cx)?;
+        self.check_link(cx, false)?;
         let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        // Reserve first: a chunk copied before a full queue would be copied again on the retry.
+        let reserved = match &mut self.outbound {
+            Outbound::Response(tx) => tx.poll_reserve(cx).map(|r| r.is_ok()),
+            Outbound::Request(tx) => tx.poll_reserve(cx).map(|r| r.is_ok()),
+        };
+        if reserved.is_pending() {
+            self.check_link(cx, true)?;
+            return Poll::Pending;
+        }
+        if reserved == Poll::Ready(false) {
+            return Poll::Ready(Err(closed()));
+        }
         let chunk = proto::Chunk {
             data: Bytes::copy_from_slice(buf),
             reply: None,
         };
-        match &mut self.outbound {
-            Outbound::Response(tx) => {
-                std::task::ready!(tx.poll_reserve(cx)).map_err(|_| closed())?;
-                tx.send_item(Ok(chunk)).map_err(|_| closed())?;
-            }
-            Outbound::Request(tx) => {
-                std::task::ready!(tx.poll_reserve(cx)).map_err(|_| closed())?;
-                tx.send_item(chunk).map_err(|_| closed())?;
-            }
+        let sent = match &mut self.outbound {
+            Outbound::Response(tx) => tx.send_item(Ok(chunk)).is_ok(),
+            Outbound::Request(tx) => tx.send_item(chunk).is_ok(),
+        };
+        if !sent {
+            return Poll::Ready(Err(closed()));
         }
         Poll::Ready(Ok(buf.len()))
     }
