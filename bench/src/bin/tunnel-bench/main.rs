@@ -40,6 +40,14 @@ struct Cli {
     /// One JSON document instead of the table.
     #[arg(long)]
     json: bool,
+    /// Only these sections of the table (numbers, comma-separated: `--only 1,3`); for
+    /// profiling one path. Default: all.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=7))]
+    only: Vec<u8>,
+    /// Only these paths in sections 1 to 3 and 5 (comma-separated), for profiling one of
+    /// them. Default: all; ratios need `direct` and `rathole` in the run.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    columns: Vec<Column>,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -216,15 +224,34 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.mode {
         Some(Mode::Serve(args)) => runtime.block_on(child::serve(args)),
-        None => runtime.block_on(run(cli.quick, cli.json)),
+        None => runtime.block_on(run(cli.quick, cli.json, Sections(cli.only), cli.columns)),
     }
 }
 
-async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
+/// The sections a run measures.
+struct Sections(Vec<u8>);
+
+impl Sections {
+    fn wants(&self, n: u8) -> bool {
+        self.0.is_empty() || self.0.contains(&n)
+    }
+}
+
+async fn run(
+    quick: bool,
+    json: bool,
+    sections: Sections,
+    columns: Vec<Column>,
+) -> anyhow::Result<()> {
     let sizes = Sizes::new(quick);
     let mut report = Report::default();
     report.notes.push(machine_note());
     let nofile = memory::raise_nofile(200_000);
+    let idle_agents = if sections.wants(4) || sections.wants(6) {
+        sizes.idle_agents
+    } else {
+        0
+    };
     let idle_conns = sizes
         .idle_conns
         .min((nofile as usize).saturating_sub(2_000) / 4);
@@ -243,12 +270,10 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
             ips: vec![],
         })
         .collect();
-    agents.extend(
-        (0..sizes.idle_agents).map(|i| tunnel_server::pki::AgentSpec {
-            node: format!("idle-{i}"),
-            ips: vec![],
-        }),
-    );
+    agents.extend((0..idle_agents).map(|i| tunnel_server::pki::AgentSpec {
+        node: format!("idle-{i}"),
+        ips: vec![],
+    }));
     let out = dir.path().join("pki");
     let pki = tokio::task::spawn_blocking(move || {
         tunnel_server::pki::init(&tunnel_server::pki::PkiRequest {
@@ -305,7 +330,9 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
             },
         ),
     ];
-    let rathole = if rathole::available().await {
+    let rathole = if !columns.is_empty() && !columns.contains(&Column::Rathole) {
+        None
+    } else if rathole::available().await {
         match rathole::start(dir.path(), &pki, &[echo, sink, source.addr]).await {
             Ok(r) => {
                 paths.push((
@@ -327,132 +354,143 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
             .push("rathole column: `rathole` is not on the PATH (cargo install rathole)".into());
         None
     };
-
-    // 1. Bulk throughput.
-    report.notes.push(format!(
-        "bulk: {} MiB per transfer, median of {} runs",
-        sizes.bulk_bytes >> 20,
-        sizes.bulk_runs
-    ));
-    for streams in [1u64, 8] {
-        for (dir, label) in [
-            (Direction::Up, "client -> node"),
-            (Direction::Down, "node -> client"),
-        ] {
-            let mut values = Vec::new();
-            for (col, path) in &paths {
-                let mut runs = Vec::new();
-                for _ in 0..sizes.bulk_runs {
-                    runs.push(
-                        measure::bulk(path, dir, sink, &source, sizes.bulk_bytes, streams)
-                            .await
-                            .with_context(|| format!("bulk over {}", col.name()))?,
-                    );
-                }
-                runs.sort_by(f64::total_cmp);
-                values.push((*col, runs[runs.len() / 2]));
-            }
-            report.add(
-                "1. bulk throughput",
-                format!(
-                    "{streams} stream{}, {label}",
-                    if streams > 1 { "s" } else { "" }
-                ),
-                "Gbit/s",
-                Better::Higher,
-                values,
-            );
-        }
+    if !columns.is_empty() {
+        paths.retain(|(c, _)| columns.contains(c));
     }
 
-    // 2. Round trips on kept connections.
-    for size in [64usize, 1024] {
-        for conc in [1usize, 64] {
-            let per_conn = if conc == 1 {
-                sizes.rtt_single
-            } else {
-                sizes.rtt_per_conn_64
-            };
-            let mut lat = Vec::new();
-            for (col, path) in &paths {
-                let l = measure::round_trips(path, echo, size, conc, per_conn)
-                    .await
-                    .with_context(|| format!("round trips over {}", col.name()))?;
-                lat.push((*col, l));
-            }
-            for (q, qname) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+    if sections.wants(1) {
+        // 1. Bulk throughput.
+        report.notes.push(format!(
+            "bulk: {} MiB per transfer, median of {} runs",
+            sizes.bulk_bytes >> 20,
+            sizes.bulk_runs
+        ));
+        for streams in [1u64, 8] {
+            for (dir, label) in [
+                (Direction::Up, "client -> node"),
+                (Direction::Down, "node -> client"),
+            ] {
+                let mut values = Vec::new();
+                for (col, path) in &paths {
+                    let mut runs = Vec::new();
+                    for _ in 0..sizes.bulk_runs {
+                        runs.push(
+                            measure::bulk(path, dir, sink, &source, sizes.bulk_bytes, streams)
+                                .await
+                                .with_context(|| format!("bulk over {}", col.name()))?,
+                        );
+                    }
+                    runs.sort_by(f64::total_cmp);
+                    values.push((*col, runs[runs.len() / 2]));
+                }
                 report.add(
-                    "2. round trip on a kept connection",
-                    format!("{size} B, {conc} concurrent, {qname}"),
-                    "us",
-                    Better::Lower,
-                    lat.iter().map(|(c, l)| (*c, quantile_us(l, q))),
+                    "1. bulk throughput",
+                    format!(
+                        "{streams} stream{}, {label}",
+                        if streams > 1 { "s" } else { "" }
+                    ),
+                    "Gbit/s",
+                    Better::Higher,
+                    values,
                 );
             }
         }
     }
 
-    // 3. New connection + one round trip.
-    for conc in [1usize, 16] {
-        let mut rows = Vec::new();
-        let mut opens = Vec::new();
-        for (col, path) in &paths {
-            let dial = "edge_tunnel_server_dial_duration_seconds";
-            let before = server.metric(&format!("{dial}_sum"), &[]).await?;
-            let count = server.metric(&format!("{dial}_count"), &[]).await?;
-            let (lat, rate) = measure::connects(path, echo, sizes.connects, conc)
-                .await
-                .with_context(|| format!("new connections over {}", col.name()))?;
-            let opened = server.metric(&format!("{dial}_count"), &[]).await? - count;
-            if opened > 0.0 {
-                let spent = server.metric(&format!("{dial}_sum"), &[]).await? - before;
-                opens.push((*col, spent / opened * 1e6));
+    if sections.wants(2) {
+        // 2. Round trips on kept connections.
+        for size in [64usize, 1024] {
+            for conc in [1usize, 64] {
+                let per_conn = if conc == 1 {
+                    sizes.rtt_single
+                } else {
+                    sizes.rtt_per_conn_64
+                };
+                let mut lat = Vec::new();
+                for (col, path) in &paths {
+                    let l = measure::round_trips(path, echo, size, conc, per_conn)
+                        .await
+                        .with_context(|| format!("round trips over {}", col.name()))?;
+                    lat.push((*col, l));
+                }
+                for (q, qname) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+                    report.add(
+                        "2. round trip on a kept connection",
+                        format!("{size} B, {conc} concurrent, {qname}"),
+                        "us",
+                        Better::Lower,
+                        lat.iter().map(|(c, l)| (*c, quantile_us(l, q))),
+                    );
+                }
             }
-            rows.push((*col, lat, rate));
         }
-        let section = "3. new connection + 64 B round trip";
-        for (q, qname) in [(0.5, "p50"), (0.99, "p99")] {
-            report.add(
-                section,
-                format!("{conc} at a time, {qname}"),
-                "us",
-                Better::Lower,
-                rows.iter().map(|(c, l, _)| (*c, quantile_us(l, q))),
-            );
-        }
-        report.add(
-            section,
-            format!("{conc} at a time, rate"),
-            "conn/s",
-            Better::Higher,
-            rows.iter().map(|(c, _, r)| (*c, *r)),
-        );
-        report.add(
-            section,
-            format!("{conc} at a time, of which stream open"),
-            "us",
-            Better::Lower,
-            opens,
-        );
     }
 
-    // 5. Head-of-line blocking (before the memory figures, which restart the server).
-    let mut hol = Vec::new();
-    for (col, path) in &paths {
-        if matches!(col, Column::Quic | Column::Grpc) {
-            let (without, with) = measure::head_of_line(path, &source, sizes.hol_each)
-                .await
-                .with_context(|| format!("head-of-line over {}", col.name()))?;
-            hol.push((*col, with / without));
+    if sections.wants(3) {
+        // 3. New connection + one round trip.
+        for conc in [1usize, 16] {
+            let mut rows = Vec::new();
+            let mut opens = Vec::new();
+            for (col, path) in &paths {
+                let dial = "edge_tunnel_server_dial_duration_seconds";
+                let before = server.metric(&format!("{dial}_sum"), &[]).await?;
+                let count = server.metric(&format!("{dial}_count"), &[]).await?;
+                let (lat, rate) = measure::connects(path, echo, sizes.connects, conc)
+                    .await
+                    .with_context(|| format!("new connections over {}", col.name()))?;
+                let opened = server.metric(&format!("{dial}_count"), &[]).await? - count;
+                if opened > 0.0 {
+                    let spent = server.metric(&format!("{dial}_sum"), &[]).await? - before;
+                    opens.push((*col, spent / opened * 1e6));
+                }
+                rows.push((*col, lat, rate));
+            }
+            let section = "3. new connection + 64 B round trip";
+            for (q, qname) in [(0.5, "p50"), (0.99, "p99")] {
+                report.add(
+                    section,
+                    format!("{conc} at a time, {qname}"),
+                    "us",
+                    Better::Lower,
+                    rows.iter().map(|(c, l, _)| (*c, quantile_us(l, q))),
+                );
+            }
+            report.add(
+                section,
+                format!("{conc} at a time, rate"),
+                "conn/s",
+                Better::Higher,
+                rows.iter().map(|(c, _, r)| (*c, *r)),
+            );
+            report.add(
+                section,
+                format!("{conc} at a time, of which stream open"),
+                "us",
+                Better::Lower,
+                opens,
+            );
         }
     }
-    report.add(
-        "5. head-of-line: 10 streams with one stopped reader ÷ without",
-        "throughput ratio",
-        "ratio",
-        Better::Higher,
-        hol,
-    );
+
+    if sections.wants(5) {
+        // 5. Head-of-line blocking (before the memory figures, which restart the server).
+        let mut hol = Vec::new();
+        for (col, path) in &paths {
+            if matches!(col, Column::Quic | Column::Grpc) {
+                let (without, with) = measure::head_of_line(path, &source, sizes.hol_each)
+                    .await
+                    .with_context(|| format!("head-of-line over {}", col.name()))?;
+                hol.push((*col, with / without));
+            }
+        }
+        report.add(
+            "5. head-of-line: 10 streams with one stopped reader ÷ without",
+            "throughput ratio",
+            "ratio",
+            Better::Higher,
+            hol,
+        );
+    }
 
     // 4. Memory per idle proxied connection, at the server. Each figure on a fresh server
     // process: the heap left by the bulk runs would hide growth.
@@ -460,104 +498,115 @@ async fn run(quick: bool, json: bool) -> anyhow::Result<()> {
     grpc_agent.stop().await;
     drop(server);
     drop(rathole);
-    report.notes.push(format!(
+    if sections.wants(4) {
+        report.notes.push(format!(
         "memory: {idle_conns} idle proxied connections; {} idle agents; each on a fresh server process",
         sizes.idle_agents
     ));
-    let mut per_conn = Vec::new();
-    for (col, choice, index, node) in [
-        (Column::Quic, TransportChoice::Quic, 0, "bench-quic"),
-        (Column::Grpc, TransportChoice::Grpc, 1, "bench-grpc"),
-    ] {
-        let server = ServerChild::start(serve_args.clone()).await?;
-        let mut agent = RunningAgent::start(agent_config(&server, &pki, index, choice, &ports));
-        agent.connected().await?;
-        let path = Path::Tunnel {
-            front: server.front,
-            node: node.into(),
-        };
-        let kib = idle_connections(&path, echo, idle_conns, || server.rss()).await?;
-        per_conn.push((col, kib));
-        agent.stop().await;
-    }
-    if paths.iter().any(|(c, _)| *c == Column::Rathole) {
-        let fresh = rathole::start(dir.path(), &pki, &[echo]).await?;
-        let path = Path::Rathole {
-            services: fresh.services.clone(),
-        };
-        let kib = idle_connections(&path, echo, idle_conns, || fresh.server_rss()).await?;
-        per_conn.push((Column::Rathole, kib));
-    }
-    report.add(
-        "4. memory at the server",
-        "per idle proxied connection",
-        "KiB",
-        Better::Lower,
-        per_conn,
-    );
-
-    // 4 and 6: per idle agent, and the time for agents to serve again after a restart.
-    let mut per_agent = Vec::new();
-    let mut back_half = Vec::new();
-    let mut back_all = Vec::new();
-    for (col, choice, label) in [
-        (Column::Quic, TransportChoice::Quic, "quic"),
-        (Column::Grpc, TransportChoice::Grpc, "grpc"),
-    ] {
-        let mut server = ServerChild::start(serve_args.clone()).await?;
-        let before = server.rss()?;
-        let mut idle = Vec::with_capacity(sizes.idle_agents);
-        for i in 0..sizes.idle_agents {
-            idle.push(RunningAgent::start(agent_config(
-                &server,
-                &pki,
-                i + 2,
-                choice,
-                &ports,
-            )));
+        let mut per_conn = Vec::new();
+        for (col, choice, index, node) in [
+            (Column::Quic, TransportChoice::Quic, 0, "bench-quic"),
+            (Column::Grpc, TransportChoice::Grpc, 1, "bench-grpc"),
+        ] {
+            let server = ServerChild::start(serve_args.clone()).await?;
+            let mut agent = RunningAgent::start(agent_config(&server, &pki, index, choice, &ports));
+            agent.connected().await?;
+            let path = Path::Tunnel {
+                front: server.front,
+                node: node.into(),
+            };
+            let kib = idle_connections(&path, echo, idle_conns, || server.rss()).await?;
+            per_conn.push((col, kib));
+            agent.stop().await;
         }
-        sessions_reach(&server, label, sizes.idle_agents, Duration::from_secs(120)).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = server.rss()?;
-        per_agent.push((
-            col,
-            after.saturating_sub(before) as f64 / sizes.idle_agents as f64 / 1024.0,
-        ));
+        if paths.iter().any(|(c, _)| *c == Column::Rathole) {
+            let fresh = rathole::start(dir.path(), &pki, &[echo]).await?;
+            let path = Path::Rathole {
+                services: fresh.services.clone(),
+            };
+            let kib = idle_connections(&path, echo, idle_conns, || fresh.server_rss()).await?;
+            per_conn.push((Column::Rathole, kib));
+        }
+        report.add(
+            "4. memory at the server",
+            "per idle proxied connection",
+            "KiB",
+            Better::Lower,
+            per_conn,
+        );
+    }
 
-        server = server.restart().await?;
-        let (half, all) =
+    if sections.wants(4) || sections.wants(6) {
+        // 4 and 6: per idle agent, and the time for agents to serve again after a restart.
+        let mut per_agent = Vec::new();
+        let mut back_half = Vec::new();
+        let mut back_all = Vec::new();
+        for (col, choice, label) in [
+            (Column::Quic, TransportChoice::Quic, "quic"),
+            (Column::Grpc, TransportChoice::Grpc, "grpc"),
+        ] {
+            let mut server = ServerChild::start(serve_args.clone()).await?;
+            let before = server.rss()?;
+            let mut idle = Vec::with_capacity(sizes.idle_agents);
+            for i in 0..sizes.idle_agents {
+                idle.push(RunningAgent::start(agent_config(
+                    &server,
+                    &pki,
+                    i + 2,
+                    choice,
+                    &ports,
+                )));
+            }
             sessions_reach(&server, label, sizes.idle_agents, Duration::from_secs(120)).await?;
-        back_half.push((col, half.as_secs_f64()));
-        back_all.push((col, all.as_secs_f64()));
-        for a in idle {
-            a.stop().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = server.rss()?;
+            per_agent.push((
+                col,
+                after.saturating_sub(before) as f64 / sizes.idle_agents as f64 / 1024.0,
+            ));
+
+            server = server.restart().await?;
+            let (half, all) =
+                sessions_reach(&server, label, sizes.idle_agents, Duration::from_secs(120)).await?;
+            back_half.push((col, half.as_secs_f64()));
+            back_all.push((col, all.as_secs_f64()));
+            for a in idle {
+                a.stop().await;
+            }
+        }
+        if sections.wants(4) {
+            report.add(
+                "4. memory at the server",
+                "per idle agent",
+                "KiB",
+                Better::Lower,
+                per_agent,
+            );
+        }
+        if sections.wants(6) {
+            let section = "6. server killed (no close) and restarted on the same ports";
+            report.add(
+                section,
+                format!("until half of {} agents serve again", sizes.idle_agents),
+                "s",
+                Better::Lower,
+                back_half,
+            );
+            report.add(
+                section,
+                format!("until all {} agents serve again", sizes.idle_agents),
+                "s",
+                Better::Lower,
+                back_all,
+            );
         }
     }
-    report.add(
-        "4. memory at the server",
-        "per idle agent",
-        "KiB",
-        Better::Lower,
-        per_agent,
-    );
-    let section = "6. server killed (no close) and restarted on the same ports";
-    report.add(
-        section,
-        format!("until half of {} agents serve again", sizes.idle_agents),
-        "s",
-        Better::Lower,
-        back_half,
-    );
-    report.add(
-        section,
-        format!("until all {} agents serve again", sizes.idle_agents),
-        "s",
-        Better::Lower,
-        back_all,
-    );
-    report
-        .skipped
-        .push("7. compression: zstd streams are not built yet (issue [compress])".into());
+
+    if sections.wants(7) {
+        report
+            .skipped
+            .push("7. compression: zstd streams are not built yet (issue [compress])".into());
+    }
 
     if json {
         report.print_json();

@@ -44,11 +44,12 @@ impl Path {
 }
 
 /// The columns of the report, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub(crate) enum Column {
     Direct,
     Quic,
     Grpc,
+    #[value(name = "rathole")]
     Rathole,
 }
 

@@ -56,6 +56,7 @@ impl GrpcConnector {
             .map_err(|e| io_err(&e))?
             .initial_stream_window_size(config.stream_window)
             .initial_connection_window_size(config.connection_window)
+            .max_frame_size(super::GRPC_MAX_FRAME)
             .http2_keep_alive_interval(config.keep_alive)
             .keep_alive_timeout(config.idle_timeout)
             .keep_alive_while_idle(true)

@@ -39,6 +39,12 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Items queued per direction of a proxied connection (each at most one copy-buffer chunk).
 const CHUNKS_IN_FLIGHT: usize = 8;
 
+/// HTTP/2 frame size each side announces. A chunk of the copy loop (32 KiB) plus its gRPC
+/// header then leaves in one DATA frame, which TLS seals in one write of three records; at
+/// the protocol's default (16 KiB) it took two frames whose records straddled the frame
+/// boundary, and a `writev` per record.
+const GRPC_MAX_FRAME: u32 = 64 * 1024;
+
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }

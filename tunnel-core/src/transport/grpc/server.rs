@@ -65,6 +65,18 @@ impl AsyncWrite for PeerIo {
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
+    // Without these h2 sees an IO that cannot gather, copies the first KiB of every DATA frame
+    // into its own buffer and writes the frame in two calls: two TLS writes per chunk.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -442,6 +454,7 @@ impl GrpcListener {
         let server = tonic::transport::Server::builder()
             .initial_stream_window_size(config.stream_window)
             .initial_connection_window_size(config.connection_window)
+            .max_frame_size(super::GRPC_MAX_FRAME)
             .max_concurrent_streams(config.max_streams.saturating_add(1))
             .http2_keepalive_interval(Some(config.keep_alive))
             .http2_keepalive_timeout(Some(config.idle_timeout))
