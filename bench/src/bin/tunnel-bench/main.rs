@@ -219,6 +219,14 @@ fn machine_note() -> String {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Quiet by default (the table is the output); `RUST_LOG=debug` shows the links' statistics
+    // when they end, in the harness and in the server child, which inherits the variable.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
