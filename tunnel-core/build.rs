@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Payload bytes stay `Bytes`: no copy between the wire and the copy loop.
         .bytes(".edgetunnel.v1.Chunk.data")
+        // Small initial call buffers: see the codec's docs.
+        .codec_path("crate::transport::grpc::codec::TunnelCodec")
         .compile_fds(fds)?;
     Ok(())
 }

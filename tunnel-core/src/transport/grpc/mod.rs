@@ -7,6 +7,7 @@
 //! multiplexed inside a call.
 
 mod agent;
+pub mod codec;
 mod server;
 mod stream;
 
