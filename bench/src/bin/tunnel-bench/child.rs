@@ -62,7 +62,16 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.insecure_addr(),
         server.meta_addr().context("meta address")?
     );
-    server.run(std::future::pending()).await?;
+    // The harness holds our stdin open: when it dies, however it dies (a signal, an
+    // interrupted profiling run), the pipe closes and this server goes with it instead of
+    // lingering on its ports.
+    let orphaned = async {
+        let _ = tokio::task::spawn_blocking(|| {
+            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
+        })
+        .await;
+    };
+    server.run(orphaned).await?;
     Ok(())
 }
 
@@ -92,7 +101,7 @@ impl ServerChild {
             .args(["--meta-port", &args.meta_port.to_string()])
             .args(["--max-streams", &args.max_streams.to_string()])
             .stdout(Stdio::piped())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn().context("spawn the server child")?;
         let stdout = child.stdout.take().context("child stdout")?;

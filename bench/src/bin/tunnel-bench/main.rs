@@ -232,7 +232,13 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.mode {
         Some(Mode::Serve(args)) => runtime.block_on(child::serve(args)),
-        None => runtime.block_on(run(cli.quick, cli.json, Sections(cli.only), cli.columns)),
+        None => runtime.block_on(async {
+            // Interrupted: dropping the run kills the processes it started (server, rathole).
+            tokio::select! {
+                r = run(cli.quick, cli.json, Sections(cli.only), cli.columns) => r,
+                _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            }
+        }),
     }
 }
 
