@@ -10,16 +10,34 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tunnel_agent::dialer::TransportChoice;
+use tunnel_agent::{Agent, AgentConfig, AgentStatus};
+use tunnel_core::PortSet;
 
-/// What `serve` needs: the server's TLS files and its ports (0: the kernel picks).
+/// A certificate, its key, and the CA that verifies the peer.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct ServeArgs {
+pub(crate) struct TlsFiles {
     #[arg(long)]
     pub(crate) cert: PathBuf,
     #[arg(long)]
     pub(crate) key: PathBuf,
     #[arg(long)]
     pub(crate) ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn add_to(&self, cmd: &mut Command) {
+        cmd.args(["--cert".as_ref(), self.cert.as_os_str()])
+            .args(["--key".as_ref(), self.key.as_os_str()])
+            .args(["--ca".as_ref(), self.ca.as_os_str()]);
+    }
+}
+
+/// What `serve` needs: the server's TLS files and its ports (0: the kernel picks).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) tls: TlsFiles,
     #[arg(long, default_value_t = 0)]
     pub(crate) tunnel_port: u16,
     #[arg(long, default_value_t = 0)]
@@ -29,6 +47,83 @@ pub(crate) struct ServeArgs {
     /// Streams per agent (the load needs more than the default 1,000 on one agent).
     #[arg(long, default_value_t = 20_000)]
     pub(crate) max_streams: u32,
+}
+
+/// What `agent` needs: the server, the agent's TLS files, and the ports it may dial.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct AgentArgs {
+    #[arg(long)]
+    pub(crate) server: SocketAddr,
+    #[command(flatten)]
+    pub(crate) tls: TlsFiles,
+    #[arg(long)]
+    pub(crate) transport: TransportChoice,
+    /// Ports the agent may dial on loopback.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) ports: Vec<u16>,
+}
+
+/// Runs an agent in this process, as the agent binary does (with its metrics recorder),
+/// until the harness exits; prints `READY` once it is connected.
+pub(crate) async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let ports = PortSet::new(args.ports.iter().copied());
+    let config = AgentConfig {
+        metrics: Some(
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .context("metrics recorder")?,
+        ),
+        ..crate::agent_config(args.server, &args.tls, args.transport, &ports)
+    };
+    let agent = Agent::new(config);
+    let mut status = agent.status();
+    let ready = async move {
+        if status
+            .wait_for(|s| matches!(s, AgentStatus::Connected { .. }))
+            .await
+            .is_ok()
+        {
+            println!("READY");
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        r = agent.run(until_parent_exits()) => r.context("agent")?,
+        () = ready => {}
+    }
+    Ok(())
+}
+
+/// An agent child process, connected.
+pub(crate) struct AgentChild {
+    _child: Child,
+}
+
+impl AgentChild {
+    /// Starts `agent` and waits until it is connected.
+    pub(crate) async fn start(args: &AgentArgs) -> anyhow::Result<Self> {
+        let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
+        let (child, line) = spawn_self(|cmd| {
+            cmd.arg("agent")
+                .args(["--server", &args.server.to_string()]);
+            args.tls.add_to(cmd);
+            cmd.args([
+                "--transport",
+                match args.transport {
+                    TransportChoice::Quic => "quic",
+                    TransportChoice::Grpc => "grpc",
+                    TransportChoice::Auto => "auto",
+                },
+            ])
+            .args(["--ports", &ports.join(",")]);
+        })
+        .await
+        .context("agent child")?;
+        if line.trim() != "READY" {
+            bail!("unexpected line from the agent child: {line}");
+        }
+        Ok(Self { _child: child })
+    }
 }
 
 /// Runs the server in this process until killed; prints `READY tunnel insecure meta`.
@@ -41,9 +136,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         secure_port: 0,
         insecure_port: args.insecure_port,
         meta_port: args.meta_port,
-        tls_cert_file: Some(args.cert),
-        tls_private_key_file: Some(args.key),
-        client_ca_file: Some(args.ca),
+        tls_cert_file: Some(args.tls.cert),
+        tls_private_key_file: Some(args.tls.key),
+        client_ca_file: Some(args.tls.ca),
         server_id: "bench".into(),
         max_front_connections: 40_000,
         drain_timeout: Duration::from_millis(100),
@@ -62,17 +157,39 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.insecure_addr(),
         server.meta_addr().context("meta address")?
     );
-    // The harness holds our stdin open: when it dies, however it dies (a signal, an
-    // interrupted profiling run), the pipe closes and this server goes with it instead of
-    // lingering on its ports.
-    let orphaned = async {
-        let _ = tokio::task::spawn_blocking(|| {
-            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
-        })
-        .await;
-    };
-    server.run(orphaned).await?;
+    server.run(until_parent_exits()).await?;
     Ok(())
+}
+
+/// Starts this executable with the arguments `args` adds, its stdin held open (the child
+/// exits when it closes: see [`until_parent_exits`]), and returns it with its first line of
+/// output, which says it is ready.
+async fn spawn_self(args: impl FnOnce(&mut Command)) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe().context("own executable")?;
+    let mut cmd = Command::new(exe);
+    args(&mut cmd);
+    cmd.stdout(Stdio::piped())
+        .stdin(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("spawn")?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("not ready within 30 s")??
+        .context("exited before it was ready")?;
+    // Keep reading so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, line))
+}
+
+/// Resolves when the harness that started this child is gone, however it went (a signal, an
+/// interrupted profiling run): the stdin pipe it holds closes. The child then ends instead
+/// of lingering on its ports.
+async fn until_parent_exits() {
+    let _ =
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+            .await;
 }
 
 /// A server child process.
@@ -90,32 +207,20 @@ pub(crate) struct ServerChild {
 impl ServerChild {
     /// Starts `serve` and waits for its READY line.
     pub(crate) async fn start(args: ServeArgs) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("own executable")?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("serve")
-            .args(["--cert".as_ref(), args.cert.as_os_str()])
-            .args(["--key".as_ref(), args.key.as_os_str()])
-            .args(["--ca".as_ref(), args.ca.as_os_str()])
-            .args(["--tunnel-port", &args.tunnel_port.to_string()])
-            .args(["--insecure-port", &args.insecure_port.to_string()])
-            .args(["--meta-port", &args.meta_port.to_string()])
-            .args(["--max-streams", &args.max_streams.to_string()])
-            .stdout(Stdio::piped())
-            .stdin(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("spawn the server child")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("server child did not start")??
-            .context("server child exited")?;
+        let (child, line) = spawn_self(|cmd| {
+            cmd.arg("serve");
+            args.tls.add_to(cmd);
+            cmd.args(["--tunnel-port", &args.tunnel_port.to_string()])
+                .args(["--insecure-port", &args.insecure_port.to_string()])
+                .args(["--meta-port", &args.meta_port.to_string()])
+                .args(["--max-streams", &args.max_streams.to_string()]);
+        })
+        .await
+        .context("server child")?;
         let parts: Vec<&str> = line.split_whitespace().collect();
         let [_, tunnel, front, meta] = parts[..] else {
             bail!("unexpected line from the server child: {line}");
         };
-        // Keep reading so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let mut args = args;
         let (tunnel, front, meta): (SocketAddr, SocketAddr, SocketAddr) =
             (tunnel.parse()?, front.parse()?, meta.parse()?);

@@ -26,7 +26,7 @@ use tunnel_agent::dialer::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentStatus};
 use tunnel_core::{PortSet, SessionConfig};
 
-use crate::child::{ServeArgs, ServerChild};
+use crate::child::{AgentArgs, AgentChild, ServeArgs, ServerChild, TlsFiles};
 use crate::measure::{Direction, quantile_us};
 use crate::paths::{Column, Path};
 use crate::report::{Better, Report};
@@ -57,6 +57,9 @@ enum Mode {
     /// (internal) Run the server under test in this process.
     #[command(hide = true)]
     Serve(ServeArgs),
+    /// (internal) Run one agent under test in this process.
+    #[command(hide = true)]
+    Agent(AgentArgs),
 }
 
 /// Sizes of one run.
@@ -152,26 +155,35 @@ impl RunningAgent {
     }
 }
 
-fn agent_config(
-    server: &ServerChild,
-    pki: &tunnel_server::pki::PkiFiles,
-    index: usize,
+/// An agent of the bench: verifies the server as `localhost`, may dial `ports` on loopback.
+pub(crate) fn agent_config(
+    server: std::net::SocketAddr,
+    tls: &TlsFiles,
     transport: TransportChoice,
     ports: &PortSet,
 ) -> AgentConfig {
-    let (_, cert, key) = &pki.agents[index];
     AgentConfig {
-        server_address: server.tunnel.to_string(),
+        server_address: server.to_string(),
         server_name: Some("localhost".into()),
-        tls_cert_file: Some(cert.clone()),
-        tls_private_key_file: Some(key.clone()),
-        ca_file: Some(pki.ca_cert.clone()),
+        tls_cert_file: Some(tls.cert.clone()),
+        tls_private_key_file: Some(tls.key.clone()),
+        ca_file: Some(tls.ca.clone()),
         meta_port: 0,
         allowed_ports: ports.clone(),
         localhost_proxy_ports: ports.clone(),
         transport,
         session: session_config(20_000),
         ..AgentConfig::default()
+    }
+}
+
+/// The TLS files of agent `index` of `pki`.
+fn agent_tls(pki: &tunnel_server::pki::PkiFiles, index: usize) -> TlsFiles {
+    let (_, cert, key) = &pki.agents[index];
+    TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: pki.ca_cert.clone(),
     }
 }
 
@@ -232,6 +244,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.mode {
         Some(Mode::Serve(args)) => runtime.block_on(child::serve(args)),
+        Some(Mode::Agent(args)) => runtime.block_on(child::agent(args)),
         None => runtime.block_on(async {
             // Interrupted: dropping the run kills the processes it started (server, rathole).
             tokio::select! {
@@ -301,31 +314,27 @@ async fn run(
 
     // Every server of the run: fresh ports, the same certificate.
     let serve_args = ServeArgs {
-        cert: pki.server_cert.clone(),
-        key: pki.server_key.clone(),
-        ca: pki.ca_cert.clone(),
+        tls: TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            ca: pki.ca_cert.clone(),
+        },
         tunnel_port: 0,
         insecure_port: 0,
         meta_port: 0,
         max_streams: 20_000,
     };
     let server = ServerChild::start(serve_args.clone()).await?;
-    let mut quic_agent = RunningAgent::start(agent_config(
-        &server,
-        &pki,
-        0,
-        TransportChoice::Quic,
-        &ports,
-    ));
-    let mut grpc_agent = RunningAgent::start(agent_config(
-        &server,
-        &pki,
-        1,
-        TransportChoice::Grpc,
-        &ports,
-    ));
-    quic_agent.connected().await?;
-    grpc_agent.connected().await?;
+    // The agents of the measured paths run in processes of their own, as on a node (and as
+    // rathole's client does); the many idle ones of sections 4 and 6 share this one.
+    let agent_args = |index: usize, transport: TransportChoice| AgentArgs {
+        server: server.tunnel,
+        tls: agent_tls(&pki, index),
+        transport,
+        ports: vec![sink.port(), echo.port(), source.addr.port()],
+    };
+    let quic_agent = AgentChild::start(&agent_args(0, TransportChoice::Quic)).await?;
+    let grpc_agent = AgentChild::start(&agent_args(1, TransportChoice::Grpc)).await?;
 
     let mut paths: Vec<(Column, Path)> = vec![
         (Column::Direct, Path::Direct),
@@ -508,8 +517,7 @@ async fn run(
 
     // 4. Memory per idle proxied connection, at the server. Each figure on a fresh server
     // process: the heap left by the bulk runs would hide growth.
-    quic_agent.stop().await;
-    grpc_agent.stop().await;
+    drop((quic_agent, grpc_agent));
     drop(server);
     drop(rathole);
     if sections.wants(4) {
@@ -523,7 +531,12 @@ async fn run(
             (Column::Grpc, TransportChoice::Grpc, 1, "bench-grpc"),
         ] {
             let server = ServerChild::start(serve_args.clone()).await?;
-            let mut agent = RunningAgent::start(agent_config(&server, &pki, index, choice, &ports));
+            let mut agent = RunningAgent::start(agent_config(
+                server.tunnel,
+                &agent_tls(&pki, index),
+                choice,
+                &ports,
+            ));
             agent.connected().await?;
             let path = Path::Tunnel {
                 front: server.front,
@@ -564,9 +577,8 @@ async fn run(
             let mut idle = Vec::with_capacity(sizes.idle_agents);
             for i in 0..sizes.idle_agents {
                 idle.push(RunningAgent::start(agent_config(
-                    &server,
-                    &pki,
-                    i + 2,
+                    server.tunnel,
+                    &agent_tls(&pki, i + 2),
                     choice,
                     &ports,
                 )));
