@@ -11,7 +11,8 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 /// reused) anyway, so starting small costs nothing under load.
 const INITIAL_BUFFER: usize = 256;
 
-/// Encoded messages are handed to HTTP/2 once this much is waiting: one copy-loop chunk.
+/// Encoded messages are handed to HTTP/2 once this much is waiting (or nothing more is
+/// queued): a bulk chunk goes at once, small ones that queue up go together.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// `tonic_prost::ProstCodec` with [`INITIAL_BUFFER`]; named by the generated code

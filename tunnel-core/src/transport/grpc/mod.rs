@@ -40,11 +40,11 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Items queued per direction of a proxied connection (each at most one copy-buffer chunk).
 const CHUNKS_IN_FLIGHT: usize = 8;
 
-/// HTTP/2 frame size each side announces. A chunk of the copy loop (32 KiB) plus its gRPC
-/// header then leaves in one DATA frame, which TLS seals in one write of three records; at
-/// the protocol's default (16 KiB) it took two frames whose records straddled the frame
-/// boundary, and a `writev` per record.
-const GRPC_MAX_FRAME: u32 = 64 * 1024;
+/// HTTP/2 frame size each side announces: above a chunk of the copy loop (64 KiB) plus its
+/// gRPC and protobuf headers, so that a chunk leaves in one DATA frame, which TLS seals in one
+/// write of several records. At the protocol's default (16 KiB) a chunk took several frames
+/// whose records straddled the frame boundaries, and a `writev` per record.
+const GRPC_MAX_FRAME: u32 = 128 * 1024;
 
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
