@@ -18,7 +18,7 @@ const YIELD_THRESHOLD: usize = 32 * 1024;
 /// `tonic_prost::ProstCodec` with [`INITIAL_BUFFER`]; named by the generated code
 /// (`build.rs`, `codec_path`).
 #[derive(Debug)]
-pub struct TunnelCodec<T, U>(PhantomData<fn(T) -> U>);
+pub(crate) struct TunnelCodec<T, U>(PhantomData<fn(T) -> U>);
 
 impl<T, U> Default for TunnelCodec<T, U> {
     fn default() -> Self {

@@ -7,7 +7,7 @@
 //! multiplexed inside a call.
 
 mod agent;
-pub mod codec;
+pub(crate) mod codec;
 mod server;
 mod stream;
 
