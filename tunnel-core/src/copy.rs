@@ -22,7 +22,7 @@ pub const DEFAULT_BUFFER: usize = 64 * 1024;
 /// Each direction first reads into a small buffer of this size, kept inline; only a read that
 /// fills it takes the large buffer, which goes back once traffic is small again. An idle or
 /// chatty stream (a quiet `kubectl logs -f`, an exec prompt) so costs 2 × 1 KiB, not 2 × 64 KiB:
-/// ten thousand idle streams hold 20 MiB of buffers instead of 1.3 GiB.
+/// ten thousand idle streams hold 20 MiB of buffers instead of 1.2 GiB.
 pub const PROBE: usize = 1024;
 
 /// Knobs of [`copy_bidirectional`].

@@ -60,7 +60,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
             warn!(
                 granted,
                 wanted = UDP_SOCKET_BUFFER,
-                "UDP receive buffer capped by the kernel: QUIC will drop packets under load; raise net.core.rmem_max"
+                "UDP socket buffer capped by the kernel: QUIC will lose packets under load; set net.core.rmem_max and net.core.wmem_max to 4194304"
             );
         });
     }

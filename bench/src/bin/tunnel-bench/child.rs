@@ -185,11 +185,15 @@ async fn spawn_self(args: impl FnOnce(&mut Command)) -> anyhow::Result<(Child, S
 
 /// Resolves when the harness that started this child is gone, however it went (a signal, an
 /// interrupted profiling run): the stdin pipe it holds closes. The child then ends instead
-/// of lingering on its ports.
+/// of lingering on its ports. The blocking read runs on a thread of its own, not the
+/// runtime's blocking pool, so that a child ending on an error is not held by it.
 async fn until_parent_exits() {
-    let _ =
-        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
-            .await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 /// A server child process.

@@ -44,8 +44,9 @@ struct Cli {
     /// profiling one path. Default: all.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=7))]
     only: Vec<u8>,
-    /// Only these paths in sections 1 to 3 and 5 (comma-separated), for profiling one of
-    /// them. Default: all; ratios need `direct` and `rathole` in the run.
+    /// Only these paths (comma-separated), for profiling one of them: sections 1 to 3 and 5
+    /// measure just these, and rathole is not started without `rathole`. Default: all;
+    /// ratios need `direct` and `rathole` in the run.
     #[arg(long, value_delimiter = ',', value_enum)]
     columns: Vec<Column>,
     #[command(subcommand)]
@@ -249,7 +250,10 @@ fn main() -> anyhow::Result<()> {
             // Interrupted: dropping the run kills the processes it started (server, rathole).
             tokio::select! {
                 r = run(cli.quick, cli.json, Sections(cli.only), cli.columns) => r,
-                _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+                r = tokio::signal::ctrl_c() => match r {
+                    Ok(()) => bail!("interrupted"),
+                    Err(e) => Err(e).context("listening for Ctrl-C"),
+                },
             }
         }),
     }

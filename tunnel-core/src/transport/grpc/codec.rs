@@ -7,8 +7,9 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// tonic allocates each call's encode and decode buffers up front, 8 KiB apiece by default: an
 /// idle proxied connection held 16 KiB at the server (bench, section 4) for no data. Both
-/// buffers grow to the message on demand, and a chunk's buffer is handed on (split, not
-/// reused) anyway, so starting small costs nothing under load.
+/// buffers grow to the message on demand, and a bulk chunk's buffer is handed on (split, not
+/// reused) anyway; what starting small costs is a small allocation per message (or batch) of
+/// small traffic, where 8 KiB would have served several.
 const INITIAL_BUFFER: usize = 256;
 
 /// Encoded messages are handed to HTTP/2 once this much is waiting (or nothing more is

@@ -37,7 +37,8 @@ pub const STREAM_ID_KEY: &str = "x-edge-tunnel-stream-id";
 /// ALPN of the gRPC transport.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// Items queued per direction of a proxied connection (each at most one copy-buffer chunk).
+/// Items queued per direction of a proxied connection, each at most one copy-loop chunk: up
+/// to 512 KiB per direction of a busy stream, in addition to HTTP/2's stream window.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
 /// HTTP/2 frame size each side announces: above a chunk of the copy loop (64 KiB) plus its
