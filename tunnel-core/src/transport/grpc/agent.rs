@@ -69,9 +69,10 @@ impl GrpcConnector {
             async move {
                 let tcp = TcpStream::connect(addr).await?;
                 let _ = tcp.set_nodelay(true);
-                let io = tokio_rustls::TlsConnector::from(tls)
+                let mut io = tokio_rustls::TlsConnector::from(tls)
                     .connect(name, tcp)
                     .await?;
+                io.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_LIMIT));
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
             }
         });

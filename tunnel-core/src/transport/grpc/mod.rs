@@ -47,6 +47,11 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 /// whose records straddled the frame boundaries, and a `writev` per record.
 const GRPC_MAX_FRAME: u32 = 128 * 1024;
 
+/// What rustls may hold of sealed records not yet written. At its default (64 KiB) a frame of
+/// one 64 KiB chunk did not fit whole, and its last bytes took a second `writev` each time.
+/// Nothing waits in it here: each write is flushed to the socket before the next is taken.
+const TLS_SEND_LIMIT: usize = 256 * 1024;
+
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }

@@ -442,7 +442,8 @@ impl GrpcListener {
                         let acceptor = acceptor.clone();
                         let conn_tx = conn_tx.clone();
                         handshakes.spawn(async move {
-                            let Ok(Ok(io)) = tokio::time::timeout(handshake, acceptor.accept(tcp)).await else { return };
+                            let Ok(Ok(mut io)) = tokio::time::timeout(handshake, acceptor.accept(tcp)).await else { return };
+                            io.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_LIMIT));
                             let identity = AgentIdentity::from_chain(io.get_ref().1.peer_certificates());
                             let _ = conn_tx.send(Ok(PeerIo { io, info: PeerInfo { identity, remote } })).await;
                         });
