@@ -1,5 +1,6 @@
 //! Sessions over time: agents come back after a server restart, a vanished agent is
-//! unregistered, and a draining server lets open streams finish while refusing new ones.
+//! unregistered, a draining server lets open streams finish while refusing new ones, and agents
+//! reach a server on IPv6.
 
 use std::time::Duration;
 
@@ -7,7 +8,9 @@ use edge_tunnel_testkit::client::{self, Upgrade, pattern};
 use edge_tunnel_testkit::{TestCluster, TestPki};
 use http::StatusCode;
 use tokio::net::TcpStream;
+use tunnel_agent::dialer::TransportChoice;
 use tunnel_agent::{AgentConfig, Backoff};
+use tunnel_core::TransportKind;
 
 fn fast_reconnect(mut config: AgentConfig) -> AgentConfig {
     config.backoff = Backoff {
@@ -219,4 +222,27 @@ async fn agent_meta_reports_ready_only_while_a_session_is_up() {
     assert_eq!(meta("/healthz").await.0, StatusCode::OK);
     assert_eq!(meta("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reach_a_server_on_ipv6_over_both_transports() {
+    let (cluster, _kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |c| {
+        c.bind_address = "::1".parse().expect("ip");
+    })
+    .await;
+    assert!(cluster.tunnel_addr.is_ipv6() && cluster.insecure_addr.is_ipv6());
+    for (choice, kind) in [
+        (TransportChoice::Quic, TransportKind::Quic),
+        (TransportChoice::Grpc, TransportKind::Grpc),
+    ] {
+        let (agent, _) = cluster
+            .start_agent(cluster.agent_config_over("node-a", choice))
+            .await;
+        assert_eq!(cluster.transport_of("node-a"), kind);
+        let (status, body) = get_pods(&cluster, "node-a").await;
+        assert_eq!(status, StatusCode::OK, "{kind:?}: {body}");
+        assert!(body.contains("\"node\":\"node-a\""), "{kind:?}: {body}");
+        agent.stop().await.unwrap();
+        cluster.registry.wait_gone("node-a").await;
+    }
 }

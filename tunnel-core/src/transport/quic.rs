@@ -46,10 +46,18 @@ const UDP_SOCKET_BUFFER: usize = 4 << 20;
 
 /// Binds a UDP socket for QUIC with [`UDP_SOCKET_BUFFER`] each way. The kernel caps the size
 /// at `net.core.rmem_max`/`wmem_max`; a cap far below it is worth a warning, since it costs
-/// packets under load rather than failing.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    let sock = socket2::SockRef::from(&socket);
+/// packets under load rather than failing. `dual_stack`: an IPv6 socket also reaches IPv4
+/// (IPv4-mapped) peers whatever `net.ipv6.bindv6only` says, as quinn's own client sockets do.
+fn bind_udp(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() && dual_stack {
+        sock.set_only_v6(false)?;
+    }
+    sock.bind(&addr.into())?;
     let _ = sock.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     let _ = sock.set_send_buffer_size(UDP_SOCKET_BUFFER);
     // Linux reports twice what it grants (the other half is its bookkeeping).
@@ -64,7 +72,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
             );
         });
     }
-    Ok(socket)
+    Ok(sock.into())
 }
 
 /// The server's QUIC endpoint for agents.
@@ -137,7 +145,7 @@ impl QuicListener {
         // mostly fails the id check, and a reset is always smaller than what incited it (no
         // amplification); someone replaying a seen id can make us send at most 10,000 a second.
         endpoint_config.min_reset_interval(Duration::from_micros(100));
-        let socket = bind_udp(addr)?;
+        let socket = bind_udp(addr, false)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("QUIC needs a tokio runtime"))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
@@ -326,7 +334,7 @@ impl QuicConnector {
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
-            bind_udp(bind)?,
+            bind_udp(bind, true)?,
             runtime,
         )?;
         let config = self.config.clone();
