@@ -5,38 +5,24 @@
 //! Every proxied connection looks its node up under the registry's one lock, and every agent
 //! (re)connect takes the same lock, so these figures bound how a replica routes while a fleet
 //! reconnects or drops (after a network blip, many agents at once). Sessions are a stand-in
-//! [`AgentLink`]: a real `ServerSession` needs a live link, and the registry never touches it.
+//! `AgentLink` (`BareLink`): a real `ServerSession` needs a live link, and the registry never
+//! touches it.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tunnel_core::{AgentIdentity, NodeRef};
-use tunnel_server::registry::{AgentLink, Registry};
+use tunnel_server::registry::{BareLink as Link, Registry};
 
 /// Connected nodes.
 const NODES: u64 = 10_000;
 /// Keys each lookup bench cycles through (a power of two), spread over the nodes.
 const KEYS: usize = 1024;
-
-/// A session: an id and an identity behind an `Arc`, so cloning costs what it costs for a real
-/// `ServerSession`.
-#[derive(Debug, Clone)]
-struct Link(Arc<(u64, AgentIdentity)>);
-
-impl AgentLink for Link {
-    fn id(&self) -> u64 {
-        self.0.0
-    }
-
-    fn identity(&self) -> &AgentIdentity {
-        &self.0.1
-    }
-}
 
 fn node_name(i: u64) -> String {
     format!("edge-node-{i:05}")
@@ -57,13 +43,13 @@ fn link(id: u64, i: u64) -> Link {
     if i.is_multiple_of(2) {
         node_ips.push(node_v6(i));
     }
-    Link(Arc::new((
+    Link::new(
         id,
         AgentIdentity {
             node_name: node_name(i),
             node_ips,
         },
-    )))
+    )
 }
 
 /// Ids that never repeat, so that each new session replaces its node's previous one.

@@ -216,26 +216,12 @@ impl Agent {
                                 "moved to a QUIC session; the old one finishes its open streams"
                             );
                             metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "quic_again").increment(1);
-                            retire(
-                                &mut streams,
-                                &shared,
-                                session,
-                                Some("agent moved to another session"),
-                                Some(shared.config.drain_timeout),
-                                false,
-                            );
+                            retire(&mut streams, &shared, session, Retirement::Moved);
                             next = Some(*newer);
                             continue 'outer;
                         }
                         SessionEnd::Shutdown => {
-                            retire(
-                                &mut streams,
-                                &shared,
-                                session,
-                                Some("agent shutting down"),
-                                Some(shared.config.drain_timeout),
-                                true,
-                            );
+                            retire(&mut streams, &shared, session, Retirement::ShuttingDown);
                             break 'outer;
                         }
                         SessionEnd::Lost(reason) => {
@@ -252,8 +238,7 @@ impl Agent {
                             // The server is leaving: its open streams go on while we move.
                             info!(%reason, "server sent go-away; reconnecting");
                             metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "go_away").increment(1);
-                            // The server closes it after its own drain.
-                            retire(&mut streams, &shared, session, None, None, false);
+                            retire(&mut streams, &shared, session, Retirement::ServerLeaving);
                             // After a session that lasted, move at once. A short one (another
                             // agent with our certificate keeps replacing us) backs off instead,
                             // so that two such agents do not take turns at full speed.
@@ -346,23 +331,42 @@ async fn unless_moved(attempt: Option<Attempt<'_>>, end: SessionEnd) -> SessionE
     }
 }
 
+/// Why a session is retired, which says who ends it.
+#[derive(Debug, Clone, Copy)]
+enum Retirement {
+    /// A newer session took over (QUIC found again): go-away, then the server closes it.
+    Moved,
+    /// The agent stops: go-away, and close it as soon as it is idle.
+    ShuttingDown,
+    /// The server sent go-away: it closes the session after its own drain.
+    ServerLeaving,
+}
+
 /// Retires `session` in a task of `streams` (so shutdown waits for it): tells the server we
-/// are leaving (`go_away`), and goes on serving what the server opened before it heard (a
-/// stream or dial may cross the go-away on the wire) until the link closes. The server closes
-/// it once its side of the streams is done, by when every byte has arrived; a close from here
-/// could cut bytes in flight, so the agent closes it itself only after `deadline` (a server
-/// that never does, or one on another replica), or, when shutting down, once it is idle.
+/// are leaving (unless it is the one leaving), and goes on serving what the server opened
+/// before it heard (a stream or dial may cross the go-away on the wire) until the link closes.
+/// The server closes it once its side of the streams is done, by when every byte has arrived;
+/// a close from here could cut bytes in flight, so the agent closes it itself only after its
+/// drain timeout (a server that never does, or one on another replica), or, when shutting
+/// down, once it is idle.
 fn retire(
     streams: &mut JoinSet<()>,
     shared: &Arc<Shared>,
     session: Arc<AgentSession>,
-    go_away: Option<&'static str>,
-    deadline: Option<Duration>,
-    close_when_idle: bool,
+    why: Retirement,
 ) {
-    if let Some(reason) = go_away {
-        session.go_away(reason, deadline.unwrap_or_default());
-    }
+    let drain = shared.config.drain_timeout;
+    let (deadline, close_when_idle) = match why {
+        Retirement::Moved => {
+            session.go_away("agent moved to another session", drain);
+            (Some(drain), false)
+        }
+        Retirement::ShuttingDown => {
+            session.go_away("agent shutting down", drain);
+            (Some(drain), true)
+        }
+        Retirement::ServerLeaving => (None, false),
+    };
     let shared = shared.clone();
     streams.spawn(
         async move {

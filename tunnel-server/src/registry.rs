@@ -31,6 +31,28 @@ impl AgentLink for ServerSession {
     }
 }
 
+/// A link that is only an id and an identity: all the registry reads of a session. For tests
+/// and benches of the registry, which need no live link; cheap to clone, as a session is.
+#[derive(Debug, Clone)]
+pub struct BareLink(std::sync::Arc<(u64, AgentIdentity)>);
+
+impl BareLink {
+    /// Session `id` of the agent `identity`.
+    pub fn new(id: u64, identity: AgentIdentity) -> Self {
+        Self(std::sync::Arc::new((id, identity)))
+    }
+}
+
+impl AgentLink for BareLink {
+    fn id(&self) -> u64 {
+        self.0.0
+    }
+
+    fn identity(&self) -> &AgentIdentity {
+        &self.0.1
+    }
+}
+
 #[derive(Debug)]
 struct Maps<S> {
     by_node: HashMap<String, S>,
@@ -204,31 +226,17 @@ mod tests {
 
     use super::*;
 
-    /// A stand-in for a live session: an id and an identity, cheap to clone like the real one.
-    #[derive(Debug, Clone)]
-    struct Link(Arc<(u64, AgentIdentity)>);
-
-    impl AgentLink for Link {
-        fn id(&self) -> u64 {
-            self.0.0
-        }
-
-        fn identity(&self) -> &AgentIdentity {
-            &self.0.1
-        }
-    }
-
-    fn link(id: u64, node: &str, ips: &[&str]) -> Link {
-        Link(Arc::new((
+    fn link(id: u64, node: &str, ips: &[&str]) -> BareLink {
+        BareLink::new(
             id,
             AgentIdentity {
                 node_name: node.into(),
                 node_ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
             },
-        )))
+        )
     }
 
-    fn by_ip(registry: &Registry<Link>, ip: &str) -> Option<(String, TargetHost)> {
+    fn by_ip(registry: &Registry<BareLink>, ip: &str) -> Option<(String, TargetHost)> {
         registry
             .lookup(&NodeRef::Ip(ip.parse().unwrap()))
             .map(|(s, host)| (s.identity().node_name.clone(), host))

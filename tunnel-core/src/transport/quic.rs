@@ -75,6 +75,17 @@ fn bind_udp(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::Udp
     Ok(sock.into())
 }
 
+/// A quinn endpoint on `socket` (from [`bind_udp`]), driven by the current tokio runtime.
+fn endpoint(
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    socket: std::net::UdpSocket,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("QUIC needs a tokio runtime"))?;
+    quinn::Endpoint::new(config, server, socket, runtime)
+}
+
 /// The server's QUIC endpoint for agents.
 #[derive(Debug)]
 pub struct QuicListener {
@@ -120,17 +131,15 @@ impl QuicListener {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         // The agent opens only the control stream; the server opens the rest.
         server.transport_config(Arc::new(transport_config(&config, 1)));
-        let digest = ring::digest::digest(
-            &ring::digest::SHA256,
-            &[b"edge-tunnel stateless reset v1\0".as_slice(), secret].concat(),
+        let derive =
+            |label: &[u8]| ring::digest::digest(&ring::digest::SHA256, &[label, secret].concat());
+        let reset_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            derive(b"edge-tunnel stateless reset v1\0").as_ref(),
         );
-        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
         // The id check is a filter against noise, not a secret (ids are seen on the wire), so
         // its key is derived apart from the reset key.
-        let cid_digest = ring::digest::digest(
-            &ring::digest::SHA256,
-            &[b"edge-tunnel connection ids v1\0".as_slice(), secret].concat(),
-        );
+        let cid_digest = derive(b"edge-tunnel connection ids v1\0");
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
         // Connection ids carry a check keyed the same way: a successor must accept its
         // predecessor's ids as well-formed, or it drops their packets without the reset.
@@ -145,10 +154,7 @@ impl QuicListener {
         // mostly fails the id check, and a reset is always smaller than what incited it (no
         // amplification); someone replaying a seen id can make us send at most 10,000 a second.
         endpoint_config.min_reset_interval(Duration::from_micros(100));
-        let socket = bind_udp(addr, false)?;
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| std::io::Error::other("QUIC needs a tokio runtime"))?;
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
+        let endpoint = endpoint(endpoint_config, Some(server), bind_udp(addr, false)?)?;
         Ok(Self {
             endpoint,
             config: Arc::new(config),
@@ -329,13 +335,10 @@ impl QuicConnector {
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| std::io::Error::other("QUIC needs a tokio runtime"))?;
-        let endpoint = quinn::Endpoint::new(
+        let endpoint = endpoint(
             quinn::EndpointConfig::default(),
             None,
             bind_udp(bind, true)?,
-            runtime,
         )?;
         let config = self.config.clone();
         let connecting = endpoint.connect_with(self.client.clone(), addr, server_name)?;

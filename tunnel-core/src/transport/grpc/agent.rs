@@ -113,7 +113,6 @@ impl GrpcConnector {
         let agent = AgentDials {
             dials: dials_tx,
             cancels: Arc::new(Mutex::new(HashMap::new())),
-            limit: MAX_OUTSTANDING_DIALS,
         };
         let closed = CancellationToken::new();
         // The agent's commands are go-away and close only.

@@ -133,10 +133,9 @@ type Cancels = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
 #[derive(Clone)]
 struct AgentDials {
     dials: mpsc::Sender<(proto::DialRequest, DialTicket)>,
-    /// Dials not yet answered, by stream id; each entry leaves with its [`DialTicket`].
+    /// Dials not yet answered, by stream id; each entry leaves with its [`DialTicket`]. At most
+    /// [`MAX_OUTSTANDING_DIALS`].
     cancels: Cancels,
-    /// The most dials the server may have outstanding at once ([`MAX_OUTSTANDING_DIALS`]).
-    limit: usize,
 }
 
 /// Agent side: more unanswered dials than this is a server gone wrong, and ends the link. A
@@ -187,7 +186,8 @@ async fn drive(
                                 a.cancels.lock().unwrap_or_else(PoisonError::into_inner);
                             // More dials outstanding than streams allowed, or an id reused
                             // while its dial is open: the server breaks the protocol.
-                            if cancels.len() >= a.limit || cancels.contains_key(&request.stream_id)
+                            if cancels.len() >= MAX_OUTSTANDING_DIALS
+                                || cancels.contains_key(&request.stream_id)
                             {
                                 return Err(SessionError::Protocol(ControlError::Flood));
                             }

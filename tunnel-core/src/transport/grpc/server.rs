@@ -249,33 +249,15 @@ impl Tunnel for Service {
             return Err(Status::not_found("unknown, duplicate or late stream id"));
         };
         let mut inbound = request.into_inner();
-        let first =
-            match tokio::time::timeout(self.0.config.header_timeout, inbound.message()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                Ok(Err(status)) => {
-                    return Err(bad_reply(
-                        waiter,
-                        Status::invalid_argument(status.message().to_owned()),
-                    ));
-                }
-                Ok(Ok(None)) => {
-                    return Err(bad_reply(
-                        waiter,
-                        Status::invalid_argument("stream call without a reply"),
-                    ));
-                }
-                Err(_) => {
-                    let timeout = self.0.config.header_timeout;
-                    refused_stream_call("bad_reply");
-                    let _ = waiter.send(Err(crate::error::OpenError::Timeout(timeout)));
-                    return Err(Status::deadline_exceeded("no reply chunk"));
-                }
-            };
+        let timeout = self.0.config.header_timeout;
+        let first = match tokio::time::timeout(timeout, inbound.message()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Err(status)) => return Err(bad_reply(waiter, None, status.message())),
+            Ok(Ok(None)) => return Err(bad_reply(waiter, None, "stream call without a reply")),
+            Err(_) => return Err(bad_reply(waiter, Some(timeout), "no reply chunk")),
+        };
         let Some(reply) = first.reply else {
-            return Err(bad_reply(
-                waiter,
-                Status::invalid_argument("first chunk without a reply"),
-            ));
+            return Err(bad_reply(waiter, None, "first chunk without a reply"));
         };
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         let mut stream = GrpcStream::new(
@@ -293,12 +275,19 @@ impl Tunnel for Service {
     }
 }
 
-/// Tells the opener that the agent's answer broke the protocol; returns the status for the call.
-fn bad_reply(waiter: oneshot::Sender<Answer>, status: Status) -> Status {
+/// Tells the opener why the agent's answer is unusable (it came later than `late`, or broke the
+/// protocol) and returns the status that ends the call, saying `why`.
+fn bad_reply(waiter: oneshot::Sender<Answer>, late: Option<Duration>, why: &str) -> Status {
+    use crate::error::OpenError;
     refused_stream_call("bad_reply");
-    let _ = waiter.send(Err(crate::error::OpenError::Protocol(
-        proto::DecodeError::Invalid("malformed answer to a dial"),
-    )));
+    let (error, status) = match late {
+        Some(timeout) => (OpenError::Timeout(timeout), Status::deadline_exceeded(why)),
+        None => (
+            OpenError::Protocol(proto::DecodeError::Invalid("malformed answer to a dial")),
+            Status::invalid_argument(why),
+        ),
+    };
+    let _ = waiter.send(Err(error));
     status
 }
 
