@@ -1,5 +1,7 @@
 //! The binary's command line: refuses to start without TLS, and writes a PKI.
 
+mod common;
+
 use std::process::Command;
 
 fn server() -> Command {
@@ -9,16 +11,8 @@ fn server() -> Command {
 #[test]
 fn refuses_to_start_without_the_three_tls_files() {
     let out = server()
-        .args([
-            "--tunnel-port",
-            "0",
-            "--secure-port",
-            "0",
-            "--insecure-port",
-            "0",
-            "--meta-port",
-            "0",
-        ])
+        .args(["--tunnel-port", "0"])
+        .args(common::EPHEMERAL_FRONTS)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -55,13 +49,8 @@ fn unreadable_tls_files_are_named_in_the_error() {
             "ca.crt",
             "--tunnel-port",
             "0",
-            "--secure-port",
-            "0",
-            "--insecure-port",
-            "0",
-            "--meta-port",
-            "0",
         ])
+        .args(common::EPHEMERAL_FRONTS)
         .output()
         .unwrap();
     assert!(!out.status.success());

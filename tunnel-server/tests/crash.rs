@@ -3,6 +3,8 @@
 //! its private key, so the reset for an unknown connection is one the agents accept. Without
 //! it an agent would wait out its idle timeout (60 s here) for a server that is gone.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -24,14 +26,7 @@ fn start(pki: &tunnel_server::pki::PkiFiles, port: u16) -> Child {
         .arg(&pki.ca_cert)
         .args(["--bind-address", "127.0.0.1", "--transports", "quic"])
         .args(["--tunnel-port", &port.to_string()])
-        .args([
-            "--secure-port",
-            "0",
-            "--insecure-port",
-            "0",
-            "--meta-port",
-            "0",
-        ])
+        .args(common::EPHEMERAL_FRONTS)
         .stderr(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true)
