@@ -1,7 +1,7 @@
 //! What the tests that run the `tunnel-server` binary share.
 
 /// Fronts and meta server on ports the kernel picks, so that tests never collide.
-pub const EPHEMERAL_FRONTS: [&str; 6] = [
+pub(crate) const EPHEMERAL_FRONTS: [&str; 6] = [
     "--secure-port",
     "0",
     "--insecure-port",
