@@ -1,8 +1,10 @@
 //! Errors by fault domain: the peer broke the protocol, the target refused, the link failed, or
 //! the local configuration is wrong. Callers branch on predicates and [`Refusal`], never on text.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use crate::proto::{self, DecodeError};
 
@@ -18,6 +20,8 @@ pub enum Refusal {
     Unreachable,
     /// The dial did not complete in time.
     Timeout,
+    /// The stream asks for something the link has not negotiated (compression).
+    Unsupported,
 }
 
 impl Refusal {
@@ -28,6 +32,7 @@ impl Refusal {
             Self::Refused => "refused",
             Self::Unreachable => "unreachable",
             Self::Timeout => "timeout",
+            Self::Unsupported => "unsupported",
         }
     }
 
@@ -38,6 +43,23 @@ impl Refusal {
             Self::Refused => proto::OpenResult::Refused,
             Self::Unreachable => proto::OpenResult::Unreachable,
             Self::Timeout => proto::OpenResult::Timeout,
+            Self::Unsupported => proto::OpenResult::Unsupported,
+        }
+    }
+
+    /// The refusal a wire code carries: `Ok(None)` for OK, an error for a code that is no
+    /// answer at all (unspecified or unknown).
+    pub fn from_proto(code: i32) -> Result<Option<Self>, DecodeError> {
+        match proto::OpenResult::try_from(code) {
+            Ok(proto::OpenResult::Ok) => Ok(None),
+            Ok(proto::OpenResult::Forbidden) => Ok(Some(Self::Forbidden)),
+            Ok(proto::OpenResult::Refused) => Ok(Some(Self::Refused)),
+            Ok(proto::OpenResult::Unreachable) => Ok(Some(Self::Unreachable)),
+            Ok(proto::OpenResult::Timeout) => Ok(Some(Self::Timeout)),
+            Ok(proto::OpenResult::Unsupported) => Ok(Some(Self::Unsupported)),
+            Ok(proto::OpenResult::Unspecified) | Err(_) => {
+                Err(DecodeError::Invalid("unknown open result"))
+            }
         }
     }
 
@@ -74,9 +96,9 @@ pub enum OpenError {
     /// The agent did not answer within the open timeout.
     #[error("agent did not answer within {0:?}")]
     Timeout(std::time::Duration),
-    /// The session is draining or closed: no new streams.
-    #[error("session closed: {0}")]
-    SessionClosed(String),
+    /// The link is draining or closed: no new streams.
+    #[error("link {0}")]
+    LinkClosed(CloseReason),
     /// The agent's link already carries as many streams as it may (`max_streams`).
     #[error("the agent's link carries its limit of {0} streams")]
     Busy(u32),
@@ -90,7 +112,7 @@ pub enum OpenError {
 
 impl OpenError {
     /// The agent's refusal, or the equivalent for failures on our side (a timeout is a timeout; a
-    /// lost session is unreachable).
+    /// lost link is unreachable).
     pub fn refusal(&self) -> Refusal {
         match self {
             Self::Refused { refusal, .. } => *refusal,
@@ -105,59 +127,293 @@ impl OpenError {
     }
 }
 
+/// Who ended (or drained) a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Initiator {
+    /// This side.
+    Local,
+    /// The other end of the link.
+    Remote,
+}
+
+/// Why a link ended or drains. Stable labels ([`as_str`](Self::as_str)) for logs and metrics;
+/// distinct QUIC close codes and wire values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseCause {
+    /// The drain announced by a go-away ended.
+    GoAway,
+    /// A ping went unanswered past its deadline.
+    PingDeadline,
+    /// Nothing arrived within the transport's idle timeout.
+    IdleTimeout,
+    /// A newer session of the same agent took over.
+    Replaced,
+    /// The initiator is shutting down.
+    Shutdown,
+    /// A protocol violation.
+    Protocol,
+    /// The initiator refuses the other end: certificate, identity or TLS failure.
+    Refused,
+    /// The transport failed underneath (connection reset or lost).
+    Transport,
+    /// The handshake or registration did not finish in time.
+    HandshakeTimeout,
+}
+
+impl CloseCause {
+    /// Every cause, for metrics that list each label from the start.
+    pub const ALL: [Self; 9] = [
+        Self::GoAway,
+        Self::PingDeadline,
+        Self::IdleTimeout,
+        Self::Replaced,
+        Self::Shutdown,
+        Self::Protocol,
+        Self::Refused,
+        Self::Transport,
+        Self::HandshakeTimeout,
+    ];
+
+    /// A stable, lowercase label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GoAway => "go_away",
+            Self::PingDeadline => "ping_deadline",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Replaced => "replaced",
+            Self::Shutdown => "shutdown",
+            Self::Protocol => "protocol",
+            Self::Refused => "refused",
+            Self::Transport => "transport",
+            Self::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    /// The wire value.
+    pub fn to_proto(self) -> proto::CloseCause {
+        match self {
+            Self::GoAway => proto::CloseCause::GoAway,
+            Self::PingDeadline => proto::CloseCause::PingDeadline,
+            Self::IdleTimeout => proto::CloseCause::IdleTimeout,
+            Self::Replaced => proto::CloseCause::Replaced,
+            Self::Shutdown => proto::CloseCause::Shutdown,
+            Self::Protocol => proto::CloseCause::Protocol,
+            Self::Refused => proto::CloseCause::Refused,
+            Self::Transport => proto::CloseCause::Transport,
+            Self::HandshakeTimeout => proto::CloseCause::HandshakeTimeout,
+        }
+    }
+
+    /// The cause a wire value names; unknown values (a newer peer) read as a transport failure.
+    pub fn from_proto(value: i32) -> Self {
+        match proto::CloseCause::try_from(value) {
+            Ok(proto::CloseCause::GoAway) => Self::GoAway,
+            Ok(proto::CloseCause::PingDeadline) => Self::PingDeadline,
+            Ok(proto::CloseCause::IdleTimeout) => Self::IdleTimeout,
+            Ok(proto::CloseCause::Replaced) => Self::Replaced,
+            Ok(proto::CloseCause::Shutdown) => Self::Shutdown,
+            Ok(proto::CloseCause::Protocol) => Self::Protocol,
+            Ok(proto::CloseCause::Refused) => Self::Refused,
+            Ok(proto::CloseCause::HandshakeTimeout) => Self::HandshakeTimeout,
+            Ok(proto::CloseCause::Transport | proto::CloseCause::Unspecified) | Err(_) => {
+                Self::Transport
+            }
+        }
+    }
+
+    /// The QUIC application close code (the wire value, so both transports agree).
+    pub(crate) fn code(self) -> u32 {
+        // Small positive enum values: the cast cannot truncate.
+        self.to_proto() as u32
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::GoAway => "drain after go-away ended",
+            Self::PingDeadline => "ping deadline passed",
+            Self::IdleTimeout => "idle timeout",
+            Self::Replaced => "replaced by a newer session",
+            Self::Shutdown => "shutting down",
+            Self::Protocol => "protocol violation",
+            Self::Refused => "refused",
+            Self::Transport => "transport error",
+            Self::HandshakeTimeout => "handshake timed out",
+        }
+    }
+}
+
+impl fmt::Display for CloseCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// Why a link ended or drains, and who decided it, with the error underneath when there is one
+/// (a TLS alert, a gRPC status, the peer's close detail).
+#[derive(Debug, Clone)]
+pub struct CloseReason {
+    /// Why.
+    pub cause: CloseCause,
+    /// Who.
+    pub initiator: Initiator,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl CloseReason {
+    /// A reason decided on this side.
+    pub fn local(cause: CloseCause) -> Self {
+        Self {
+            cause,
+            initiator: Initiator::Local,
+            source: None,
+        }
+    }
+
+    /// A reason the other end decided.
+    pub fn remote(cause: CloseCause) -> Self {
+        Self {
+            cause,
+            initiator: Initiator::Remote,
+            source: None,
+        }
+    }
+
+    /// The same, with the error underneath.
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The same, with the peer's one-line detail (its close message) as the source.
+    pub(crate) fn with_detail(self, detail: &str) -> Self {
+        if detail.is_empty() {
+            return self;
+        }
+        self.with_source(PeerDetail(detail.chars().take(200).collect()))
+    }
+
+    /// True when the other end refused this side (its certificate or identity).
+    pub fn is_refused_by_peer(&self) -> bool {
+        self.cause == CloseCause::Refused && self.initiator == Initiator::Remote
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.initiator {
+            Initiator::Local => write!(f, "{}", self.cause)?,
+            Initiator::Remote => write!(f, "{} by the peer", self.cause)?,
+        }
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for CloseReason {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// What the peer said when it closed, kept for the operator; never branched on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PeerDetail(String);
+
+/// The TLS alert or error somewhere in `err`'s chain, if any: how a TLS refusal reaches us
+/// through tonic, hyper and `io::Error` (whose `source()` skips the error it wraps).
+pub(crate) fn tls_error_in<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// A failure of the agent link as a whole: handshake, identity, control channel.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
+    /// The link ended, or was refused, for this reason.
+    #[error("{0}")]
+    Closed(CloseReason),
     /// The peer's certificate does not carry a usable node identity.
     #[error("peer identity: {0}")]
     Identity(#[from] crate::tls::IdentityError),
-    /// The peer broke the control protocol.
-    #[error("protocol: {0}")]
-    Protocol(#[from] crate::control::ControlError),
     /// A frame could not be decoded.
     #[error("decode: {0}")]
     Decode(#[from] DecodeError),
-    /// A step of the handshake did not finish in time.
+    /// A step of a stream's set-up did not finish in time.
     #[error("timed out during {0}")]
     Timeout(&'static str),
-    /// QUIC connection failure.
-    #[error("quic: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    /// QUIC could not start the connection (bad address, bad server name, endpoint closed).
-    #[error("quic connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    /// Socket IO.
+    /// The server withdrew the stream before the agent answered (its client left).
+    #[error("the server withdrew the stream")]
+    Withdrawn,
+    /// The server asked for something this link has not negotiated; the stream was refused.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+    /// Socket IO, or a transport that could not start (bad address or server name).
     #[error("io: {0}")]
     Io(#[from] io::Error),
 }
 
 impl SessionError {
-    /// True when the fault lies with the peer (bad identity, protocol violation); false for
-    /// network and local failures that a retry may fix.
-    pub fn is_peer(&self) -> bool {
-        matches!(
-            self,
-            Self::Identity(_) | Self::Protocol(_) | Self::Decode(_)
-        )
-    }
-}
-
-impl From<quinn::WriteError> for SessionError {
-    fn from(e: quinn::WriteError) -> Self {
-        Self::Io(e.into())
-    }
-}
-
-impl From<quinn::ReadExactError> for SessionError {
-    fn from(e: quinn::ReadExactError) -> Self {
-        match e {
-            quinn::ReadExactError::FinishedEarly(_) => Self::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "stream finished early",
-            )),
-            quinn::ReadExactError::ReadError(e) => Self::Io(e.into()),
+    /// Why the link ended or never came up, as a typed cause with its initiator.
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            Self::Closed(r) => r.clone(),
+            Self::Identity(_) => CloseReason::local(CloseCause::Refused),
+            Self::Decode(_) | Self::Unsupported(_) => CloseReason::local(CloseCause::Protocol),
+            Self::Withdrawn => CloseReason::remote(CloseCause::Transport),
+            Self::Timeout(_) => CloseReason::local(CloseCause::HandshakeTimeout),
+            Self::Io(_) => CloseReason::local(CloseCause::Transport),
         }
+    }
+
+    /// True when the fault lies with the peer's identity or protocol (a refusal either way, a
+    /// protocol violation); false for network and local failures that a retry may fix.
+    pub fn is_peer(&self) -> bool {
+        let reason = self.reason();
+        matches!(reason.cause, CloseCause::Refused | CloseCause::Protocol)
+    }
+}
+
+impl From<CloseReason> for SessionError {
+    fn from(r: CloseReason) -> Self {
+        Self::Closed(r)
+    }
+}
+
+impl From<crate::control::ControlError> for CloseReason {
+    fn from(e: crate::control::ControlError) -> Self {
+        use crate::control::ControlError;
+        let cause = match e {
+            ControlError::PingTimeout { .. } => CloseCause::PingDeadline,
+            ControlError::RegisterTimeout => CloseCause::HandshakeTimeout,
+            _ => CloseCause::Protocol,
+        };
+        Self::local(cause).with_source(e)
+    }
+}
+
+impl From<crate::control::ControlError> for SessionError {
+    fn from(e: crate::control::ControlError) -> Self {
+        Self::Closed(e.into())
     }
 }
 

@@ -36,11 +36,15 @@ pub mod sniff;
 pub mod tls;
 pub mod transport;
 
-pub use error::{ConfigError, OpenError, Refusal, SessionError};
+pub use error::{
+    CloseCause, CloseReason, ConfigError, Initiator, OpenError, Refusal, SessionError,
+};
 pub use proto::OpenRequest;
 pub use route::{NodeRef, PortSet, Target, TargetHost};
 pub use tls::{AgentIdentity, Identity};
 pub use transport::{
-    AgentSession, GrpcConnector, GrpcListener, IncomingStream, LinkState, QuicConnector,
-    QuicListener, RequestedStream, ServerSession, SessionConfig, TransportKind, TunnelStream,
+    AgentSession, BindError, Connector, GrpcConnector, GrpcListener, HandshakeError,
+    IncomingStream, LinkState, Listener, ListenerConfig, QuicConnector, QuicListener,
+    RequestedStream, ServerSession, SessionConfig, TransportChoice, TransportKind, Transports,
+    TunnelStream,
 };

@@ -1,5 +1,5 @@
 //! The gRPC transport end to end on loopback: registration, a proxied connection with
-//! half-close, a typed refusal, and the refusal of `Stream` calls that answer no open dial,
+//! half-close, a typed refusal, and the refusal of `Stream` calls that answer no open stream request,
 //! through tonic over TLS/TCP.
 
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tunnel_core::copy::{CopyConfig, copy_bidirectional};
-use tunnel_core::proto::tunnel_client::TunnelClient;
+use tunnel_core::transport::grpc::service::tunnel_client::TunnelClient;
 use tunnel_core::transport::grpc::{ALPN_H2, STREAM_ID_KEY};
 use tunnel_core::{
     GrpcConnector, GrpcListener, OpenError, OpenRequest, Refusal, SessionConfig, Target,
@@ -123,7 +123,7 @@ async fn a_proxied_connection_over_grpc_echoes_with_half_close_and_refusals_are_
     let echo_port = echo_server().await;
     let agent = spawn_agent(&pki, addr, echo_port);
 
-    let session = listener.accept().await.unwrap();
+    let session = listener.accept().await.unwrap().unwrap();
     assert_eq!(session.identity().node_name, "node-a");
     assert_eq!(session.claims().node_name, "claimed");
     assert_eq!(session.transport(), TransportKind::Grpc);
@@ -230,9 +230,9 @@ async fn stream_calls_with_a_missing_malformed_unknown_or_used_id_are_refused_an
     let addr = listener.local_addr();
     let echo_port = echo_server().await;
     let agent = spawn_agent(&pki, addr, echo_port);
-    let session = listener.accept().await.unwrap();
+    let session = listener.accept().await.unwrap().unwrap();
 
-    // The first dial of a listener is stream id 1; once paired, the id is used up.
+    // The first stream request of a listener is stream id 1; once paired, the id is used up.
     let target = Target {
         host: TargetHost::Loopback,
         port: echo_port,
@@ -267,7 +267,7 @@ async fn an_answer_without_a_reply_fails_the_open_as_a_protocol_error_and_is_cou
     let pki = pki();
     let mut listener = listen(&pki).await;
     let addr = listener.local_addr();
-    // An agent that registers and takes dials but never answers them itself.
+    // An agent that registers and takes stream requests but never answers them itself.
     let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
     let connector = GrpcConnector::new(client_tls, SessionConfig::default());
     let silent = tokio::spawn(async move {
@@ -280,19 +280,19 @@ async fn an_answer_without_a_reply_fails_the_open_as_a_protocol_error_and_is_cou
             held.push(incoming);
         }
     });
-    let session = listener.accept().await.unwrap();
+    let session = listener.accept().await.unwrap().unwrap();
     let target = Target {
         host: TargetHost::Loopback,
         port: 10250,
     };
     let open = tokio::spawn(async move { session.open(&OpenRequest::new(target, 1)).await });
 
-    // The first dial of a listener is stream id 1; answer it with a chunk that carries no reply.
+    // The first stream request of a listener is stream id 1; answer it with a chunk that carries no reply.
     let mut client = raw_client(&pki, addr).await;
     let mut tries = 0;
     let status = loop {
         tries += 1;
-        assert!(tries < 500, "the dial never became pending");
+        assert!(tries < 500, "the request never became pending");
         let mut request = tonic::Request::new(tokio_stream::iter(vec![proto::Chunk {
             data: bytes::Bytes::from_static(b"no answer"),
             reply: None,
@@ -301,7 +301,7 @@ async fn an_answer_without_a_reply_fails_the_open_as_a_protocol_error_and_is_cou
             .metadata_mut()
             .insert(STREAM_ID_KEY, "1".parse().unwrap());
         match client.stream(request).await {
-            // The dial may not be pending yet: try again.
+            // The request may not be pending yet: try again.
             Err(status) if status.code() == tonic::Code::NotFound => {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }

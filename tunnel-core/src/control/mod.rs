@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::error::CloseCause;
 use crate::proto::{self, control::Msg};
 
 /// Liveness and handshake timing.
@@ -47,15 +48,22 @@ pub enum Event {
     /// Agent side: the server accepted the registration.
     Registered(proto::Registered),
     /// Agent side, gRPC transport: the server asks for a stream.
-    Dial(proto::DialRequest),
-    /// Agent side, gRPC transport: the server's client is gone; drop this stream's dial.
-    Cancel(u64),
+    StreamRequested(proto::StreamRequest),
+    /// Agent side, gRPC transport: the server's client is gone; withdraw this stream request.
+    StreamCancelled(u64),
     /// The peer accepts no new streams.
     GoAway {
-        /// The peer's reason.
-        reason: String,
+        /// Why.
+        cause: CloseCause,
         /// How long existing streams may go on.
         drain: Duration,
+    },
+    /// The peer ends the link now.
+    Closed {
+        /// Why.
+        cause: CloseCause,
+        /// The peer's one-line detail, for logs.
+        detail: String,
     },
 }
 
@@ -132,8 +140,9 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::Ping(_) => "ping",
         Msg::Pong(_) => "pong",
         Msg::GoAway(_) => "go-away",
-        Msg::Dial(_) => "dial",
-        Msg::Cancel(_) => "cancel",
+        Msg::StreamRequest(_) => "stream-request",
+        Msg::StreamCancel(_) => "stream-cancel",
+        Msg::Close(_) => "close",
     }
 }
 
@@ -188,6 +197,13 @@ impl Control {
             state: s.name(),
         };
         match (self.state, msg) {
+            // Allowed in every state: a refusal may come before registration completes.
+            (_, Msg::Close(c)) => {
+                self.events.push_back(Event::Closed {
+                    cause: CloseCause::from_proto(c.cause),
+                    detail: c.detail.chars().take(200).collect(),
+                });
+            }
             (State::AwaitRegister { deadline }, Msg::Register(r)) => {
                 self.state = State::AwaitAccept { deadline };
                 self.events.push_back(Event::RegisterReceived(r));
@@ -209,18 +225,18 @@ impl Control {
                     self.outstanding = None;
                 }
             }
-            // A dial may cross a go-away on the wire; it was sent while the link was open, so
-            // it is served like a QUIC stream opened just before the go-away.
-            (State::Active | State::Draining, Msg::Dial(d)) if self.agent => {
-                self.events.push_back(Event::Dial(d));
+            // A request may cross a go-away on the wire; it was sent while the link was open,
+            // so it is served like a QUIC stream opened just before the go-away.
+            (State::Active | State::Draining, Msg::StreamRequest(r)) if self.agent => {
+                self.events.push_back(Event::StreamRequested(r));
             }
-            (State::Active | State::Draining, Msg::Cancel(c)) if self.agent => {
-                self.events.push_back(Event::Cancel(c.stream_id));
+            (State::Active | State::Draining, Msg::StreamCancel(c)) if self.agent => {
+                self.events.push_back(Event::StreamCancelled(c.stream_id));
             }
             (State::Active | State::Draining, Msg::GoAway(g)) => {
                 self.state = State::Draining;
                 self.events.push_back(Event::GoAway {
-                    reason: g.reason,
+                    cause: CloseCause::from_proto(g.cause),
                     drain: Duration::from_millis(u64::from(g.drain_ms)),
                 });
             }
@@ -247,37 +263,47 @@ impl Control {
         Ok(())
     }
 
-    /// Server side, gRPC transport: asks the agent to dial. Also while draining: an opener that
-    /// checked the link just before the go-away still gets its stream (new opens are refused
-    /// by the session, which sees the draining state).
-    pub fn dial(&mut self, request: proto::DialRequest) -> Result<(), ControlError> {
+    /// Server side, gRPC transport: asks the agent for a stream. Also while draining: an
+    /// opener that checked the link just before the go-away still gets its stream (new opens
+    /// are refused by the session, which sees the draining state).
+    pub fn request_stream(&mut self, request: proto::StreamRequest) -> Result<(), ControlError> {
         if self.agent || !matches!(self.state, State::Active | State::Draining) {
             return Err(ControlError::Unexpected {
-                message: "dial",
+                message: "stream-request",
                 state: self.state.name(),
             });
         }
-        self.outbox.push_back(wrap(Msg::Dial(request)));
+        self.outbox.push_back(wrap(Msg::StreamRequest(request)));
         Ok(())
     }
 
-    /// Server side, gRPC transport: withdraws a dial whose client is gone.
-    pub fn cancel(&mut self, stream_id: u64) {
+    /// Server side, gRPC transport: withdraws a stream request whose client is gone.
+    pub fn cancel_stream(&mut self, stream_id: u64) {
         if !self.agent {
             self.outbox
-                .push_back(wrap(Msg::Cancel(proto::DialCancel { stream_id })));
+                .push_back(wrap(Msg::StreamCancel(proto::StreamCancel { stream_id })));
         }
     }
 
     /// Tells the peer that this side accepts no new streams.
-    pub fn go_away(&mut self, reason: impl Into<String>, drain: Duration) {
+    pub fn go_away(&mut self, cause: CloseCause, drain: Duration) {
         if self.state == State::Draining {
             return;
         }
         self.state = State::Draining;
         self.outbox.push_back(wrap(Msg::GoAway(proto::GoAway {
-            reason: reason.into(),
+            reason: cause.to_string(),
             drain_ms: u32::try_from(drain.as_millis()).unwrap_or(u32::MAX),
+            cause: cause.to_proto().into(),
+        })));
+    }
+
+    /// Tells the peer that this side ends the link now, and why. The last message: the owner
+    /// sends it (best effort) and closes the transport.
+    pub fn close(&mut self, cause: CloseCause, detail: &str) {
+        self.outbox.push_back(wrap(Msg::Close(proto::Close {
+            cause: cause.to_proto().into(),
+            detail: detail.chars().take(200).collect(),
         })));
     }
 
@@ -472,12 +498,12 @@ mod tests {
     fn go_away_reaches_the_peer_and_pings_go_on() {
         let mut now = Instant::now();
         let (mut agent, mut server) = registered_pair(now);
-        server.go_away("shutting down", Duration::from_secs(30));
+        server.go_away(CloseCause::Shutdown, Duration::from_secs(30));
         drive(now, &mut agent, &mut server).unwrap();
         assert_eq!(
             agent.poll_event(),
             Some(Event::GoAway {
-                reason: "shutting down".into(),
+                cause: CloseCause::Shutdown,
                 drain: Duration::from_secs(30)
             })
         );
@@ -487,6 +513,56 @@ mod tests {
         server.handle_timeout(now).unwrap();
         drive(now, &mut agent, &mut server).unwrap();
         assert!(agent.outstanding.is_none());
+    }
+
+    #[test]
+    fn close_carries_its_cause_in_any_state() {
+        let now = Instant::now();
+        let mut server = Control::server(now, ControlConfig::default());
+        server.close(CloseCause::Refused, "no identity");
+        let mut agent = Control::agent(now, ControlConfig::default(), register());
+        let msg = server.poll_transmit().unwrap();
+        // Before registration completed: a refusal must still be heard.
+        agent.handle_message(now, msg).unwrap();
+        assert_eq!(
+            agent.poll_event(),
+            Some(Event::Closed {
+                cause: CloseCause::Refused,
+                detail: "no identity".into()
+            })
+        );
+        let (mut agent, mut server) = registered_pair(now);
+        agent.close(CloseCause::Shutdown, "");
+        drive(now, &mut agent, &mut server).unwrap();
+        assert_eq!(
+            server.poll_event(),
+            Some(Event::Closed {
+                cause: CloseCause::Shutdown,
+                detail: String::new()
+            })
+        );
+    }
+
+    #[test]
+    fn stream_requests_go_only_from_server_to_agent() {
+        let now = Instant::now();
+        let (mut agent, mut server) = registered_pair(now);
+        let request = proto::StreamRequest {
+            stream_id: 7,
+            open: None,
+        };
+        assert!(agent.request_stream(request.clone()).is_err());
+        server.request_stream(request.clone()).unwrap();
+        server.cancel_stream(7);
+        drive(now, &mut agent, &mut server).unwrap();
+        assert_eq!(agent.poll_event(), Some(Event::StreamRequested(request)));
+        assert_eq!(agent.poll_event(), Some(Event::StreamCancelled(7)));
+        // An agent that sends a request breaks the protocol.
+        let bad = wrap(Msg::StreamRequest(proto::StreamRequest::default()));
+        assert!(matches!(
+            server.handle_message(now, bad),
+            Err(ControlError::Unexpected { .. })
+        ));
     }
 
     #[test]

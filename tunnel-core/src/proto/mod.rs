@@ -17,7 +17,7 @@ use crate::route::{self, TargetHost};
     clippy::pedantic
 )]
 mod generated {
-    include!(concat!(env!("OUT_DIR"), "/edgetunnel.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/messages/edgetunnel.v1.rs"));
 }
 pub use generated::*;
 

@@ -9,19 +9,26 @@
 //! [`Target`]: crate::route::Target
 //! [`Refusal`]: crate::error::Refusal
 
+mod endpoint;
 pub mod grpc;
+mod link;
 pub mod quic;
 mod session;
+mod stream;
 
 use std::fmt;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
 use crate::control::ControlConfig;
+use crate::error::{ConfigError, SessionError};
+
+pub use endpoint::{Connector, Listener, ListenerConfig, QUIC_FIRST, TransportChoice, Transports};
+pub use grpc::{GrpcConnector, GrpcListener};
+pub use link::LinkState;
+pub use quic::{PendingSession, QuicConnector, QuicListener};
+pub use session::{AgentSession, IncomingStream, RequestedStream, ServerSession};
+pub use stream::TunnelStream;
 
 /// Which transport carries a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,128 +99,28 @@ impl Default for SessionConfig {
     }
 }
 
-/// One proxied connection: bytes both ways, half-close by `shutdown`.
-#[derive(Debug)]
-pub struct TunnelStream {
-    inner: StreamInner,
-    // Keeps the stream counted in its link's open streams until it is dropped.
-    _count: session::StreamGuard,
+/// Why a listener or connector could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The TLS configuration does not fit the transport.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The socket could not be bound.
+    #[error("bind: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-#[derive(Debug)]
-enum StreamInner {
-    Quic {
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    },
-    // Boxed: a gRPC stream is several times the size of a QUIC one.
-    Grpc(Box<grpc::GrpcStream>),
+/// An agent that knocked and did not become a session: a refused certificate, an identity the
+/// server rejects, a handshake or registration that failed or timed out.
+#[derive(Debug, thiserror::Error)]
+#[error("agent at {remote} over {transport}: {error}")]
+pub struct HandshakeError {
+    /// Where it came from.
+    pub remote: SocketAddr,
+    /// Over which transport.
+    pub transport: TransportKind,
+    /// What went wrong; [`SessionError::reason`] gives the typed cause.
+    #[source]
+    pub error: SessionError,
 }
-
-/// Application error code carried by a stream reset after a local failure.
-const RESET_ABORTED: u32 = 1;
-
-impl TunnelStream {
-    pub(crate) fn quic(
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-        count: session::StreamGuard,
-    ) -> Self {
-        Self {
-            inner: StreamInner::Quic { send, recv },
-            _count: count,
-        }
-    }
-
-    pub(crate) fn grpc(stream: grpc::GrpcStream, count: session::StreamGuard) -> Self {
-        Self {
-            inner: StreamInner::Grpc(Box::new(stream)),
-            _count: count,
-        }
-    }
-
-    /// The transport's id of the stream, for logs.
-    pub fn id(&self) -> u64 {
-        match &self.inner {
-            StreamInner::Quic { send, .. } => send.id().index(),
-            StreamInner::Grpc(s) => s.id,
-        }
-    }
-
-    /// Waits (at most `timeout`) until the peer has acknowledged everything written before the
-    /// shutdown, so that closing the link right after loses no tail. Returns false on timeout
-    /// or when the peer stopped reading instead.
-    pub async fn delivered(&self, timeout: Duration) -> bool {
-        match &self.inner {
-            StreamInner::Quic { send, .. } => {
-                matches!(
-                    tokio::time::timeout(timeout, send.stopped()).await,
-                    Ok(Ok(None))
-                )
-            }
-            // HTTP/2 acknowledges nothing per stream; the connection outlives the call.
-            StreamInner::Grpc(_) => true,
-        }
-    }
-
-    /// Ends the stream abruptly in both directions, so the peer sees an error rather than a
-    /// clean end of data. For use after a failure on the other leg of the copy.
-    pub fn abort(&mut self) {
-        match &mut self.inner {
-            StreamInner::Quic { send, recv } => {
-                let code = quinn::VarInt::from_u32(RESET_ABORTED);
-                // Already finished or reset: nothing left to abort.
-                let _ = send.reset(code);
-                let _ = recv.stop(code);
-            }
-            StreamInner::Grpc(s) => s.abort(),
-        }
-    }
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            StreamInner::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
-            StreamInner::Grpc(s) => s.poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
-            StreamInner::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, buf),
-            StreamInner::Grpc(s) => s.poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            StreamInner::Quic { send, .. } => AsyncWrite::poll_flush(Pin::new(send), cx),
-            StreamInner::Grpc(_) => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            StreamInner::Quic { send, .. } => AsyncWrite::poll_shutdown(Pin::new(send), cx),
-            StreamInner::Grpc(s) => {
-                s.shutdown();
-                Poll::Ready(Ok(()))
-            }
-        }
-    }
-}
-
-pub use grpc::{GrpcConnector, GrpcListener};
-pub use quic::{PendingSession, QuicConnector, QuicListener};
-pub use session::{AgentSession, IncomingStream, LinkState, RequestedStream, ServerSession};

@@ -10,21 +10,20 @@ use bytes::{Buf, BytesMut};
 use quinn::VarInt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, debug, debug_span, info, warn};
+use tracing::{debug, debug_span, warn};
 
-use super::session::{AgentConn, Command, Link, LocalClose, RequestedInner, ServerConn};
-use super::{AgentSession, LinkState, RequestedStream, ServerSession, SessionConfig, TunnelStream};
-use crate::control::{Control, ControlError, Event};
-use crate::error::{ConfigError, OpenError, Refusal, SessionError};
+use super::link::{
+    self, Acceptor, BoxFuture, ControlChannel, Incoming, Link, Opener, RequestRead, Requested,
+};
+use super::session::{AgentParts, ServerParts, answer_to_result};
+use super::stream::StreamIo;
+use super::{AgentSession, BindError, ServerSession, SessionConfig, TransportKind};
+use crate::error::{CloseCause, CloseReason, ConfigError, OpenError, SessionError};
 use crate::proto::{self, DecodeError, MAX_CONTROL_LEN, MAX_OPEN_LEN, OpenRequest};
 use crate::tls::{ALPN_QUIC, AgentIdentity};
 
-/// Connection close codes, so that each side's logs say who ended the link and why.
-pub(crate) const CLOSE_BY_SERVER: u32 = 0;
-pub(crate) const CLOSE_BY_AGENT: u32 = 0;
-const CLOSE_PROTOCOL: u32 = 1;
-const CLOSE_DEAD_PEER: u32 = 2;
+/// Stream reset code after a local failure (the other leg of the copy failed).
+const RESET_ABORTED: u32 = 1;
 
 fn transport_config(config: &SessionConfig, accept_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -177,28 +176,16 @@ impl QuicListener {
         })
     }
 
-    /// Stops accepting and closes every link.
-    pub fn close(&self, reason: &str) {
+    /// Stops accepting and closes every link, for `cause`.
+    pub fn close(&self, cause: CloseCause) {
         self.endpoint
-            .close(VarInt::from_u32(CLOSE_BY_SERVER), reason.as_bytes());
+            .close(VarInt::from_u32(cause.code()), cause.as_str().as_bytes());
     }
 
     /// Resolves when every link of this endpoint is gone.
     pub async fn wait_idle(&self) {
         self.endpoint.wait_idle().await;
     }
-}
-
-/// Why a listener or connector could not be set up.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BindError {
-    /// The TLS configuration does not fit QUIC.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The UDP socket could not be bound.
-    #[error("bind: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// An agent's connection attempt, before the handshake.
@@ -226,79 +213,52 @@ impl PendingSession {
     pub async fn establish(self) -> Result<ServerSession, SessionError> {
         let remote = self.incoming.remote_address();
         let config = self.config;
-        let conn = tokio::time::timeout(config.handshake_timeout, self.incoming.accept()?)
+        let connecting = self.incoming.accept().map_err(|e| reason_of(&e))?;
+        let conn = tokio::time::timeout(config.handshake_timeout, connecting)
             .await
-            .map_err(|_| SessionError::Timeout("quic handshake"))??;
-        let identity = peer_identity(&conn)?;
-        let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote);
-        let result = async {
-            let (send, recv) =
-                tokio::time::timeout(config.control.register_timeout, conn.accept_bi())
-                    .await
-                    .map_err(|_| SessionError::Timeout("control stream"))??;
-            let mut io = ControlIo::new(send, recv);
-            let mut control = Control::server(now(), config.control.clone());
-            let claims = match io.until_event(&mut control).await? {
-                Event::RegisterReceived(r) => r,
-                other => {
-                    return Err(SessionError::Protocol(ControlError::Unexpected {
-                        message: event_name(&other),
-                        state: "await-register",
-                    }));
+            .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
+            .map_err(|e| reason_of(&e))?;
+        let identity = match peer_identity(&conn) {
+            Ok(identity) => identity,
+            Err(e) => {
+                close(&conn, CloseCause::Refused, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote, transport = "quic");
+        let control =
+            match tokio::time::timeout(config.control.register_timeout, conn.accept_bi()).await {
+                Ok(Ok((send, recv))) => QuicControl::new(conn.clone(), send, recv),
+                Ok(Err(e)) => return Err(reason_of(&e).into()),
+                Err(_) => {
+                    close(&conn, CloseCause::HandshakeTimeout, "no control stream");
+                    return Err(CloseReason::local(CloseCause::HandshakeTimeout).into());
                 }
             };
-            if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
-                warn!(
-                    agent.claimed = %claims.node_name,
-                    "agent claims another node name; using its certificate's"
-                );
-            }
-            control.accept_registration(
-                now(),
-                proto::Registered {
-                    node_name: identity.node_name.clone(),
-                    server_id: self.server_id.to_string(),
-                },
-            )?;
-            io.flush(&mut control).await?;
-            let link = spawn_driver(control, io, conn.clone(), span.clone());
-            Ok(ServerSession::new(
-                identity,
-                claims,
-                remote,
-                config.clone(),
-                ServerConn::Quic(conn.clone()),
-                link,
-            ))
-        }
-        .instrument(span.clone())
-        .await;
-        if let Err(e) = &result {
-            close(
-                &conn,
-                if e.is_peer() {
-                    CLOSE_PROTOCOL
-                } else {
-                    CLOSE_DEAD_PEER
-                },
-                &e.to_string(),
-            );
-        }
-        result
+        // The agent opens only the control stream; the server's commands are go-aways.
+        let (claims, link) =
+            link::accept_agent(control, &identity, &self.server_id, &config, 4, span).await?;
+        Ok(ServerSession::new(ServerParts {
+            identity,
+            claims,
+            remote,
+            transport: TransportKind::Quic,
+            config,
+            opener: Box::new(QuicOpener(conn)),
+            link,
+        }))
     }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<AgentIdentity, SessionError> {
+fn peer_identity(conn: &quinn::Connection) -> Result<AgentIdentity, crate::tls::IdentityError> {
     let chain = conn.peer_identity().and_then(|any| {
         any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
             .ok()
     });
-    Ok(AgentIdentity::from_chain(
-        chain.as_deref().map(Vec::as_slice),
-    )?)
+    AgentIdentity::from_chain(chain.as_deref().map(Vec::as_slice))
 }
 
-/// The agent's side: dials servers.
+/// The agent's side: connects to servers.
 #[derive(Debug, Clone)]
 pub struct QuicConnector {
     client: quinn::ClientConfig,
@@ -321,9 +281,9 @@ impl QuicConnector {
         })
     }
 
-    /// Dials `addr`, verifying the server as `server_name`, and registers with `register`'s
-    /// claims. Each link gets its own UDP socket, so a reconnect after a NAT rebinding starts
-    /// clean.
+    /// Connects to `addr`, verifying the server as `server_name`, and registers with
+    /// `register`'s claims. Each link gets its own UDP socket, so a reconnect after a NAT
+    /// rebinding starts clean.
     pub async fn connect(
         &self,
         addr: SocketAddr,
@@ -341,226 +301,198 @@ impl QuicConnector {
             bind_udp(bind, true)?,
         )?;
         let config = self.config.clone();
-        let connecting = endpoint.connect_with(self.client.clone(), addr, server_name)?;
+        let connecting = endpoint
+            .connect_with(self.client.clone(), addr, server_name)
+            .map_err(std::io::Error::other)?;
         let conn = tokio::time::timeout(config.handshake_timeout, connecting)
             .await
-            .map_err(|_| SessionError::Timeout("quic handshake"))??;
-        let span = debug_span!("session", peer.addr = %addr);
-        let result = async {
-            let (send, recv) = conn.open_bi().await?;
-            let mut io = ControlIo::new(send, recv);
-            let mut control = Control::agent(now(), config.control.clone(), register);
-            let registered = match io.until_event(&mut control).await? {
-                Event::Registered(r) => r,
-                other => {
-                    return Err(SessionError::Protocol(ControlError::Unexpected {
-                        message: event_name(&other),
-                        state: "await-registered",
-                    }));
-                }
-            };
-            let link = spawn_driver(control, io, conn.clone(), span.clone());
-            Ok((registered, link))
-        }
-        .instrument(span.clone())
-        .await;
-        match result {
-            Ok((registered, link)) => Ok(AgentSession::new(
-                registered,
-                addr,
-                config,
-                AgentConn::Quic {
-                    conn,
-                    _endpoint: endpoint,
-                },
-                link,
-            )),
-            Err(e) => {
-                close(&conn, CLOSE_PROTOCOL, &e.to_string());
-                Err(e)
-            }
-        }
+            .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
+            .map_err(|e| reason_of(&e))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| reason_of(&e))?;
+        let control = QuicControl::new(conn.clone(), send, recv);
+        let span = debug_span!("session", peer.addr = %addr, transport = "quic");
+        let control_machine =
+            crate::control::Control::agent(link::now(), config.control.clone(), register);
+        let (registered, link) = link::register(control, control_machine, span).await?;
+        Ok(AgentSession::new(AgentParts {
+            registered,
+            remote: addr,
+            transport: TransportKind::Quic,
+            config,
+            acceptor: Box::new(QuicAcceptor {
+                conn,
+                _endpoint: endpoint,
+            }),
+            link,
+        }))
     }
 }
 
-fn event_name(e: &Event) -> &'static str {
+fn close(conn: &quinn::Connection, cause: CloseCause, detail: &str) {
+    let detail: String = detail.chars().take(100).collect();
+    conn.close(VarInt::from_u32(cause.code()), detail.as_bytes());
+}
+
+/// Why a QUIC connection ended, as a typed reason. TLS alerts (crypto error codes) are
+/// refusals: ours when we raised them, the peer's when it did.
+fn reason_of(e: &quinn::ConnectionError) -> CloseReason {
+    use quinn::ConnectionError as E;
+    let is_tls_alert = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
     match e {
-        Event::RegisterReceived(_) => "register",
-        Event::Registered(_) => "registered",
-        Event::GoAway { .. } => "go-away",
-        Event::Dial(_) => "dial",
-        Event::Cancel(_) => "cancel",
+        E::ApplicationClosed(close) => {
+            let cause = u32::try_from(close.error_code.into_inner())
+                .ok()
+                .and_then(|c| i32::try_from(c).ok())
+                .map_or(CloseCause::Transport, CloseCause::from_proto);
+            CloseReason::remote(cause).with_detail(&String::from_utf8_lossy(&close.reason))
+        }
+        E::ConnectionClosed(close) => {
+            let code = close.error_code;
+            let cause = if is_tls_alert(code) {
+                CloseCause::Refused
+            } else if code == quinn::TransportErrorCode::CONNECTION_REFUSED {
+                // What a draining server answers to new connections.
+                CloseCause::Shutdown
+            } else if code == quinn::TransportErrorCode::NO_ERROR {
+                CloseCause::Transport
+            } else {
+                CloseCause::Protocol
+            };
+            CloseReason::remote(cause).with_source(e.clone())
+        }
+        E::TransportError(te) => {
+            let cause = if is_tls_alert(te.code) {
+                CloseCause::Refused
+            } else {
+                CloseCause::Protocol
+            };
+            CloseReason::local(cause).with_source(e.clone())
+        }
+        E::VersionMismatch => CloseReason::remote(CloseCause::Refused).with_source(e.clone()),
+        E::Reset => CloseReason::remote(CloseCause::Transport).with_source(e.clone()),
+        E::TimedOut => CloseReason::local(CloseCause::IdleTimeout),
+        // Only the endpoint's close (a server shutting down) closes a link under its driver.
+        E::LocallyClosed => CloseReason::local(CloseCause::Shutdown),
+        E::CidsExhausted => CloseReason::local(CloseCause::Transport).with_source(e.clone()),
     }
 }
 
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
+fn write_reason(e: quinn::WriteError) -> CloseReason {
+    match e {
+        quinn::WriteError::ConnectionLost(e) => reason_of(&e),
+        other => CloseReason::remote(CloseCause::Protocol).with_source(other),
+    }
 }
 
-pub(crate) fn close(conn: &quinn::Connection, code: u32, reason: &str) {
-    let reason: String = reason.chars().take(100).collect();
-    conn.close(VarInt::from_u32(code), reason.as_bytes());
+fn read_reason(e: quinn::ReadError) -> CloseReason {
+    match e {
+        quinn::ReadError::ConnectionLost(e) => reason_of(&e),
+        other => CloseReason::remote(CloseCause::Protocol).with_source(other),
+    }
 }
 
-/// The control stream's bytes, framed.
-struct ControlIo {
+/// The control stream: frames of [`proto::Control`] both ways.
+struct QuicControl {
+    conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     buf: BytesMut,
     out: BytesMut,
 }
 
-impl ControlIo {
-    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+impl QuicControl {
+    fn new(conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Self {
+            conn,
             send,
             recv,
             buf: BytesMut::with_capacity(256),
             out: BytesMut::with_capacity(256),
         }
     }
+}
 
-    /// Writes every queued message. Bounded in time by the caller's deadlines: the control
-    /// stream's window is far larger than what a live peer leaves unread.
-    async fn flush(&mut self, control: &mut Control) -> Result<(), SessionError> {
-        while let Some(msg) = control.poll_transmit() {
-            proto::encode_frame(&msg, &mut self.out)?;
-        }
-        if !self.out.is_empty() {
-            self.send.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        Ok(())
+impl ControlChannel for QuicControl {
+    const CLOSE_MESSAGE: bool = false;
+
+    async fn send(&mut self, msg: proto::Control) -> Result<(), CloseReason> {
+        proto::encode_frame(&msg, &mut self.out)
+            .map_err(|e| CloseReason::local(CloseCause::Protocol).with_source(e))?;
+        let result = self.send.write_all(&self.out).await;
+        self.out.clear();
+        result.map_err(write_reason)
     }
 
-    /// Feeds every complete frame in the buffer to `control`.
-    fn feed(&mut self, control: &mut Control) -> Result<(), SessionError> {
+    async fn recv(&mut self) -> Result<proto::Control, CloseReason> {
         loop {
             match proto::decode_frame::<proto::Control>(&self.buf, MAX_CONTROL_LEN) {
                 Ok((msg, used)) => {
                     self.buf.advance(used);
-                    control.handle_message(now(), msg)?;
+                    return Ok(msg);
                 }
-                Err(e) if e.is_incomplete() => return Ok(()),
-                Err(e) => return Err(e.into()),
+                Err(e) if e.is_incomplete() => {}
+                Err(e) => return Err(CloseReason::local(CloseCause::Protocol).with_source(e)),
             }
-        }
-    }
-
-    /// Reads one chunk; an end of stream is an error (the control stream lives as long as the
-    /// link).
-    async fn read(&mut self) -> Result<(), SessionError> {
-        if self.recv.read_buf(&mut self.buf).await? == 0 {
-            return Err(SessionError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "control stream ended",
-            )));
-        }
-        Ok(())
-    }
-
-    /// Drives `control` until it reports an event (the handshake steps), honouring its deadlines.
-    async fn until_event(&mut self, control: &mut Control) -> Result<Event, SessionError> {
-        loop {
-            self.flush(control).await?;
-            if let Some(ev) = control.poll_event() {
-                return Ok(ev);
-            }
-            let deadline = control.poll_timeout();
-            tokio::select! {
-                r = self.read() => { r?; self.feed(control)?; }
-                () = sleep_until(deadline) => control.handle_timeout(now())?,
-            }
-        }
-    }
-}
-
-async fn sleep_until(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn spawn_driver(
-    control: Control,
-    io: ControlIo,
-    conn: quinn::Connection,
-    span: tracing::Span,
-) -> Link {
-    Link::spawn(4, span, |rx, state, local_close| {
-        drive(control, io, conn, rx, state, local_close)
-    })
-}
-
-/// One task per link: control messages in and out, pings, go-away, and the link's end.
-async fn drive(
-    mut control: Control,
-    mut io: ControlIo,
-    conn: quinn::Connection,
-    mut commands: mpsc::Receiver<Command>,
-    state: watch::Sender<LinkState>,
-    local_close: LocalClose,
-) {
-    let result: Result<(), SessionError> = async {
-        loop {
-            io.flush(&mut control).await?;
-            while let Some(ev) = control.poll_event() {
-                if let Event::GoAway { reason, drain } = ev {
-                    info!(%reason, ?drain, "peer sent go-away");
-                    state.send_replace(LinkState::Draining { reason });
+            // Cancel-safe: bytes land in the buffer only when the read completes.
+            match self.recv.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    return Err(CloseReason::remote(CloseCause::Protocol)
+                        .with_detail("control stream ended"));
                 }
-            }
-            let deadline = control.poll_timeout();
-            tokio::select! {
-                r = io.read() => { r?; io.feed(&mut control)?; }
-                () = sleep_until(deadline) => control.handle_timeout(now())?,
-                cmd = commands.recv() => match cmd {
-                    Some(Command::GoAway { reason, drain }) => {
-                        control.go_away(reason.clone(), drain);
-                        state.send_replace(LinkState::Draining { reason });
-                    }
-                    // Dials and cancels are the gRPC transport's; QUIC opens streams directly.
-                    Some(Command::Dial(_) | Command::Cancel(_)) => {}
-                    Some(Command::Close) | None => return Ok(()),
-                },
-                e = conn.closed() => return Err(e.into()),
+                Ok(_) => {}
+                Err(e) => return Err(io_reason(e)),
             }
         }
     }
-    .await;
-    let local = Link::local_reason(&local_close);
-    let reason = match (&result, conn.close_reason()) {
-        (_, Some(quinn::ConnectionError::LocallyClosed)) if local.is_some() => {
-            local.unwrap_or_default()
-        }
-        (_, Some(quinn::ConnectionError::ApplicationClosed(close))) => {
-            format!("closed by peer: {}", String::from_utf8_lossy(&close.reason))
-        }
-        (Ok(()), _) => "closed".to_owned(),
-        (Err(e), _) => {
-            let code = match e {
-                SessionError::Protocol(ControlError::PingTimeout { .. }) => CLOSE_DEAD_PEER,
-                e if e.is_peer() => CLOSE_PROTOCOL,
-                _ => CLOSE_DEAD_PEER,
-            };
-            close(&conn, code, &e.to_string());
-            e.to_string()
-        }
-    };
-    // What an operator needs to tell a lossy path from a slow peer.
-    let stats = conn.stats();
-    debug!(
-        %reason,
-        rtt = ?stats.path.rtt,
-        path_mtu = stats.path.current_mtu,
-        sent_packets = stats.path.sent_packets,
-        lost_packets = stats.path.lost_packets,
-        congestion_events = stats.path.congestion_events,
-        black_holes = stats.path.black_holes_detected,
-        "link ended"
-    );
-    state.send_replace(LinkState::Closed { reason });
+
+    async fn finish(&mut self, reason: &CloseReason) {
+        let detail = std::error::Error::source(reason)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        // A no-op when the connection is closed already (the peer's close, an idle timeout).
+        close(&self.conn, reason.cause, &detail);
+        // What an operator needs to tell a lossy path from a slow peer.
+        let stats = self.conn.stats();
+        debug!(
+            %reason,
+            rtt = ?stats.path.rtt,
+            path_mtu = stats.path.current_mtu,
+            sent_packets = stats.path.sent_packets,
+            lost_packets = stats.path.lost_packets,
+            congestion_events = stats.path.congestion_events,
+            black_holes = stats.path.black_holes_detected,
+            "quic link ended"
+        );
+    }
+}
+
+/// A read error of a quinn stream, through its `io::Error` form (which keeps quinn's error
+/// as the inner error).
+fn io_reason(e: std::io::Error) -> CloseReason {
+    match e
+        .into_inner()
+        .map(|inner| inner.downcast::<quinn::ReadError>())
+    {
+        Some(Ok(read)) => read_reason(*read),
+        Some(Err(other)) => CloseReason::local(CloseCause::Transport).with_source(Boxed(other)),
+        None => CloseReason::local(CloseCause::Transport),
+    }
+}
+
+/// A boxed error as a sized one, to keep it as a source.
+#[derive(Debug)]
+struct Boxed(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Boxed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Boxed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// Reads exactly one frame from a stream, nothing past it.
@@ -568,108 +500,214 @@ async fn read_frame<M: prost::Message + Default>(
     recv: &mut quinn::RecvStream,
     limit: usize,
 ) -> Result<M, SessionError> {
+    let io = |e: quinn::ReadExactError| match e {
+        quinn::ReadExactError::FinishedEarly(_) => SessionError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "stream finished early",
+        )),
+        quinn::ReadExactError::ReadError(e) => SessionError::Io(e.into()),
+    };
     let mut prefix = [0u8; proto::FRAME_HEADER_LEN];
-    recv.read_exact(&mut prefix).await?;
+    recv.read_exact(&mut prefix).await.map_err(io)?;
     let len = proto::frame_len(&prefix, limit)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
+    recv.read_exact(&mut body).await.map_err(io)?;
     Ok(M::decode(&body[..]).map_err(DecodeError::from)?)
 }
 
-pub(crate) async fn open(
-    conn: &quinn::Connection,
-    request: &OpenRequest,
-    config: &SessionConfig,
-    count: super::session::StreamGuard,
-) -> Result<TunnelStream, OpenError> {
-    let timeout = config.open_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.open_bi())
+async fn write_frame<M: prost::Message>(
+    send: &mut quinn::SendStream,
+    msg: &M,
+) -> Result<(), SessionError> {
+    let frame = proto::frame(msg)?;
+    send.write_all(&frame)
         .await
-        .map_err(|_| OpenError::Timeout(timeout))?
-        .map_err(|e| OpenError::SessionClosed(e.to_string()))?;
-    let header = proto::frame(&request.to_proto())?;
-    let exchange = async {
-        send.write_all(&header)
-            .await
-            .map_err(|e| OpenError::Io(e.into()))?;
-        read_frame::<proto::StreamOpenReply>(&mut recv, MAX_OPEN_LEN)
-            .await
-            .map_err(|e| match e {
-                SessionError::Decode(d) => OpenError::Protocol(d),
-                other => OpenError::Io(std::io::Error::other(other)),
-            })
-    };
-    let reply = match tokio::time::timeout_at(deadline, exchange).await {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(e)) => {
-            abort(&mut send, &mut recv);
-            return Err(e);
-        }
-        Err(_) => {
-            // The agent may still be dialing; the reset tells it to drop the result.
-            abort(&mut send, &mut recv);
-            return Err(OpenError::Timeout(timeout));
-        }
-    };
-    let refusal = match proto::OpenResult::try_from(reply.result) {
-        Ok(proto::OpenResult::Ok) => return Ok(TunnelStream::quic(send, recv, count)),
-        Ok(proto::OpenResult::Forbidden) => Refusal::Forbidden,
-        Ok(proto::OpenResult::Refused) => Refusal::Refused,
-        Ok(proto::OpenResult::Timeout) => Refusal::Timeout,
-        Ok(proto::OpenResult::Unreachable) => Refusal::Unreachable,
-        Ok(proto::OpenResult::Unspecified) | Err(_) => {
-            abort(&mut send, &mut recv);
-            return Err(OpenError::Protocol(DecodeError::Invalid(
-                "unknown open result",
-            )));
-        }
-    };
-    Err(OpenError::Refused {
-        refusal,
-        detail: reply.detail.chars().take(200).collect(),
-        target: request.target,
-    })
+        .map_err(|e| SessionError::Io(e.into()))
 }
 
-fn abort(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) {
-    let code = VarInt::from_u32(1);
-    let _ = send.reset(code);
-    let _ = recv.stop(code);
-}
+/// The server's way to open streams: one native bidirectional stream each, its first frame
+/// the stream-open header, answered by the agent's reply frame.
+#[derive(Debug)]
+struct QuicOpener(quinn::Connection);
 
-pub(crate) async fn read_request(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    timeout: Duration,
-    guard: super::session::StreamGuard,
-) -> Result<RequestedStream, SessionError> {
-    let header = tokio::time::timeout(
-        timeout,
-        read_frame::<proto::StreamOpen>(&mut recv, MAX_OPEN_LEN),
-    )
-    .await
-    .map_err(|_| SessionError::Timeout("stream header"))
-    .and_then(|r| r)
-    .and_then(|m| Ok(OpenRequest::from_proto(m)?));
-    match header {
-        Ok(request) => Ok(RequestedStream {
-            request,
-            inner: RequestedInner::Quic { send, recv },
-            guard,
-        }),
-        Err(e) => {
-            abort(&mut send, &mut recv);
-            Err(e)
-        }
+impl Opener for QuicOpener {
+    fn open<'a>(
+        &'a self,
+        _link: &'a Link,
+        request: &'a OpenRequest,
+        config: &'a SessionConfig,
+    ) -> BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>> {
+        Box::pin(async move {
+            let timeout = config.open_timeout;
+            let deadline = tokio::time::Instant::now() + timeout;
+            let (send, recv) = tokio::time::timeout_at(deadline, self.0.open_bi())
+                .await
+                .map_err(|_| OpenError::Timeout(timeout))?
+                .map_err(|e| OpenError::LinkClosed(reason_of(&e)))?;
+            let mut stream = QuicStream { send, recv };
+            let header = proto::frame(&request.to_proto())?;
+            let exchange = async {
+                stream
+                    .send
+                    .write_all(&header)
+                    .await
+                    .map_err(|e| OpenError::Io(e.into()))?;
+                read_frame::<proto::StreamOpenReply>(&mut stream.recv, MAX_OPEN_LEN)
+                    .await
+                    .map_err(|e| match e {
+                        SessionError::Decode(d) => OpenError::Protocol(d),
+                        other => OpenError::Io(std::io::Error::other(other)),
+                    })
+            };
+            let result = match tokio::time::timeout_at(deadline, exchange).await {
+                Ok(Ok(reply)) => answer_to_result(&reply, request),
+                Ok(Err(e)) => Err(e),
+                // The agent may still be dialing; the reset tells it to drop the result.
+                Err(_) => Err(OpenError::Timeout(timeout)),
+            };
+            match result {
+                Ok(()) => Ok(Box::new(stream) as Box<dyn StreamIo>),
+                // A refusal ends the stream from the agent's side already.
+                Err(e @ OpenError::Refused { .. }) => Err(e),
+                Err(e) => {
+                    stream.abort();
+                    Err(e)
+                }
+            }
+        })
     }
 }
 
-pub(crate) async fn write_reply(
-    send: &mut quinn::SendStream,
-    reply: &proto::StreamOpenReply,
-) -> Result<(), SessionError> {
-    let frame = proto::frame(reply)?;
-    send.write_all(&frame).await?;
-    Ok(())
+/// The agent's way to take the streams the server opens.
+#[derive(Debug)]
+struct QuicAcceptor {
+    conn: quinn::Connection,
+    // Owns the UDP socket of this link.
+    _endpoint: quinn::Endpoint,
+}
+
+impl Acceptor for QuicAcceptor {
+    fn accept(&self) -> BoxFuture<'_, Result<Box<dyn Incoming>, SessionError>> {
+        Box::pin(async move {
+            let (send, recv) = self.conn.accept_bi().await.map_err(|e| reason_of(&e))?;
+            Ok(Box::new(QuicStream { send, recv }) as Box<dyn Incoming>)
+        })
+    }
+}
+
+/// A native QUIC stream pair: first as the agent's incoming stream, then as the proxied one.
+#[derive(Debug)]
+struct QuicStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Incoming for QuicStream {
+    fn read_request(mut self: Box<Self>, timeout: Duration) -> RequestRead {
+        Box::pin(async move {
+            let header = tokio::time::timeout(
+                timeout,
+                read_frame::<proto::StreamOpen>(&mut self.recv, MAX_OPEN_LEN),
+            )
+            .await
+            .map_err(|_| SessionError::Timeout("stream header"))
+            .and_then(|r| r)
+            .and_then(|m| Ok(OpenRequest::from_proto(m)?));
+            match header {
+                Ok(request) => Ok((request, self as Box<dyn Requested>)),
+                Err(e) => {
+                    self.abort();
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+impl Requested for QuicStream {
+    fn withdrawn(&mut self) -> BoxFuture<'_, ()> {
+        // The server stops reading (or resets) a stream it no longer waits for.
+        Box::pin(async move {
+            let _ = self.send.stopped().await;
+        })
+    }
+
+    fn accept(mut self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn StreamIo>, SessionError>> {
+        Box::pin(async move {
+            let reply = proto::StreamOpenReply {
+                result: proto::OpenResult::Ok.into(),
+                detail: String::new(),
+            };
+            write_frame(&mut self.send, &reply).await?;
+            Ok(self as Box<dyn StreamIo>)
+        })
+    }
+
+    fn refuse(
+        mut self: Box<Self>,
+        reply: proto::StreamOpenReply,
+    ) -> BoxFuture<'static, Result<(), SessionError>> {
+        Box::pin(async move {
+            write_frame(&mut self.send, &reply).await?;
+            // Finishing (rather than dropping) makes the reply reach the server intact.
+            let _ = self.send.finish();
+            Ok(())
+        })
+    }
+}
+
+impl StreamIo for QuicStream {
+    fn id(&self) -> u64 {
+        self.send.id().index()
+    }
+
+    fn abort(&mut self) {
+        let code = VarInt::from_u32(RESET_ABORTED);
+        // Already finished or reset: nothing left to abort.
+        let _ = self.send.reset(code);
+        let _ = self.recv.stop(code);
+    }
+
+    fn delivered(&self, timeout: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            matches!(
+                tokio::time::timeout(timeout, self.send.stopped()).await,
+                Ok(Ok(None))
+            )
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for QuicStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().recv).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for QuicStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.get_mut().send), cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.get_mut().send), cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut self.get_mut().send), cx)
+    }
 }

@@ -1,206 +1,34 @@
-//! Session handles over any transport: what the server and the agent hold for one agent link.
+//! Session handles: what the server and the agent hold for one agent link, whatever carries it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
-
-use super::{SessionConfig, TransportKind, TunnelStream, quic};
-use crate::error::{OpenError, Refusal, SessionError};
+use super::link::{Acceptor, Incoming, Link, LinkState, Opener, Requested};
+use super::stream::{StreamGuard, TunnelStream};
+use super::{SessionConfig, TransportKind};
+use crate::error::{CloseCause, CloseReason, OpenError, Refusal, SessionError};
 use crate::proto::{self, OpenRequest};
 use crate::tls::AgentIdentity;
 
-/// Where a link stands, as its driver reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkState {
-    /// Registered and serving.
-    Active,
-    /// A go-away was sent or received: no new streams.
-    Draining {
-        /// Why.
-        reason: String,
-    },
-    /// The link is gone.
-    Closed {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Requests from handles to the link's driver.
-#[derive(Debug)]
-pub(crate) enum Command {
-    GoAway {
-        reason: String,
-        drain: Duration,
-    },
-    /// gRPC: ask the agent to dial.
-    Dial(proto::DialRequest),
-    /// gRPC: withdraw a dial.
-    Cancel(u64),
-    /// End the link (gRPC: end the control call).
-    Close,
-}
-
-/// The driver task of a link; aborted when the last handle goes.
-#[derive(Debug)]
-pub(crate) struct DriverTask(pub(crate) JoinHandle<()>);
-
-impl Drop for DriverTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The parts every link has, whatever its transport.
-#[derive(Debug)]
-pub(crate) struct Link {
-    pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) state: watch::Receiver<LinkState>,
-    /// Why this side closed the link, for the driver to report.
-    pub(crate) local_close: LocalClose,
-    /// Streams open on the link (agent: from accept on, dials in progress included).
-    pub(crate) streams: watch::Sender<usize>,
-    pub(crate) _driver: DriverTask,
-}
-
-/// One opening waiting for the agent's answer, in `edge_tunnel_server_pending_dials`; it
+/// One opening waiting for the agent's answer, in `edge_tunnel_server_pending_opens`; it
 /// leaves the gauge however the opening ends, the opener dropping it included.
-struct PendingDial(metrics::Gauge);
+struct PendingOpen(metrics::Gauge);
 
-impl PendingDial {
+impl PendingOpen {
     fn new(transport: TransportKind) -> Self {
         let gauge =
-            metrics::gauge!("edge_tunnel_server_pending_dials", "transport" => transport.as_str());
+            metrics::gauge!("edge_tunnel_server_pending_opens", "transport" => transport.as_str());
         gauge.increment(1.0);
         Self(gauge)
     }
 }
 
-impl Drop for PendingDial {
+impl Drop for PendingOpen {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
-}
-
-/// One count in a link's open streams, held by the stream (or the dial that becomes one).
-#[derive(Debug)]
-pub(crate) struct StreamGuard(watch::Sender<usize>);
-
-impl StreamGuard {
-    fn new(streams: &watch::Sender<usize>) -> Self {
-        streams.send_modify(|n| *n += 1);
-        Self(streams.clone())
-    }
-
-    /// A count, unless `limit` streams are open already (checked and taken under one lock).
-    fn try_new(streams: &watch::Sender<usize>, limit: usize) -> Option<Self> {
-        let taken = streams.send_if_modified(|n| {
-            let room = *n < limit;
-            if room {
-                *n += 1;
-            }
-            room
-        });
-        taken.then(|| Self(streams.clone()))
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
-/// Why this side closed a link, for its driver to report.
-pub(crate) type LocalClose = Arc<std::sync::Mutex<Option<String>>>;
-
-impl Link {
-    /// Starts a link's driver task: `driver` gets the command queue (`capacity` deep), the
-    /// state to publish and the slot where handles note why they closed the link.
-    pub(crate) fn spawn<F>(
-        capacity: usize,
-        span: tracing::Span,
-        driver: impl FnOnce(mpsc::Receiver<Command>, watch::Sender<LinkState>, LocalClose) -> F,
-    ) -> Self
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        use tracing::Instrument;
-        let (commands, rx) = mpsc::channel(capacity);
-        let (state_tx, state) = watch::channel(LinkState::Active);
-        let local_close = LocalClose::default();
-        let task = tokio::spawn(driver(rx, state_tx, local_close.clone()).instrument(span));
-        Self {
-            commands,
-            state,
-            local_close,
-            streams: watch::Sender::new(0),
-            _driver: DriverTask(task),
-        }
-    }
-
-    /// Why this side closed the link, if it did.
-    pub(crate) fn local_reason(local_close: &LocalClose) -> Option<String> {
-        local_close
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    fn go_away(&self, reason: &str, drain: Duration) {
-        // A full queue means a go-away is already on its way; a closed one, that the link is gone.
-        let _ = self.commands.try_send(Command::GoAway {
-            reason: reason.to_owned(),
-            drain,
-        });
-    }
-
-    fn note_close(&self, reason: &str) {
-        let mut slot = self
-            .local_close
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        slot.get_or_insert_with(|| reason.to_owned());
-    }
-
-    fn current(&self) -> LinkState {
-        self.state.borrow().clone()
-    }
-
-    fn open_streams(&self) -> usize {
-        *self.streams.borrow()
-    }
-
-    /// Resolves when no stream is open, or the link is closed.
-    async fn idle(&self) {
-        let mut streams = self.streams.subscribe();
-        let mut state = self.state.clone();
-        tokio::select! {
-            // The sender lives in `self`: this wait ends only by its predicate.
-            _ = streams.wait_for(|n| *n == 0) => {}
-            _ = state.wait_for(|s| matches!(s, LinkState::Closed { .. })) => {}
-        }
-    }
-
-    async fn wait_for(&self, pred: impl Fn(&LinkState) -> bool) -> LinkState {
-        let mut rx = self.state.clone();
-        match rx.wait_for(|s| pred(s)).await {
-            Ok(s) => s.clone(),
-            Err(_) => LinkState::Closed {
-                reason: "driver gone".into(),
-            },
-        }
-    }
-}
-
-#[derive(Debug)]
-pub(crate) enum ServerConn {
-    Quic(quinn::Connection),
-    Grpc(super::grpc::GrpcServerConn),
 }
 
 #[derive(Debug)]
@@ -209,8 +37,9 @@ struct ServerShared {
     identity: AgentIdentity,
     claims: proto::Register,
     remote: SocketAddr,
+    transport: TransportKind,
     config: Arc<SessionConfig>,
-    conn: ServerConn,
+    opener: Box<dyn Opener>,
     link: Link,
     trace_ids: AtomicU64,
 }
@@ -223,25 +52,30 @@ pub struct ServerSession {
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// What a transport hands over to make a [`ServerSession`].
+pub(crate) struct ServerParts {
+    pub(crate) identity: AgentIdentity,
+    pub(crate) claims: proto::Register,
+    pub(crate) remote: SocketAddr,
+    pub(crate) transport: TransportKind,
+    pub(crate) config: Arc<SessionConfig>,
+    pub(crate) opener: Box<dyn Opener>,
+    pub(crate) link: Link,
+}
+
 impl ServerSession {
-    pub(crate) fn new(
-        identity: AgentIdentity,
-        claims: proto::Register,
-        remote: SocketAddr,
-        config: Arc<SessionConfig>,
-        conn: ServerConn,
-        link: Link,
-    ) -> Self {
+    pub(crate) fn new(parts: ServerParts) -> Self {
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: Arc::new(ServerShared {
                 id,
-                identity,
-                claims,
-                remote,
-                config,
-                conn,
-                link,
+                identity: parts.identity,
+                claims: parts.claims,
+                remote: parts.remote,
+                transport: parts.transport,
+                config: parts.config,
+                opener: parts.opener,
+                link: parts.link,
                 trace_ids: AtomicU64::new(id << 32),
             }),
         }
@@ -269,10 +103,7 @@ impl ServerSession {
 
     /// The transport of this link.
     pub fn transport(&self) -> TransportKind {
-        match self.shared.conn {
-            ServerConn::Quic(_) => TransportKind::Quic,
-            ServerConn::Grpc(_) => TransportKind::Grpc,
-        }
+        self.shared.transport
     }
 
     /// The link's state now.
@@ -285,27 +116,20 @@ impl ServerSession {
     pub async fn open(&self, request: &OpenRequest) -> Result<TunnelStream, OpenError> {
         match self.shared.link.current() {
             LinkState::Active => {}
-            LinkState::Draining { reason } | LinkState::Closed { reason } => {
-                return Err(OpenError::SessionClosed(reason));
+            LinkState::Draining(reason) | LinkState::Closed(reason) => {
+                return Err(OpenError::LinkClosed(reason));
             }
         }
         let limit = self.shared.config.max_streams;
         let guard = StreamGuard::try_new(&self.shared.link.streams, limit as usize)
             .ok_or(OpenError::Busy(limit))?;
-        let _pending = PendingDial::new(self.transport());
-        match &self.shared.conn {
-            ServerConn::Quic(conn) => quic::open(conn, request, &self.shared.config, guard).await,
-            ServerConn::Grpc(conn) => {
-                super::grpc::open(
-                    conn,
-                    &self.shared.link.commands,
-                    request,
-                    &self.shared.config,
-                    guard,
-                )
-                .await
-            }
-        }
+        let _pending = PendingOpen::new(self.transport());
+        let io = self
+            .shared
+            .opener
+            .open(&self.shared.link, request, &self.shared.config)
+            .await?;
+        Ok(TunnelStream::new(io, guard))
     }
 
     /// Streams open on this link now, openings in progress included.
@@ -324,46 +148,19 @@ impl ServerSession {
     }
 
     /// Asks the agent to move away: no new streams here, existing ones may run for `drain`.
-    pub fn go_away(&self, reason: &str, drain: Duration) {
-        self.shared.link.go_away(reason, drain);
+    pub fn go_away(&self, cause: CloseCause, drain: Duration) {
+        self.shared.link.go_away(cause, drain);
     }
 
-    /// Closes the link now; open streams fail.
-    pub fn close(&self, reason: &str) {
-        self.shared.link.note_close(reason);
-        match &self.shared.conn {
-            ServerConn::Quic(conn) => quic::close(conn, quic::CLOSE_BY_SERVER, reason),
-            ServerConn::Grpc(_) => {
-                let _ = self.shared.link.commands.try_send(Command::Close);
-            }
-        }
+    /// Closes the link now, for `cause`; open streams fail.
+    pub fn close(&self, cause: CloseCause) {
+        self.shared.link.close(cause);
     }
 
-    /// Resolves when the link is closed, with the reason.
-    pub async fn closed(&self) -> String {
-        match self
-            .shared
-            .link
-            .wait_for(|s| matches!(s, LinkState::Closed { .. }))
-            .await
-        {
-            LinkState::Closed { reason } => reason,
-            other => format!("{other:?}"),
-        }
+    /// Resolves when the link is closed, with why and who closed it.
+    pub async fn closed(&self) -> CloseReason {
+        self.shared.link.closed().await
     }
-}
-
-#[derive(Debug)]
-pub(crate) enum AgentConn {
-    Quic {
-        conn: quinn::Connection,
-        // Owns the UDP socket of this link.
-        _endpoint: quinn::Endpoint,
-    },
-    Grpc {
-        client: super::grpc::AgentCalls,
-        dials: super::grpc::DialQueue,
-    },
 }
 
 /// The agent's handle on its link to a server.
@@ -371,25 +168,31 @@ pub(crate) enum AgentConn {
 pub struct AgentSession {
     registered: proto::Registered,
     remote: SocketAddr,
+    transport: TransportKind,
     config: Arc<SessionConfig>,
-    conn: AgentConn,
+    acceptor: Box<dyn Acceptor>,
     link: Link,
 }
 
+/// What a transport hands over to make an [`AgentSession`].
+pub(crate) struct AgentParts {
+    pub(crate) registered: proto::Registered,
+    pub(crate) remote: SocketAddr,
+    pub(crate) transport: TransportKind,
+    pub(crate) config: Arc<SessionConfig>,
+    pub(crate) acceptor: Box<dyn Acceptor>,
+    pub(crate) link: Link,
+}
+
 impl AgentSession {
-    pub(crate) fn new(
-        registered: proto::Registered,
-        remote: SocketAddr,
-        config: Arc<SessionConfig>,
-        conn: AgentConn,
-        link: Link,
-    ) -> Self {
+    pub(crate) fn new(parts: AgentParts) -> Self {
         Self {
-            registered,
-            remote,
-            config,
-            conn,
-            link,
+            registered: parts.registered,
+            remote: parts.remote,
+            transport: parts.transport,
+            config: parts.config,
+            acceptor: parts.acceptor,
+            link: parts.link,
         }
     }
 
@@ -410,10 +213,7 @@ impl AgentSession {
 
     /// The transport of this link.
     pub fn transport(&self) -> TransportKind {
-        match self.conn {
-            AgentConn::Quic { .. } => TransportKind::Quic,
-            AgentConn::Grpc { .. } => TransportKind::Grpc,
-        }
+        self.transport
     }
 
     /// The link's state now.
@@ -433,141 +233,74 @@ impl AgentSession {
 
     /// The next stream the server opens. Returns quickly: the header is read by
     /// [`IncomingStream::read_request`], so that a slow stream never holds up the others.
+    /// Fails with the link's close reason once the link is gone.
     pub async fn accept(&self) -> Result<IncomingStream, SessionError> {
-        match &self.conn {
-            AgentConn::Quic { conn, .. } => {
-                let (send, recv) = conn.accept_bi().await?;
-                Ok(IncomingStream {
-                    inner: IncomingInner::Quic { send, recv },
-                    header_timeout: self.config.header_timeout,
-                    guard: StreamGuard::new(&self.link.streams),
-                })
-            }
-            AgentConn::Grpc { client, dials } => {
-                let Some((request, ticket)) = dials.lock().await.recv().await else {
-                    return Err(SessionError::Io(std::io::Error::new(
-                        std::io::ErrorKind::NotConnected,
-                        "link closed",
-                    )));
-                };
-                Ok(IncomingStream {
-                    inner: IncomingInner::Grpc {
-                        request,
-                        ticket,
-                        client: client.clone(),
-                    },
-                    header_timeout: self.config.header_timeout,
-                    guard: StreamGuard::new(&self.link.streams),
-                })
-            }
+        match self.acceptor.accept().await {
+            Ok(inner) => Ok(IncomingStream {
+                inner,
+                header_timeout: self.config.header_timeout,
+                guard: StreamGuard::new(&self.link.streams),
+            }),
+            // The transport sees the end before the driver has said why: ask the driver.
+            Err(_) => Err(SessionError::Closed(self.link.closed().await)),
         }
     }
 
-    /// Resolves when the server sent a go-away or the link closed, with the reason.
+    /// Resolves when the server sent a go-away or the link closed, with the state.
     pub async fn draining(&self) -> LinkState {
-        self.link.wait_for(|s| *s != LinkState::Active).await
+        self.link.draining().await
     }
 
-    /// Resolves when the link is closed, with the reason.
-    pub async fn closed(&self) -> String {
-        match self
-            .link
-            .wait_for(|s| matches!(s, LinkState::Closed { .. }))
-            .await
-        {
-            LinkState::Closed { reason } => reason,
-            other => format!("{other:?}"),
-        }
+    /// Resolves when the link is closed, with why and who closed it.
+    pub async fn closed(&self) -> CloseReason {
+        self.link.closed().await
     }
 
-    /// Tells the server we are leaving, then closes the link after `drain`... or at once when
-    /// `drain` is zero.
-    pub fn go_away(&self, reason: &str, drain: Duration) {
-        self.link.go_away(reason, drain);
+    /// Tells the server we are leaving, for `cause`; existing streams may go on for `drain`.
+    pub fn go_away(&self, cause: CloseCause, drain: Duration) {
+        self.link.go_away(cause, drain);
     }
 
-    /// Closes the link now.
-    pub fn close(&self, reason: &str) {
-        self.link.note_close(reason);
-        match &self.conn {
-            AgentConn::Quic { conn, .. } => quic::close(conn, quic::CLOSE_BY_AGENT, reason),
-            AgentConn::Grpc { .. } => {
-                let _ = self.link.commands.try_send(Command::Close);
-            }
-        }
+    /// Closes the link now, for `cause`.
+    pub fn close(&self, cause: CloseCause) {
+        self.link.close(cause);
     }
-}
-
-#[derive(Debug)]
-enum IncomingInner {
-    Quic {
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    },
-    Grpc {
-        request: proto::DialRequest,
-        ticket: super::grpc::DialTicket,
-        client: super::grpc::AgentCalls,
-    },
 }
 
 /// A stream the server opened, before its header is read.
 #[derive(Debug)]
 pub struct IncomingStream {
-    inner: IncomingInner,
+    inner: Box<dyn Incoming>,
     header_timeout: Duration,
     guard: StreamGuard,
 }
 
 impl IncomingStream {
     /// Reads and validates the stream-open header. A malformed or late header resets the
-    /// stream and is reported as an error.
+    /// stream; a stream that asks for what the link has not negotiated (compression) is
+    /// refused as `unsupported`. Both are reported as errors.
     pub async fn read_request(self) -> Result<RequestedStream, SessionError> {
-        match self.inner {
-            IncomingInner::Quic { send, recv } => {
-                quic::read_request(send, recv, self.header_timeout, self.guard).await
-            }
-            IncomingInner::Grpc {
-                request,
-                ticket,
-                client,
-            } => {
-                let open = request
-                    .open
-                    .ok_or(proto::DecodeError::Invalid("dial without target"))?;
-                Ok(RequestedStream {
-                    request: OpenRequest::from_proto(open)?,
-                    inner: RequestedInner::Grpc {
-                        id: request.stream_id,
-                        ticket,
-                        client,
-                    },
-                    guard: self.guard,
-                })
-            }
+        let (request, inner) = self.inner.read_request(self.header_timeout).await?;
+        let requested = RequestedStream {
+            request,
+            inner,
+            guard: self.guard,
+        };
+        if requested.request.compress {
+            const WHY: &str = "compression is not negotiated on this link";
+            requested.refuse(Refusal::Unsupported, WHY).await?;
+            return Err(SessionError::Unsupported(WHY));
         }
+        Ok(requested)
     }
-}
-
-#[derive(Debug)]
-pub(crate) enum RequestedInner {
-    Quic {
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    },
-    Grpc {
-        id: u64,
-        ticket: super::grpc::DialTicket,
-        client: super::grpc::AgentCalls,
-    },
 }
 
 /// A stream whose target is known; the agent accepts it after dialing, or refuses it.
 #[derive(Debug)]
 pub struct RequestedStream {
-    pub(crate) request: OpenRequest,
-    pub(crate) inner: RequestedInner,
-    pub(crate) guard: StreamGuard,
+    request: OpenRequest,
+    inner: Box<dyn Requested>,
+    guard: StreamGuard,
 }
 
 impl RequestedStream {
@@ -579,39 +312,13 @@ impl RequestedStream {
     /// Resolves when the server has withdrawn this stream before our answer (its client left,
     /// or it gave up waiting), or the link is gone: a dial in progress can stop.
     pub async fn withdrawn(&mut self) {
-        match &mut self.inner {
-            RequestedInner::Quic { send, .. } => {
-                // The server stops reading (or resets) a stream it no longer waits for.
-                let _ = send.stopped().await;
-            }
-            RequestedInner::Grpc { ticket, .. } => ticket.withdrawn().await,
-        }
+        self.inner.withdrawn().await;
     }
 
     /// Answers OK; the returned stream carries the proxied bytes.
     pub async fn accept(self) -> Result<TunnelStream, SessionError> {
-        let reply = proto::StreamOpenReply {
-            result: proto::OpenResult::Ok.into(),
-            detail: String::new(),
-        };
-        match self.inner {
-            RequestedInner::Quic { mut send, recv } => {
-                quic::write_reply(&mut send, &reply).await?;
-                Ok(TunnelStream::quic(send, recv, self.guard))
-            }
-            RequestedInner::Grpc {
-                id,
-                mut ticket,
-                client,
-            } => {
-                // The server withdrew the dial (its client left): answer nothing.
-                if ticket.is_withdrawn() {
-                    return Err(SessionError::Timeout("dial cancelled by the server"));
-                }
-                let stream = super::grpc::answer(&client, id, reply).await?;
-                Ok(TunnelStream::grpc(stream, self.guard))
-            }
-        }
+        let io = self.inner.accept().await?;
+        Ok(TunnelStream::new(io, self.guard))
     }
 
     /// Answers with a typed refusal and a one-line detail (no secrets: the client may see it).
@@ -620,19 +327,27 @@ impl RequestedStream {
             result: refusal.to_proto().into(),
             detail: detail.chars().take(200).collect(),
         };
-        match self.inner {
-            RequestedInner::Quic { mut send, recv } => {
-                quic::write_reply(&mut send, &reply).await?;
-                drop(recv);
-                // Finishing (rather than dropping) makes the reply reach the server intact.
-                let _ = send.finish();
-                Ok(())
-            }
-            RequestedInner::Grpc { id, client, .. } => {
-                let mut stream = super::grpc::answer(&client, id, reply).await?;
-                stream.shutdown();
-                Ok(())
-            }
-        }
+        self.inner.refuse(reply).await
+    }
+}
+
+/// The answer an opener got, as the stream or the typed refusal (shared by both transports).
+pub(crate) fn answer_to_result(
+    reply: &proto::StreamOpenReply,
+    request: &OpenRequest,
+) -> Result<(), OpenError> {
+    match Refusal::from_proto(reply.result)? {
+        None => Ok(()),
+        Some(refusal) => Err(OpenError::Refused {
+            refusal,
+            detail: reply.detail.chars().take(200).collect(),
+            target: request.target,
+        }),
+    }
+}
+
+impl From<CloseReason> for OpenError {
+    fn from(reason: CloseReason) -> Self {
+        Self::LinkClosed(reason)
     }
 }

@@ -1,8 +1,10 @@
-//! The agent side: connecting and registering, and answering dials with `Stream` calls.
+//! The agent side: connecting and registering, and answering stream requests with `Stream`
+//! calls.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -12,15 +14,18 @@ use tokio_util::sync::{CancellationToken, PollSender};
 use tonic::Request;
 use tracing::debug_span;
 
-use super::stream::{AgentCalls, DialTicket, GrpcStream, Outbound};
+use super::service::tunnel_client::TunnelClient;
+use super::stream::{AgentCalls, GrpcStream, Outbound, RequestTicket};
 use super::{
-    ALPN_H2, AgentDials, CHUNKS_IN_FLIGHT, ControlIo, MAX_OUTSTANDING_DIALS, Out, STREAM_ID_KEY,
-    now, spawn_driver,
+    ALPN_H2, CHUNKS_IN_FLIGHT, GrpcControl, MAX_OUTSTANDING_REQUESTS, Out, Requests, STREAM_ID_KEY,
+    status_reason,
 };
-use crate::control::{Control, ControlError, Event};
-use crate::error::SessionError;
-use crate::proto::{self, tunnel_client::TunnelClient};
-use crate::transport::SessionConfig;
+use crate::error::{CloseCause, CloseReason, SessionError};
+use crate::proto::{self, DecodeError, OpenRequest};
+use crate::transport::link::{self, Acceptor, BoxFuture, Incoming, RequestRead, Requested};
+use crate::transport::session::AgentParts;
+use crate::transport::stream::StreamIo;
+use crate::transport::{AgentSession, SessionConfig, TransportKind};
 
 /// The agent's side of the gRPC transport.
 #[derive(Debug, Clone)]
@@ -29,8 +34,21 @@ pub struct GrpcConnector {
     config: Arc<SessionConfig>,
 }
 
-/// A dial the server asked for, and the signal that it was withdrawn.
-pub(crate) type DialQueue = tokio::sync::Mutex<mpsc::Receiver<(proto::DialRequest, DialTicket)>>;
+/// Why the TCP/TLS connection to the server failed, as a typed reason.
+fn connect_reason(e: &(dyn std::error::Error + Send + Sync + 'static)) -> CloseReason {
+    let reason = match crate::error::tls_error_in(e) {
+        Some(rustls::Error::AlertReceived(_)) => CloseReason::remote(CloseCause::Refused),
+        Some(_) => CloseReason::local(CloseCause::Refused),
+        None => CloseReason::local(CloseCause::Transport),
+    };
+    reason.with_source(Shared(e.to_string()))
+}
+
+/// An error's text, where the error itself cannot be kept (tonic's transport error is not
+/// `Clone` and is consumed by its caller).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Shared(String);
 
 impl GrpcConnector {
     /// A connector presenting the client certificate in `tls`.
@@ -42,18 +60,15 @@ impl GrpcConnector {
         }
     }
 
-    /// Dials `addr` over TLS/TCP, verifying the server as `server_name`, and registers.
-    pub async fn connect(
+    /// An HTTP/2 channel to `addr` over TLS/TCP, verifying the server as `server_name`.
+    async fn channel(
         &self,
         addr: SocketAddr,
         server_name: &str,
-        register: proto::Register,
-    ) -> Result<crate::transport::AgentSession, SessionError> {
-        let config = self.config.clone();
-        let io_err =
-            |e: &dyn std::fmt::Display| SessionError::Io(std::io::Error::other(e.to_string()));
+    ) -> Result<tonic::transport::Channel, SessionError> {
+        let config = &self.config;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| io_err(&e))?
+            .map_err(std::io::Error::other)?
             .initial_stream_window_size(config.stream_window)
             .initial_connection_window_size(config.connection_window)
             .max_frame_size(super::GRPC_MAX_FRAME)
@@ -62,7 +77,7 @@ impl GrpcConnector {
             .keep_alive_while_idle(true)
             .connect_timeout(config.handshake_timeout);
         let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
-            .map_err(|e| io_err(&e))?;
+            .map_err(std::io::Error::other)?;
         let tls = self.tls.clone();
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
             let (tls, name) = (tls.clone(), name.clone());
@@ -76,62 +91,166 @@ impl GrpcConnector {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
             }
         });
-        let channel = tokio::time::timeout(
+        tokio::time::timeout(
             config.handshake_timeout,
             endpoint.connect_with_connector(connector),
         )
         .await
-        .map_err(|_| SessionError::Timeout("grpc connect"))?
-        .map_err(|e| io_err(&e))?;
-        let mut client = TunnelClient::new(channel);
+        .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
+        .map_err(|e| SessionError::Closed(connect_reason(&e)))
+    }
+
+    /// Connects to `addr` over TLS/TCP, verifying the server as `server_name`, and registers.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        register: proto::Register,
+    ) -> Result<AgentSession, SessionError> {
+        let config = self.config.clone();
+        let mut client = TunnelClient::new(self.channel(addr, server_name).await?);
+        // The registration must be queued before the call starts: tonic sends the request
+        // stream's first message with the call's headers.
         let (out_tx, out_rx) = mpsc::channel(16);
-        let mut control = Control::agent(now(), config.control.clone(), register);
+        let mut control =
+            crate::control::Control::agent(link::now(), config.control.clone(), register);
         while let Some(msg) = control.poll_transmit() {
-            out_tx.try_send(msg).map_err(|e| io_err(&e))?;
+            out_tx
+                .try_send(msg)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
         }
         let inbound = tokio::time::timeout(
             config.control.register_timeout,
             client.control(ReceiverStream::new(out_rx)),
         )
         .await
-        .map_err(|_| SessionError::Timeout("control call"))?
-        .map_err(|s| io_err(&s.message()))?
+        .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
+        .map_err(status_reason)?
         .into_inner();
-        let mut io = ControlIo {
-            inbound,
-            out: Out::Agent(out_tx),
-            send_timeout: config.control.ping_timeout,
-        };
-        let span = debug_span!("session", peer.addr = %addr, transport = "grpc");
-        let Event::Registered(registered) = io.until_event(&mut control).await? else {
-            return Err(SessionError::Protocol(ControlError::Unexpected {
-                message: "event",
-                state: "await-registered",
-            }));
-        };
-        let (dials_tx, dials_rx) = mpsc::channel(MAX_OUTSTANDING_DIALS);
-        let agent = AgentDials {
-            dials: dials_tx,
-            cancels: Arc::new(Mutex::new(HashMap::new())),
-        };
+        let (queue, requests) = mpsc::channel(MAX_OUTSTANDING_REQUESTS);
         let closed = CancellationToken::new();
-        // The agent's commands are go-away and close only.
-        let link = spawn_driver(control, io, Some(agent), closed.clone(), 16, span);
-        Ok(crate::transport::AgentSession::new(
+        let channel = GrpcControl::new(
+            inbound,
+            Out::Agent(out_tx),
+            config.control.ping_timeout,
+            Some(Requests {
+                queue,
+                cancels: Arc::new(Mutex::new(HashMap::new())),
+            }),
+            &closed,
+        );
+        let span = debug_span!("session", peer.addr = %addr, transport = "grpc");
+        let (registered, link) = link::register(channel, control, span).await?;
+        Ok(AgentSession::new(AgentParts {
             registered,
-            addr,
+            remote: addr,
+            transport: TransportKind::Grpc,
             config,
-            crate::transport::session::AgentConn::Grpc {
-                client: AgentCalls { client, closed },
-                dials: tokio::sync::Mutex::new(dials_rx),
-            },
+            acceptor: Box::new(GrpcAcceptor {
+                calls: AgentCalls { client, closed },
+                requests: tokio::sync::Mutex::new(requests),
+            }),
             link,
-        ))
+        }))
     }
 }
 
-/// Agent side: answers a dial by opening its `Stream` call, the answer in the first chunk.
-pub(crate) async fn answer(
+/// The agent's way to take the streams the server asks for over the control call.
+#[derive(Debug)]
+struct GrpcAcceptor {
+    calls: AgentCalls,
+    requests: tokio::sync::Mutex<mpsc::Receiver<(proto::StreamRequest, RequestTicket)>>,
+}
+
+impl Acceptor for GrpcAcceptor {
+    fn accept(&self) -> BoxFuture<'_, Result<Box<dyn Incoming>, SessionError>> {
+        Box::pin(async move {
+            let Some((request, ticket)) = self.requests.lock().await.recv().await else {
+                return Err(SessionError::Io(std::io::ErrorKind::NotConnected.into()));
+            };
+            Ok(Box::new(GrpcIncoming {
+                request,
+                ticket,
+                calls: self.calls.clone(),
+            }) as Box<dyn Incoming>)
+        })
+    }
+}
+
+/// A stream request from the server, answered by a `Stream` call.
+#[derive(Debug)]
+struct GrpcIncoming {
+    request: proto::StreamRequest,
+    ticket: RequestTicket,
+    calls: AgentCalls,
+}
+
+impl Incoming for GrpcIncoming {
+    fn read_request(self: Box<Self>, _timeout: Duration) -> RequestRead {
+        // The target came with the request on the control call: nothing left to read.
+        Box::pin(async move {
+            let Self {
+                request,
+                ticket,
+                calls,
+            } = *self;
+            let open = request
+                .open
+                .ok_or(DecodeError::Invalid("stream request without target"))?;
+            let requested = GrpcRequested {
+                id: request.stream_id,
+                ticket,
+                calls,
+            };
+            Ok((
+                OpenRequest::from_proto(open)?,
+                Box::new(requested) as Box<dyn Requested>,
+            ))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct GrpcRequested {
+    id: u64,
+    ticket: RequestTicket,
+    calls: AgentCalls,
+}
+
+impl Requested for GrpcRequested {
+    fn withdrawn(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(self.ticket.withdrawn())
+    }
+
+    fn accept(mut self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn StreamIo>, SessionError>> {
+        Box::pin(async move {
+            // The server withdrew the request (its client left): answer nothing.
+            if self.ticket.is_withdrawn() {
+                return Err(SessionError::Withdrawn);
+            }
+            let reply = proto::StreamOpenReply {
+                result: proto::OpenResult::Ok.into(),
+                detail: String::new(),
+            };
+            let stream = answer(&self.calls, self.id, reply).await?;
+            Ok(Box::new(stream) as Box<dyn StreamIo>)
+        })
+    }
+
+    fn refuse(
+        self: Box<Self>,
+        reply: proto::StreamOpenReply,
+    ) -> BoxFuture<'static, Result<(), SessionError>> {
+        Box::pin(async move {
+            let mut stream = answer(&self.calls, self.id, reply).await?;
+            stream.shutdown();
+            Ok(())
+        })
+    }
+}
+
+/// Answers a stream request by opening its `Stream` call, the answer in the first chunk.
+async fn answer(
     calls: &AgentCalls,
     stream_id: u64,
     reply: proto::StreamOpenReply,
@@ -141,17 +260,16 @@ pub(crate) async fn answer(
         data: Bytes::new(),
         reply: Some(reply),
     })
-    .map_err(|_| SessionError::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe)))?;
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
     let mut request = Request::new(ReceiverStream::new(rx));
-    let id = tonic::metadata::MetadataValue::try_from(stream_id.to_string())
-        .map_err(|e| SessionError::Io(std::io::Error::other(e.to_string())))?;
+    let id = tonic::metadata::MetadataValue::from(stream_id);
     request.metadata_mut().insert(STREAM_ID_KEY, id);
     let inbound = calls
         .client
         .clone()
         .stream(request)
         .await
-        .map_err(|s| SessionError::Io(std::io::Error::other(s.message().to_owned())))?
+        .map_err(|status| SessionError::Closed(status_reason(status)))?
         .into_inner();
     Ok(GrpcStream::new(
         stream_id,

@@ -9,30 +9,28 @@
 mod agent;
 pub(crate) mod codec;
 mod server;
+pub mod service;
 mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Status, Streaming};
-use tracing::{debug, info};
+use tracing::debug;
 
-use super::LinkState;
-use super::session::{Command, Link, LocalClose};
-use crate::control::{Control, ControlError, Event};
-use crate::error::SessionError;
+use super::link::ControlChannel;
+use crate::control::ControlError;
+use crate::error::{CloseCause, CloseReason, Initiator, tls_error_in};
 use crate::proto;
 
 pub use agent::GrpcConnector;
-pub(crate) use agent::{DialQueue, answer};
 pub use server::GrpcListener;
-pub(crate) use server::{GrpcServerConn, open};
-pub(crate) use stream::{AgentCalls, DialTicket, GrpcStream};
+use stream::RequestTicket;
 
-/// Metadata key of a `Stream` call: which dial it answers.
+/// Metadata key of a `Stream` call: which stream request it answers.
 pub const STREAM_ID_KEY: &str = "x-edge-tunnel-stream-id";
 /// ALPN of the gRPC transport.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -52,22 +50,21 @@ const GRPC_MAX_FRAME: u32 = 128 * 1024;
 /// Nothing waits in it here: each write is flushed to the socket before the next is taken.
 const TLS_SEND_LIMIT: usize = 256 * 1024;
 
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
-}
+/// How long a side that closes waits for the peer to end its half of the control call, so
+/// that its `Close` message is read rather than cut by a reset.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-async fn sleep_until(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The control call's messages, in and out, for either side.
-struct ControlIo {
+/// The `Control` call's messages, in and out, for either side: the link's control channel.
+struct GrpcControl {
     inbound: Streaming<proto::Control>,
-    out: Out,
+    /// `None` once this side has ended its half.
+    out: Option<Out>,
     send_timeout: Duration,
+    /// Agent side: where the server's stream requests go.
+    requests: Option<Requests>,
+    /// Cancelled when the link ends, the driver aborted included: the link's `Stream` calls
+    /// end with it (they share an HTTP/2 connection that may outlive the link).
+    _closed: DropGuard,
 }
 
 enum Out {
@@ -75,178 +72,172 @@ enum Out {
     Agent(mpsc::Sender<proto::Control>),
 }
 
-impl ControlIo {
-    async fn flush(&mut self, control: &mut Control) -> Result<(), SessionError> {
-        while let Some(msg) = control.poll_transmit() {
-            let sent = match &self.out {
-                Out::Server(tx) => tokio::time::timeout(self.send_timeout, tx.send(Ok(msg)))
-                    .await
-                    .map(|r| r.is_ok()),
-                Out::Agent(tx) => tokio::time::timeout(self.send_timeout, tx.send(msg))
-                    .await
-                    .map(|r| r.is_ok()),
-            };
-            match sent {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(SessionError::Io(std::io::Error::from(
-                        std::io::ErrorKind::BrokenPipe,
-                    )));
-                }
-                Err(_) => return Err(SessionError::Timeout("control send")),
-            }
+impl GrpcControl {
+    fn new(
+        inbound: Streaming<proto::Control>,
+        out: Out,
+        send_timeout: Duration,
+        requests: Option<Requests>,
+        closed: &CancellationToken,
+    ) -> Self {
+        Self {
+            inbound,
+            out: Some(out),
+            send_timeout,
+            requests,
+            _closed: closed.clone().drop_guard(),
         }
-        Ok(())
+    }
+}
+
+impl ControlChannel for GrpcControl {
+    const CLOSE_MESSAGE: bool = true;
+
+    async fn send(&mut self, msg: proto::Control) -> Result<(), CloseReason> {
+        let sent = match &self.out {
+            Some(Out::Server(tx)) => tokio::time::timeout(self.send_timeout, tx.send(Ok(msg)))
+                .await
+                .map(|r| r.is_ok()),
+            Some(Out::Agent(tx)) => tokio::time::timeout(self.send_timeout, tx.send(msg))
+                .await
+                .map(|r| r.is_ok()),
+            None => Ok(false),
+        };
+        match sent {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Err(CloseReason::remote(CloseCause::Transport).with_detail("control call ended"))
+            }
+            // The peer reads nothing: as dead as one that answers no ping.
+            Err(_) => Err(CloseReason::local(CloseCause::PingDeadline)
+                .with_detail("control message not taken within the ping timeout")),
+        }
     }
 
-    async fn read(&mut self) -> Result<proto::Control, SessionError> {
+    async fn recv(&mut self) -> Result<proto::Control, CloseReason> {
         match self.inbound.message().await {
             Ok(Some(msg)) => Ok(msg),
-            Ok(None) => Err(SessionError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "control call ended",
-            ))),
-            Err(status) => Err(SessionError::Io(std::io::Error::other(
-                status.message().to_owned(),
-            ))),
+            Ok(None) => {
+                Err(CloseReason::remote(CloseCause::Transport).with_detail("control call ended"))
+            }
+            Err(status) => Err(status_reason(status)),
         }
     }
 
-    async fn until_event(&mut self, control: &mut Control) -> Result<Event, SessionError> {
-        loop {
-            self.flush(control).await?;
-            if let Some(ev) = control.poll_event() {
-                return Ok(ev);
+    fn stream_requested(&mut self, request: proto::StreamRequest) -> Result<(), CloseReason> {
+        match &self.requests {
+            Some(requests) => requests.push(request),
+            None => Err(ControlError::Unexpected {
+                message: "stream-request",
+                state: "server",
             }
-            let deadline = control.poll_timeout();
-            tokio::select! {
-                m = self.read() => control.handle_message(now(), m?)?,
-                () = sleep_until(deadline) => control.handle_timeout(now())?,
-            }
+            .into()),
         }
     }
+
+    fn stream_cancelled(&mut self, stream_id: u64) {
+        if let Some(requests) = &self.requests {
+            requests.cancel(stream_id);
+        }
+    }
+
+    async fn finish(&mut self, reason: &CloseReason) {
+        // Ending our half lets the peer's driver end too.
+        self.out = None;
+        if reason.initiator == Initiator::Local {
+            let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                while let Ok(Some(_)) = self.inbound.message().await {}
+            })
+            .await;
+        }
+        // Requests not yet answered are withdrawn with the link: their tickets see the senders go.
+        if let Some(requests) = &self.requests {
+            requests.clear();
+        }
+        debug!(%reason, "grpc link ended");
+    }
+}
+
+/// A gRPC status as a typed reason. A TLS failure anywhere in its chain is a refusal (the
+/// peer's when it sent the alert); otherwise the code says whose fault it was.
+fn status_reason(status: Status) -> CloseReason {
+    use tonic::Code;
+    if let Some(tls) = tls_error_in(&status) {
+        let reason = match tls {
+            rustls::Error::AlertReceived(_) => CloseReason::remote(CloseCause::Refused),
+            _ => CloseReason::local(CloseCause::Refused),
+        };
+        return reason.with_source(status);
+    }
+    let cause = match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => CloseCause::Refused,
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::DataLoss
+        | Code::Internal => CloseCause::Protocol,
+        Code::Ok
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::DeadlineExceeded
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Unavailable => CloseCause::Transport,
+    };
+    CloseReason::remote(cause).with_source(status)
 }
 
 type Cancels = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
 
-/// Where the agent's driver hands dial requests, and how it withdraws them.
+/// Agent side: where the driver hands the server's stream requests, and how it withdraws them.
 #[derive(Clone)]
-struct AgentDials {
-    dials: mpsc::Sender<(proto::DialRequest, DialTicket)>,
-    /// Dials not yet answered, by stream id; each entry leaves with its [`DialTicket`]. At most
-    /// [`MAX_OUTSTANDING_DIALS`].
+struct Requests {
+    queue: mpsc::Sender<(proto::StreamRequest, RequestTicket)>,
+    /// Requests not yet answered, by stream id; each entry leaves with its [`RequestTicket`].
+    /// At most [`MAX_OUTSTANDING_REQUESTS`].
     cancels: Cancels,
 }
 
-/// Agent side: more unanswered dials than this is a server gone wrong, and ends the link. A
+/// Agent side: more unanswered requests than this is a server gone wrong, and ends the link. A
 /// bound on memory (about 100 bytes each), not the stream limit: over gRPC the server's
 /// `max_streams` governs, and an agent configured lower must not drop its link for it.
-pub(crate) const MAX_OUTSTANDING_DIALS: usize = 65_536;
+const MAX_OUTSTANDING_REQUESTS: usize = 65_536;
 
-fn spawn_driver(
-    control: Control,
-    io: ControlIo,
-    agent: Option<AgentDials>,
-    closed: CancellationToken,
-    commands_capacity: usize,
-    span: tracing::Span,
-) -> Link {
-    Link::spawn(
-        commands_capacity,
-        span,
-        |rx, state, local_close| async move {
-            // Dropped with the driver, aborted or not: the link's calls end with it.
-            let _cancel = closed.drop_guard();
-            drive(control, io, rx, state, agent, local_close).await;
-        },
-    )
-}
+impl Requests {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<()>>> {
+        self.cancels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 
-async fn drive(
-    mut control: Control,
-    mut io: ControlIo,
-    mut commands: mpsc::Receiver<Command>,
-    state: watch::Sender<LinkState>,
-    agent: Option<AgentDials>,
-    local_close: LocalClose,
-) {
-    let result: Result<(), SessionError> = async {
-        loop {
-            io.flush(&mut control).await?;
-            while let Some(ev) = control.poll_event() {
-                match (ev, &agent) {
-                    (Event::GoAway { reason, drain }, _) => {
-                        info!(%reason, ?drain, "peer sent go-away");
-                        state.send_replace(LinkState::Draining { reason });
-                    }
-                    (Event::Dial(request), Some(a)) => {
-                        let (tx, rx) = oneshot::channel();
-                        {
-                            let mut cancels =
-                                a.cancels.lock().unwrap_or_else(PoisonError::into_inner);
-                            // More dials outstanding than streams allowed, or an id reused
-                            // while its dial is open: the server breaks the protocol.
-                            if cancels.len() >= MAX_OUTSTANDING_DIALS
-                                || cancels.contains_key(&request.stream_id)
-                            {
-                                return Err(SessionError::Protocol(ControlError::Flood));
-                            }
-                            cancels.insert(request.stream_id, tx);
-                        }
-                        let ticket = DialTicket {
-                            id: request.stream_id,
-                            cancelled: rx,
-                            done: false,
-                            cancels: a.cancels.clone(),
-                        };
-                        // Bounded by `limit` above, so a full queue cannot happen; still no
-                        // blocking of the driver if it did.
-                        if a.dials.try_send((request, ticket)).is_err() {
-                            return Err(SessionError::Protocol(ControlError::Flood));
-                        }
-                    }
-                    (Event::Cancel(id), Some(a)) => {
-                        if let Some(tx) = a
-                            .cancels
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&id)
-                        {
-                            let _ = tx.send(());
-                        }
-                    }
-                    _ => {}
-                }
+    fn push(&self, request: proto::StreamRequest) -> Result<(), CloseReason> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut cancels = self.lock();
+            // More requests outstanding than allowed, or an id reused while its request is
+            // open: the server breaks the protocol.
+            if cancels.len() >= MAX_OUTSTANDING_REQUESTS || cancels.contains_key(&request.stream_id)
+            {
+                return Err(ControlError::Flood.into());
             }
-            let deadline = control.poll_timeout();
-            tokio::select! {
-                m = io.read() => control.handle_message(now(), m?)?,
-                () = sleep_until(deadline) => control.handle_timeout(now())?,
-                cmd = commands.recv() => match cmd {
-                    Some(Command::GoAway { reason, drain }) => {
-                        control.go_away(reason.clone(), drain);
-                        state.send_replace(LinkState::Draining { reason });
-                    }
-                    Some(Command::Dial(request)) => control.dial(request)?,
-                    Some(Command::Cancel(id)) => control.cancel(id),
-                    Some(Command::Close) | None => return Ok(()),
-                },
-            }
+            cancels.insert(request.stream_id, tx);
+        }
+        let ticket = RequestTicket::new(request.stream_id, rx, self.cancels.clone());
+        // The queue holds as many as the table: a full queue cannot happen; still no blocking
+        // of the driver if it did.
+        self.queue
+            .try_send((request, ticket))
+            .map_err(|_| ControlError::Flood.into())
+    }
+
+    fn cancel(&self, stream_id: u64) {
+        if let Some(tx) = self.lock().remove(&stream_id) {
+            let _ = tx.send(());
         }
     }
-    .await;
-    let reason = match (result, Link::local_reason(&local_close)) {
-        (_, Some(local)) => local,
-        (Ok(()), None) => "closed".to_owned(),
-        (Err(e), None) => e.to_string(),
-    };
-    debug!(%reason, "link ended");
-    // Dials not yet answered are withdrawn with the link: their tickets see the senders go.
-    if let Some(a) = &agent {
-        a.cancels
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+
+    fn clear(&self) {
+        self.lock().clear();
     }
-    state.send_replace(LinkState::Closed { reason });
 }

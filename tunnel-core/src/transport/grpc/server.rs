@@ -14,18 +14,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, PollSender};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{debug, debug_span, warn};
 
+use super::service::tunnel_server::{Tunnel, TunnelServer};
 use super::stream::{GrpcStream, Outbound};
-use super::{ALPN_H2, CHUNKS_IN_FLIGHT, ControlIo, Out, STREAM_ID_KEY, now, spawn_driver};
-use crate::control::{Control, Event};
-use crate::proto::{
-    self,
-    tunnel_server::{Tunnel, TunnelServer},
-};
+use super::{ALPN_H2, CHUNKS_IN_FLIGHT, GrpcControl, Out, STREAM_ID_KEY};
+use crate::error::{CloseCause, CloseReason, OpenError, SessionError};
+use crate::proto::{self, OpenRequest};
 use crate::tls::AgentIdentity;
-use crate::transport::SessionConfig;
-use crate::transport::session::{Command, DriverTask};
+use crate::transport::link::{self, BoxFuture, Command, DriverTask, Link, Opener};
+use crate::transport::session::{ServerParts, answer_to_result};
+use crate::transport::stream::StreamIo;
+use crate::transport::{BindError, HandshakeError, ServerSession, SessionConfig, TransportKind};
 
 /// A TLS connection from an agent, with the identity its certificate proves.
 pub(crate) struct PeerIo {
@@ -96,7 +96,7 @@ type Waiter = (oneshot::Sender<Answer>, CancellationToken);
 
 /// The agent's call paired with the dial, or why it could not be (its first chunk was late or
 /// malformed): the opener reports that, not a lost link.
-type Answer = Result<Paired, crate::error::OpenError>;
+type Answer = Result<Paired, OpenError>;
 
 #[derive(Default)]
 struct Pending {
@@ -122,26 +122,41 @@ impl Pending {
     }
 }
 
+/// What the listener hands out: a registered session, or an agent that did not become one.
+type Accepted = Result<ServerSession, HandshakeError>;
+
 struct Shared {
     config: Arc<SessionConfig>,
     server_id: String,
-    sessions: mpsc::Sender<crate::transport::ServerSession>,
+    sessions: mpsc::Sender<Accepted>,
     pending: Pending,
     ids: AtomicU64,
 }
 
-/// The server's handle for opening streams on one gRPC link.
-#[derive(Clone)]
-pub(crate) struct GrpcServerConn {
+impl Shared {
+    /// Reports an agent that did not become a session.
+    async fn rejected(&self, remote: SocketAddr, error: SessionError) {
+        let failure = HandshakeError {
+            remote,
+            transport: TransportKind::Grpc,
+            error,
+        };
+        let _ = self.sessions.send(Err(failure)).await;
+    }
+}
+
+/// The server's way to open streams on one gRPC link: a request on the control call, answered
+/// by the agent's `Stream` call.
+pub(crate) struct GrpcOpener {
     shared: Arc<Shared>,
     node: String,
     /// Cancelled when the link's driver ends.
     closed: CancellationToken,
 }
 
-impl std::fmt::Debug for GrpcServerConn {
+impl std::fmt::Debug for GrpcOpener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrpcServerConn")
+        f.debug_struct("GrpcOpener")
             .field("node", &self.node)
             .finish_non_exhaustive()
     }
@@ -153,15 +168,10 @@ struct Service(Arc<Shared>, Registrations);
 /// too, so that they end with it instead of outliving it.
 type Registrations = Arc<Mutex<tokio::task::JoinSet<()>>>;
 
-fn peer(extensions: &tonic::Extensions) -> Result<(AgentIdentity, SocketAddr), Status> {
-    let info = extensions
+fn peer(extensions: &tonic::Extensions) -> Result<&PeerInfo, Status> {
+    extensions
         .get::<PeerInfo>()
-        .ok_or_else(|| Status::internal("connection without peer info"))?;
-    let identity = info
-        .identity
-        .clone()
-        .map_err(|e| Status::unauthenticated(e.to_string()))?;
-    Ok((identity, info.remote))
+        .ok_or_else(|| Status::internal("connection without peer info"))
 }
 
 #[tonic::async_trait]
@@ -173,53 +183,21 @@ impl Tunnel for Service {
         &self,
         request: Request<Streaming<proto::Control>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        let (identity, remote) = peer(request.extensions())?;
+        let info = peer(request.extensions())?.clone();
+        let identity = match info.identity {
+            Ok(identity) => identity,
+            Err(e) => {
+                let status = Status::unauthenticated(e.to_string());
+                self.0.rejected(info.remote, e.into()).await;
+                return Err(status);
+            }
+        };
         let inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::channel(16);
-        let shared = self.0.clone();
-        let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote, transport = "grpc");
+        let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %info.remote, transport = "grpc");
         // Registration runs beside the call: our answer travels in the response stream, which
         // starts flowing only once this handler has returned it.
-        let registration =
-            async move {
-                let mut io = ControlIo { inbound, out: Out::Server(out_tx), send_timeout: shared.config.control.ping_timeout };
-                let mut control = Control::server(now(), shared.config.control.clone());
-                let claims = match tokio::time::timeout(shared.config.control.register_timeout, io.until_event(&mut control)).await {
-                    Ok(Ok(Event::RegisterReceived(r))) => r,
-                    Ok(Ok(_)) | Err(_) => {
-                        debug!("agent did not register");
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "registration failed");
-                        return;
-                    }
-                };
-                if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
-                    warn!(agent.claimed = %claims.node_name, "agent claims another node name; using its certificate's");
-                }
-                let registered = proto::Registered { node_name: identity.node_name.clone(), server_id: shared.server_id.clone() };
-                if control.accept_registration(now(), registered).is_err() || io.flush(&mut control).await.is_err() {
-                    return;
-                }
-                let closed = CancellationToken::new();
-                // Every open sends a dial and perhaps a cancel, and at most `max_streams` opens
-                // run at once: room for all, so a cancel (sent from a drop, without waiting) is
-                // never lost to a full queue.
-                let capacity = 2 * shared.config.max_streams as usize + 16;
-                let link = spawn_driver(control, io, None, closed.clone(), capacity, tracing::Span::current());
-                let conn = GrpcServerConn { shared: shared.clone(), node: identity.node_name.clone(), closed };
-                let session = crate::transport::ServerSession::new(
-                    identity,
-                    claims,
-                    remote,
-                    shared.config.clone(),
-                    crate::transport::session::ServerConn::Grpc(conn),
-                    link,
-                );
-                let _ = shared.sessions.send(session).await;
-            }
-            .instrument(span);
+        let registration = register(self.0.clone(), identity, info.remote, inbound, out_tx, span);
         {
             let mut tasks = self.1.lock().unwrap_or_else(PoisonError::into_inner);
             while tasks.try_join_next().is_some() {}
@@ -232,7 +210,10 @@ impl Tunnel for Service {
         &self,
         request: Request<Streaming<proto::Chunk>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let (identity, _) = peer(request.extensions())?;
+        let identity = peer(request.extensions())?
+            .identity
+            .clone()
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let id = request
             .metadata()
             .get(STREAM_ID_KEY)
@@ -275,10 +256,61 @@ impl Tunnel for Service {
     }
 }
 
+/// Registers the agent on its `Control` call and hands the session to the listener (or the
+/// failure, closed with its cause).
+async fn register(
+    shared: Arc<Shared>,
+    identity: AgentIdentity,
+    remote: SocketAddr,
+    inbound: Streaming<proto::Control>,
+    out: mpsc::Sender<Result<proto::Control, Status>>,
+    span: tracing::Span,
+) {
+    let closed = CancellationToken::new();
+    let control = GrpcControl::new(
+        inbound,
+        Out::Server(out),
+        shared.config.control.ping_timeout,
+        None,
+        &closed,
+    );
+    // Every open sends a request and perhaps a cancel, and at most `max_streams` opens run at
+    // once: room for all, so a cancel (sent from a drop, without waiting) is never lost to a
+    // full queue.
+    let capacity = 2 * shared.config.max_streams as usize + 16;
+    let accepted = link::accept_agent(
+        control,
+        &identity,
+        &shared.server_id,
+        &shared.config,
+        capacity,
+        span,
+    )
+    .await;
+    let (claims, link) = match accepted {
+        Ok(registered) => registered,
+        Err(reason) => return shared.rejected(remote, reason.into()).await,
+    };
+    let opener = GrpcOpener {
+        shared: shared.clone(),
+        node: identity.node_name.clone(),
+        closed,
+    };
+    let session = ServerSession::new(ServerParts {
+        identity,
+        claims,
+        remote,
+        transport: TransportKind::Grpc,
+        config: shared.config.clone(),
+        opener: Box::new(opener),
+        link,
+    });
+    let _ = shared.sessions.send(Ok(session)).await;
+}
+
 /// Tells the opener why the agent's answer is unusable (it came later than `late`, or broke the
 /// protocol) and returns the status that ends the call, saying `why`.
 fn bad_reply(waiter: oneshot::Sender<Answer>, late: Option<Duration>, why: &str) -> Status {
-    use crate::error::OpenError;
     refused_stream_call("bad_reply");
     let (error, status) = match late {
         Some(timeout) => (OpenError::Timeout(timeout), Status::deadline_exceeded(why)),
@@ -299,87 +331,79 @@ fn refused_stream_call(reason: &'static str) {
         .increment(1);
 }
 
-/// Withdraws a dial whose opener went away before the agent answered.
-struct DialGuard<'a> {
-    conn: &'a GrpcServerConn,
+/// Withdraws a stream request whose opener went away before the agent answered.
+struct RequestGuard<'a> {
+    opener: &'a GrpcOpener,
     commands: &'a mpsc::Sender<Command>,
     id: u64,
     armed: bool,
 }
 
-impl Drop for DialGuard<'_> {
+impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.conn.shared.pending.take(&self.conn.node, self.id);
+            self.opener.shared.pending.take(&self.opener.node, self.id);
             let _ = self.commands.try_send(Command::Cancel(self.id));
         }
     }
 }
 
-pub(crate) async fn open(
-    conn: &GrpcServerConn,
-    commands: &mpsc::Sender<Command>,
-    request: &proto::OpenRequest,
-    config: &SessionConfig,
-    count: crate::transport::session::StreamGuard,
-) -> Result<crate::transport::TunnelStream, crate::error::OpenError> {
-    use crate::error::{OpenError, Refusal};
-    let timeout = config.open_timeout;
-    let id = conn.shared.ids.fetch_add(1, Ordering::Relaxed);
-    let answer = conn
-        .shared
-        .pending
-        .insert(&conn.node, id, conn.closed.clone());
-    let mut guard = DialGuard {
-        conn,
-        commands,
-        id,
-        armed: true,
-    };
-    let dial = proto::DialRequest {
-        stream_id: id,
-        open: Some(request.to_proto()),
-    };
-    let exchange = async {
-        commands
-            .send(Command::Dial(dial))
-            .await
-            .map_err(|_| OpenError::SessionClosed("link closed".into()))?;
-        tokio::select! {
-            answer = answer => answer.map_err(|_| OpenError::SessionClosed("link closed".into()))?,
-            // An answer can no longer come: fail now rather than at the open timeout.
-            () = conn.closed.cancelled() => Err(OpenError::SessionClosed("link closed".into())),
-        }
-    };
-    let paired = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| OpenError::Timeout(timeout))??;
-    guard.armed = false;
-    let refusal = match proto::OpenResult::try_from(paired.reply.result) {
-        Ok(proto::OpenResult::Ok) => {
-            return Ok(crate::transport::TunnelStream::grpc(paired.stream, count));
-        }
-        Ok(proto::OpenResult::Forbidden) => Refusal::Forbidden,
-        Ok(proto::OpenResult::Refused) => Refusal::Refused,
-        Ok(proto::OpenResult::Timeout) => Refusal::Timeout,
-        Ok(proto::OpenResult::Unreachable) => Refusal::Unreachable,
-        Ok(proto::OpenResult::Unspecified) | Err(_) => {
-            return Err(OpenError::Protocol(proto::DecodeError::Invalid(
-                "unknown open result",
-            )));
-        }
-    };
-    Err(OpenError::Refused {
-        refusal,
-        detail: paired.reply.detail.chars().take(200).collect(),
-        target: request.target,
-    })
+impl Opener for GrpcOpener {
+    fn open<'a>(
+        &'a self,
+        link: &'a Link,
+        request: &'a OpenRequest,
+        config: &'a SessionConfig,
+    ) -> BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>> {
+        Box::pin(async move {
+            let timeout = config.open_timeout;
+            let id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+            let answer = self
+                .shared
+                .pending
+                .insert(&self.node, id, self.closed.clone());
+            let mut guard = RequestGuard {
+                opener: self,
+                commands: &link.commands,
+                id,
+                armed: true,
+            };
+            let stream_request = proto::StreamRequest {
+                stream_id: id,
+                open: Some(request.to_proto()),
+            };
+            let exchange = async {
+                if link
+                    .commands
+                    .send(Command::Request(stream_request))
+                    .await
+                    .is_err()
+                {
+                    return Err(OpenError::LinkClosed(link.closed().await));
+                }
+                tokio::select! {
+                    answer = answer => match answer {
+                        Ok(answer) => answer,
+                        Err(_) => Err(OpenError::LinkClosed(link.closed().await)),
+                    },
+                    // An answer can no longer come: fail now rather than at the open timeout.
+                    () = self.closed.cancelled() => Err(OpenError::LinkClosed(link.closed().await)),
+                }
+            };
+            let paired = tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| OpenError::Timeout(timeout))??;
+            guard.armed = false;
+            answer_to_result(&paired.reply, request)?;
+            Ok(Box::new(paired.stream) as Box<dyn StreamIo>)
+        })
+    }
 }
 
 /// The server's TCP endpoint for agents over gRPC.
 pub struct GrpcListener {
     local: SocketAddr,
-    sessions: mpsc::Receiver<crate::transport::ServerSession>,
+    sessions: mpsc::Receiver<Accepted>,
     _serve: DriverTask,
     _registrations: Registrations,
 }
@@ -392,6 +416,38 @@ impl std::fmt::Debug for GrpcListener {
     }
 }
 
+/// Completes TLS on an agent's TCP connection and hands it to the gRPC server, or reports
+/// the failure (a refused certificate, a handshake that timed out).
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+    conns: mpsc::Sender<Result<PeerIo, std::io::Error>>,
+    shared: Arc<Shared>,
+) {
+    let error = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(mut io)) => {
+            io.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_LIMIT));
+            let identity = AgentIdentity::from_chain(io.get_ref().1.peer_certificates());
+            let info = PeerInfo { identity, remote };
+            let _ = conns.send(Ok(PeerIo { io, info })).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            let tls = crate::error::tls_error_in(&e).is_some();
+            let cause = if tls {
+                CloseCause::Refused
+            } else {
+                CloseCause::Transport
+            };
+            SessionError::Closed(CloseReason::local(cause).with_source(e))
+        }
+        Err(_) => SessionError::Closed(CloseReason::local(CloseCause::HandshakeTimeout)),
+    };
+    shared.rejected(remote, error).await;
+}
+
 impl GrpcListener {
     /// Binds TCP `addr`. HTTP/2 settings: stream and connection windows from `config` (sized
     /// for 100 Mbit/s × 100 ms per stream, bounded per agent), at most `max_streams` calls at
@@ -401,7 +457,7 @@ impl GrpcListener {
         mut tls: rustls::ServerConfig,
         config: SessionConfig,
         server_id: &str,
-    ) -> Result<Self, crate::transport::quic::BindError> {
+    ) -> Result<Self, BindError> {
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind(addr).await?;
@@ -417,25 +473,24 @@ impl GrpcListener {
         });
         let registrations = Registrations::default();
         let (conn_tx, conn_rx) = mpsc::channel::<Result<PeerIo, std::io::Error>>(64);
-        let handshake = config.handshake_timeout;
+        let handshake_timeout = config.handshake_timeout;
+        let accept_shared = shared.clone();
         let accept = async move {
             let mut handshakes = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
-                        let Ok((tcp, remote)) = accepted else {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
+                        let (tcp, remote) = match accepted {
+                            Ok(accepted) => accepted,
+                            Err(e) => {
+                                // Out of file descriptors and the like: pause rather than spin.
+                                warn!(error = %e, "gRPC accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
                         };
                         let _ = tcp.set_nodelay(true);
-                        let acceptor = acceptor.clone();
-                        let conn_tx = conn_tx.clone();
-                        handshakes.spawn(async move {
-                            let Ok(Ok(mut io)) = tokio::time::timeout(handshake, acceptor.accept(tcp)).await else { return };
-                            io.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_LIMIT));
-                            let identity = AgentIdentity::from_chain(io.get_ref().1.peer_certificates());
-                            let _ = conn_tx.send(Ok(PeerIo { io, info: PeerInfo { identity, remote } })).await;
-                        });
+                        handshakes.spawn(handshake(acceptor.clone(), tcp, remote, handshake_timeout, conn_tx.clone(), accept_shared.clone()));
                     }
                     Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
                 }
@@ -469,8 +524,9 @@ impl GrpcListener {
         self.local
     }
 
-    /// The next registered agent session.
-    pub async fn accept(&mut self) -> Option<crate::transport::ServerSession> {
+    /// The next agent: a registered session, or one that failed its handshake or registration
+    /// (for the caller to log and count). `None` once the listener is gone.
+    pub async fn accept(&mut self) -> Option<Result<ServerSession, HandshakeError>> {
         self.sessions.recv().await
     }
 }

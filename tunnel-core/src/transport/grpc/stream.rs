@@ -1,19 +1,23 @@
-//! The bytes of one proxied connection over a `Stream` call, and the agent's dial ticket.
+//! The bytes of one proxied connection over a `Stream` call, and the agent's request ticket.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::PoisonError;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::ReadBuf;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, PollSender, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
 
 use super::Cancels;
-use crate::proto::{self, tunnel_client::TunnelClient};
+use super::service::tunnel_client::TunnelClient;
+use crate::proto;
+use crate::transport::link::BoxFuture;
+use crate::transport::stream::StreamIo;
 
 /// A proxied connection's bytes over one gRPC call.
 #[derive(Debug)]
@@ -73,7 +77,7 @@ impl GrpcStream {
             self.link.is_cancelled()
         };
         if ended {
-            self.abort();
+            self.abort_outbound();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "tunnel link closed",
@@ -82,7 +86,7 @@ impl GrpcStream {
         Ok(())
     }
 
-    pub(crate) fn abort(&mut self) {
+    fn abort_outbound(&mut self) {
         match &mut self.outbound {
             Outbound::Response(tx) => {
                 if let Some(tx) = tx.get_ref() {
@@ -94,11 +98,7 @@ impl GrpcStream {
         }
     }
 
-    pub(crate) fn poll_read(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -127,11 +127,7 @@ impl GrpcStream {
         }
     }
 
-    pub(crate) fn poll_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.check_link(cx, false)?;
         let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
         // Reserve first: a chunk copied before a full queue would be copied again on the retry.
@@ -168,19 +164,72 @@ impl GrpcStream {
     }
 }
 
-/// The agent's claim on one dial: tells whether the server withdrew it, and frees its slot
-/// in the cancel table when dropped (answered, refused or abandoned).
-#[derive(Debug)]
-pub(crate) struct DialTicket {
-    pub(super) id: u64,
-    pub(super) cancelled: oneshot::Receiver<()>,
-    /// The receiver has resolved (a oneshot must not be polled again after that).
-    pub(super) done: bool,
-    pub(super) cancels: Cancels,
+impl StreamIo for GrpcStream {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn abort(&mut self) {
+        self.abort_outbound();
+    }
+
+    // HTTP/2 acknowledges nothing per stream; the connection outlives the call.
+    fn delivered(&self, _timeout: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
 }
 
-impl DialTicket {
-    /// True when the server withdrew the dial or the link is gone.
+impl AsyncRead for GrpcStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GrpcStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().shutdown();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The agent's claim on one stream request: tells whether the server withdrew it, and frees
+/// its slot in the cancel table when dropped (answered, refused or abandoned).
+#[derive(Debug)]
+pub(crate) struct RequestTicket {
+    id: u64,
+    cancelled: oneshot::Receiver<()>,
+    /// The receiver has resolved (a oneshot must not be polled again after that).
+    done: bool,
+    cancels: Cancels,
+}
+
+impl RequestTicket {
+    pub(super) fn new(id: u64, cancelled: oneshot::Receiver<()>, cancels: Cancels) -> Self {
+        Self {
+            id,
+            cancelled,
+            done: false,
+            cancels,
+        }
+    }
+
+    /// True when the server withdrew the request or the link is gone.
     pub(crate) fn is_withdrawn(&mut self) -> bool {
         if !self.done {
             self.done = !matches!(
@@ -191,7 +240,7 @@ impl DialTicket {
         self.done
     }
 
-    /// Resolves when the server withdraws the dial or the link goes.
+    /// Resolves when the server withdraws the request or the link goes.
     pub(crate) async fn withdrawn(&mut self) {
         if !self.done {
             let _ = (&mut self.cancelled).await;
@@ -200,7 +249,7 @@ impl DialTicket {
     }
 }
 
-impl Drop for DialTicket {
+impl Drop for RequestTicket {
     fn drop(&mut self) {
         self.cancels
             .lock()

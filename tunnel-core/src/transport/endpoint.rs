@@ -1,0 +1,341 @@
+//! The library's front door: one [`Listener`] and one [`Connector`] for every transport, chosen
+//! by configuration (QUIC, gRPC, or both / `auto`), as the binaries use them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use super::grpc::{GrpcConnector, GrpcListener};
+use super::quic::{PendingSession, QuicConnector, QuicListener};
+use super::{AgentSession, BindError, HandshakeError, ServerSession, SessionConfig, TransportKind};
+use crate::error::{CloseCause, SessionError};
+use crate::proto;
+
+/// The transports a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transports {
+    /// QUIC on UDP.
+    pub quic: bool,
+    /// gRPC over TLS/TCP, for agents whose network blocks UDP.
+    pub grpc: bool,
+}
+
+impl Default for Transports {
+    fn default() -> Self {
+        Self {
+            quic: true,
+            grpc: true,
+        }
+    }
+}
+
+/// How a [`Listener`] runs.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Settings of every link.
+    pub session: SessionConfig,
+    /// This server's id, told to agents at registration.
+    pub server_id: String,
+    /// Which transports to serve (both by default, on one port number: UDP and TCP).
+    pub transports: Transports,
+    /// What QUIC's stateless-reset key is derived from. A server restarted with the same
+    /// secret (its private key's bytes, say) tells the agents of its predecessor to reconnect
+    /// at once instead of after their idle timeout. `None`: a random key.
+    pub reset_secret: Option<Vec<u8>>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            session: SessionConfig::default(),
+            server_id: "edge-tunnel-server".into(),
+            transports: Transports::default(),
+            reset_secret: None,
+        }
+    }
+}
+
+/// The server's endpoint for agents: QUIC on UDP and gRPC on TCP at one port number.
+#[derive(Debug)]
+pub struct Listener {
+    quic: Option<QuicListener>,
+    grpc: Option<GrpcListener>,
+    addr: SocketAddr,
+    /// QUIC handshakes and registrations in progress.
+    handshakes: JoinSet<Result<ServerSession, HandshakeError>>,
+    draining: bool,
+}
+
+/// Tries at picking a port free on both UDP and TCP when asked for port 0.
+const PORT_PICKS: usize = 16;
+
+impl Listener {
+    /// Binds `addr` with the transports `config` asks for. `tls` must require client
+    /// certificates (see [`crate::tls::server_config`]). With port 0 the kernel picks the TCP
+    /// port and the same UDP port is tried; a taken one means another pick.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        config: ListenerConfig,
+    ) -> Result<Self, BindError> {
+        let want = config.transports;
+        if !want.quic && !want.grpc {
+            return Err(crate::error::ConfigError::Invalid {
+                what: "transports",
+                why: "at least one of QUIC and gRPC".into(),
+            }
+            .into());
+        }
+        let picks = if addr.port() == 0 && want.quic && want.grpc {
+            PORT_PICKS
+        } else {
+            1
+        };
+        let mut last = None;
+        for _ in 0..picks {
+            let grpc = match want.grpc {
+                true => Some(
+                    GrpcListener::bind(
+                        addr,
+                        tls.clone(),
+                        config.session.clone(),
+                        &config.server_id,
+                    )
+                    .await?,
+                ),
+                false => None,
+            };
+            let port = grpc.as_ref().map_or(addr.port(), |g| g.local_addr().port());
+            let quic = match want.quic {
+                true => match bind_quic(SocketAddr::new(addr.ip(), port), &tls, &config) {
+                    Ok(quic) => Some(quic),
+                    Err(BindError::Io(e))
+                        if picks > 1 && e.kind() == std::io::ErrorKind::AddrInUse =>
+                    {
+                        last = Some(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+                false => None,
+            };
+            let addr = match (&quic, &grpc) {
+                (Some(q), _) => q.local_addr()?,
+                (None, Some(g)) => g.local_addr(),
+                (None, None) => addr,
+            };
+            return Ok(Self {
+                quic,
+                grpc,
+                addr,
+                handshakes: JoinSet::new(),
+                draining: false,
+            });
+        }
+        Err(BindError::Io(
+            last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()),
+        ))
+    }
+
+    /// The bound address (UDP for QUIC and TCP for gRPC: the same port number).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The next agent: a registered session, or one that failed its handshake or registration
+    /// (for the caller to log and count; nothing is logged here). `None` once no transport is
+    /// left to listen on.
+    pub async fn accept(&mut self) -> Option<Result<ServerSession, HandshakeError>> {
+        loop {
+            if self.quic.is_none() && self.grpc.is_none() && self.handshakes.is_empty() {
+                return None;
+            }
+            tokio::select! {
+                pending = accept_quic(self.quic.as_ref()) => match pending {
+                    // Agents move to another replica (or wait for the restart) at once.
+                    Some(pending) if self.draining => pending.refuse(),
+                    Some(pending) => {
+                        self.handshakes.spawn(establish(pending));
+                    }
+                    None => self.quic = None,
+                },
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    // A panicked handshake is one agent fewer, not the listener's end.
+                    if let Ok(done) = done {
+                        return Some(done);
+                    }
+                }
+                accepted = accept_grpc(self.grpc.as_mut()) => match accepted {
+                    Some(accepted) => return Some(accepted),
+                    None => self.grpc = None,
+                },
+            }
+        }
+    }
+
+    /// Stops taking new agents: new QUIC connections are refused (so that agents move to
+    /// another replica at once), the TCP listener is closed. Handshakes in progress finish.
+    pub fn stop_accepting(&mut self) {
+        self.draining = true;
+        self.grpc = None;
+    }
+
+    /// Closes every QUIC link at once, for `cause`, and waits (at most `timeout`) for the
+    /// agents to acknowledge. gRPC links end with their sessions.
+    pub async fn close(&mut self, cause: CloseCause, timeout: Duration) -> bool {
+        self.handshakes.shutdown().await;
+        let Some(quic) = &self.quic else {
+            return true;
+        };
+        quic.close(cause);
+        tokio::time::timeout(timeout, quic.wait_idle())
+            .await
+            .is_ok()
+    }
+}
+
+fn bind_quic(
+    addr: SocketAddr,
+    tls: &rustls::ServerConfig,
+    config: &ListenerConfig,
+) -> Result<QuicListener, BindError> {
+    let (session, id) = (config.session.clone(), config.server_id.as_str());
+    match &config.reset_secret {
+        Some(secret) => {
+            QuicListener::bind_with_reset_secret(addr, tls.clone(), session, id, secret)
+        }
+        None => QuicListener::bind(addr, tls.clone(), session, id),
+    }
+}
+
+async fn accept_quic(quic: Option<&QuicListener>) -> Option<PendingSession> {
+    match quic {
+        Some(quic) => quic.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_grpc(
+    grpc: Option<&mut GrpcListener>,
+) -> Option<Result<ServerSession, HandshakeError>> {
+    match grpc {
+        Some(grpc) => grpc.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn establish(pending: PendingSession) -> Result<ServerSession, HandshakeError> {
+    let remote = pending.remote_addr();
+    pending.establish().await.map_err(|error| HandshakeError {
+        remote,
+        transport: TransportKind::Quic,
+        error,
+    })
+}
+
+/// Which transport an agent uses to reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// QUIC first; gRPC over TLS/TCP when no QUIC session is up within [`QUIC_FIRST`].
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// gRPC only (networks that block UDP).
+    Grpc,
+}
+
+impl TransportChoice {
+    /// Lowercase label, as the flag takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = crate::error::ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Quic),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(crate::error::ConfigError::Invalid {
+                what: "transport",
+                why: format!("unknown transport {other:?} (auto, quic, grpc)"),
+            }),
+        }
+    }
+}
+
+/// How long `auto` gives QUIC before it tries gRPC on the same address.
+pub const QUIC_FIRST: Duration = Duration::from_secs(3);
+
+/// The agent's side: connects to a server over the configured transport.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    quic: QuicConnector,
+    grpc: GrpcConnector,
+    choice: TransportChoice,
+}
+
+impl Connector {
+    /// A connector presenting the client certificate in `tls`, over `choice`.
+    pub fn new(
+        tls: rustls::ClientConfig,
+        config: SessionConfig,
+        choice: TransportChoice,
+    ) -> Result<Self, BindError> {
+        Ok(Self {
+            quic: QuicConnector::new(tls.clone(), config.clone())?,
+            grpc: GrpcConnector::new(tls, config),
+            choice,
+        })
+    }
+
+    /// The configured choice.
+    pub fn choice(&self) -> TransportChoice {
+        self.choice
+    }
+
+    /// Connects to `addr`, verifying the server as `server_name`, and registers with
+    /// `register`'s claims (the server takes the node name from our certificate).
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        register: proto::Register,
+    ) -> Result<AgentSession, SessionError> {
+        self.connect_over(self.choice, addr, server_name, register)
+            .await
+    }
+
+    /// As [`connect`](Self::connect), over `choice` rather than the configured one (`auto`
+    /// tries QUIC again this way while it runs over gRPC).
+    pub async fn connect_over(
+        &self,
+        choice: TransportChoice,
+        addr: SocketAddr,
+        server_name: &str,
+        register: proto::Register,
+    ) -> Result<AgentSession, SessionError> {
+        match choice {
+            TransportChoice::Quic => self.quic.connect(addr, server_name, register).await,
+            TransportChoice::Grpc => self.grpc.connect(addr, server_name, register).await,
+            TransportChoice::Auto => {
+                let quic = self.quic.connect(addr, server_name, register.clone());
+                match tokio::time::timeout(QUIC_FIRST, quic).await {
+                    Ok(Ok(session)) => return Ok(session),
+                    Ok(Err(e)) => debug!(%addr, error = %e, "QUIC failed; trying gRPC"),
+                    Err(_) => debug!(%addr, "no QUIC session within {QUIC_FIRST:?}; trying gRPC"),
+                }
+                self.grpc.connect(addr, server_name, register).await
+            }
+        }
+    }
+}

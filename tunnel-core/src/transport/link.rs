@@ -1,0 +1,447 @@
+//! The one link driver, and the small interface a transport implements to run on it.
+//!
+//! A transport gives a link two things: a [`ControlChannel`] (send, receive and close with a
+//! cause) and a way to open streams ([`Opener`], server side) or accept them ([`Acceptor`],
+//! agent side). Everything else is here once: registration, the sans-IO [`Control`] machine
+//! driven by one task per link (messages in and out, one timer from `poll_timeout`, go-away,
+//! commands from the session handles), and how a link ends, with a typed [`CloseReason`]. The
+//! shape is quinn's `ConnectionDriver` over its state machine.
+//!
+//! ```text
+//!  ServerSession / AgentSession ──commands──▶ drive() ◀──messages──▶ ControlChannel (QUIC | gRPC)
+//!            ▲                                   │
+//!            └──────────── LinkState ◀───────────┘
+//! ```
+
+use std::convert::Infallible;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use super::SessionConfig;
+use super::stream::StreamIo;
+use crate::control::{Control, ControlError, Event};
+use crate::error::{CloseCause, CloseReason, OpenError, SessionError};
+use crate::proto::{self, OpenRequest};
+use crate::tls::AgentIdentity;
+
+/// A boxed, sendable future: what the transports' stream methods return.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A transport's control channel: one QUIC stream, or the gRPC `Control` call.
+pub(crate) trait ControlChannel: Send + 'static {
+    /// Whether a local close is announced with a `Close` message first. QUIC carries the
+    /// cause in its close code instead (and discards unsent stream data when it closes).
+    const CLOSE_MESSAGE: bool;
+
+    /// Sends one message. Bounded in time by the channel (gRPC) or by the peer's window, far
+    /// larger than what a live peer leaves unread (QUIC).
+    fn send(&mut self, msg: proto::Control)
+    -> impl Future<Output = Result<(), CloseReason>> + Send;
+
+    /// The next message from the peer; an error ends the link. Must be cancel-safe: the driver
+    /// drops it whenever another event comes first.
+    fn recv(&mut self) -> impl Future<Output = Result<proto::Control, CloseReason>> + Send;
+
+    /// Agent side: the server asks for a stream over the control channel (gRPC only; a QUIC
+    /// server opens streams natively, so there it is a protocol violation).
+    fn stream_requested(&mut self, request: proto::StreamRequest) -> Result<(), CloseReason> {
+        let _ = request;
+        Err(
+            CloseReason::local(CloseCause::Protocol).with_source(ControlError::Unexpected {
+                message: "stream-request",
+                state: "native streams",
+            }),
+        )
+    }
+
+    /// Agent side: the server withdrew a stream request (gRPC only).
+    fn stream_cancelled(&mut self, stream_id: u64) {
+        let _ = stream_id;
+    }
+
+    /// Ends the transport's link for `reason` and says what the operator should know about it.
+    /// Called once, whoever ended the link.
+    fn finish(&mut self, reason: &CloseReason) -> impl Future<Output = ()> + Send;
+}
+
+/// Server side: how a transport opens a stream on its link.
+pub(crate) trait Opener: Send + Sync + fmt::Debug + 'static {
+    /// Opens a stream for `request` and waits for the agent's answer.
+    fn open<'a>(
+        &'a self,
+        link: &'a Link,
+        request: &'a OpenRequest,
+        config: &'a SessionConfig,
+    ) -> BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>>;
+}
+
+/// Agent side: how a transport hands over the streams the server opens.
+pub(crate) trait Acceptor: Send + Sync + fmt::Debug + 'static {
+    /// The next stream; an error means the link is gone.
+    fn accept(&self) -> BoxFuture<'_, Result<Box<dyn Incoming>, SessionError>>;
+}
+
+/// What reading a stream's header yields: the request, and the stream waiting for an answer.
+pub(crate) type RequestRead =
+    BoxFuture<'static, Result<(OpenRequest, Box<dyn Requested>), SessionError>>;
+
+/// Agent side: a stream the server opened, before its header is read.
+pub(crate) trait Incoming: Send + fmt::Debug {
+    /// Reads the stream-open header within `timeout`. A malformed or late header resets the
+    /// stream.
+    fn read_request(self: Box<Self>, timeout: Duration) -> RequestRead;
+}
+
+/// Agent side: a stream whose target is known, waiting for the agent's answer.
+pub(crate) trait Requested: Send + fmt::Debug {
+    /// Resolves when the server withdrew the stream, or the link is gone.
+    fn withdrawn(&mut self) -> BoxFuture<'_, ()>;
+
+    /// Answers OK; the stream carries the proxied bytes.
+    fn accept(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn StreamIo>, SessionError>>;
+
+    /// Answers with `reply`, a refusal, and ends the stream.
+    fn refuse(
+        self: Box<Self>,
+        reply: proto::StreamOpenReply,
+    ) -> BoxFuture<'static, Result<(), SessionError>>;
+}
+
+/// Where a link stands, as its driver reports it.
+#[derive(Debug, Clone)]
+pub enum LinkState {
+    /// Registered and serving.
+    Active,
+    /// A go-away was sent or received: no new streams.
+    Draining(CloseReason),
+    /// The link is gone.
+    Closed(CloseReason),
+}
+
+impl LinkState {
+    /// True once the link is gone.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Self::Closed(_))
+    }
+}
+
+/// Requests from the session handles to the link's driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    GoAway {
+        cause: CloseCause,
+        drain: Duration,
+    },
+    /// Server side, gRPC: ask the agent for a stream.
+    Request(proto::StreamRequest),
+    /// Server side, gRPC: withdraw a request.
+    Cancel(u64),
+}
+
+/// A handle's request to close the link: the first cause wins.
+#[derive(Debug, Default)]
+struct CloseRequest {
+    cause: OnceLock<CloseCause>,
+    requested: CancellationToken,
+}
+
+/// The driver task of a link; aborted when the last handle goes.
+#[derive(Debug)]
+pub(crate) struct DriverTask(pub(crate) JoinHandle<()>);
+
+impl Drop for DriverTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the session handles hold of a link.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) commands: mpsc::Sender<Command>,
+    state: watch::Receiver<LinkState>,
+    close: Arc<CloseRequest>,
+    /// Streams open on the link (agent: from accept on, dials in progress included).
+    pub(crate) streams: watch::Sender<usize>,
+    _driver: DriverTask,
+}
+
+impl Link {
+    /// Starts the driver of a registered link. `capacity`: the depth of the command queue.
+    pub(crate) fn spawn<C: ControlChannel>(
+        channel: C,
+        control: Control,
+        capacity: usize,
+        span: tracing::Span,
+    ) -> Self {
+        let (commands, rx) = mpsc::channel(capacity);
+        let (state_tx, state) = watch::channel(LinkState::Active);
+        let close = Arc::new(CloseRequest::default());
+        let task =
+            tokio::spawn(drive(channel, control, rx, state_tx, close.clone()).instrument(span));
+        Self {
+            commands,
+            state,
+            close,
+            streams: watch::Sender::new(0),
+            _driver: DriverTask(task),
+        }
+    }
+
+    pub(crate) fn go_away(&self, cause: CloseCause, drain: Duration) {
+        // A full queue means a go-away is already on its way; a closed one, that the link is gone.
+        let _ = self.commands.try_send(Command::GoAway { cause, drain });
+    }
+
+    pub(crate) fn close(&self, cause: CloseCause) {
+        let _ = self.close.cause.set(cause);
+        self.close.requested.cancel();
+    }
+
+    pub(crate) fn current(&self) -> LinkState {
+        self.state.borrow().clone()
+    }
+
+    pub(crate) fn open_streams(&self) -> usize {
+        *self.streams.borrow()
+    }
+
+    /// Resolves when no stream is open, or the link is closed.
+    pub(crate) async fn idle(&self) {
+        let mut streams = self.streams.subscribe();
+        tokio::select! {
+            // The sender lives in `self`: this wait ends only by its predicate.
+            _ = streams.wait_for(|n| *n == 0) => {}
+            _ = self.closed() => {}
+        }
+    }
+
+    /// Resolves when the link is draining or closed, with the state.
+    pub(crate) async fn draining(&self) -> LinkState {
+        let mut rx = self.state.clone();
+        let gone = || LinkState::Closed(CloseReason::local(CloseCause::Shutdown));
+        match rx.wait_for(|s| !matches!(s, LinkState::Active)).await {
+            Ok(s) => s.clone(),
+            Err(_) => gone(),
+        }
+    }
+
+    /// Resolves when the link is closed, with why.
+    pub(crate) async fn closed(&self) -> CloseReason {
+        let mut rx = self.state.clone();
+        let state = match rx.wait_for(LinkState::is_closed).await {
+            Ok(s) => s.clone(),
+            // The driver is gone without a word: it was aborted with the last handle.
+            Err(_) => return CloseReason::local(CloseCause::Shutdown),
+        };
+        match state {
+            LinkState::Closed(reason) => reason,
+            LinkState::Active | LinkState::Draining(_) => CloseReason::local(CloseCause::Shutdown),
+        }
+    }
+}
+
+pub(crate) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends every message `control` has queued.
+async fn flush<C: ControlChannel>(
+    channel: &mut C,
+    control: &mut Control,
+) -> Result<(), CloseReason> {
+    while let Some(msg) = control.poll_transmit() {
+        channel.send(msg).await?;
+    }
+    Ok(())
+}
+
+/// Drives `control` until it reports an event (the registration steps), honouring its
+/// deadlines. A `Close` from the peer ends it with the peer's cause.
+async fn until_event<C: ControlChannel>(
+    channel: &mut C,
+    control: &mut Control,
+) -> Result<Event, CloseReason> {
+    loop {
+        flush(channel, control).await?;
+        match control.poll_event() {
+            Some(Event::Closed { cause, detail }) => {
+                return Err(CloseReason::remote(cause).with_detail(&detail));
+            }
+            Some(ev) => return Ok(ev),
+            None => {}
+        }
+        let deadline = control.poll_timeout();
+        tokio::select! {
+            m = channel.recv() => control.handle_message(now(), m?)?,
+            () = sleep_until(deadline) => control.handle_timeout(now())?,
+        }
+    }
+}
+
+fn unexpected(event: &Event, state: &'static str) -> CloseReason {
+    let message = match event {
+        Event::RegisterReceived(_) => "register",
+        Event::Registered(_) => "registered",
+        Event::GoAway { .. } => "go-away",
+        Event::StreamRequested(_) => "stream-request",
+        Event::StreamCancelled(_) => "stream-cancel",
+        Event::Closed { .. } => "close",
+    };
+    ControlError::Unexpected { message, state }.into()
+}
+
+/// Server side: runs the agent's registration on `channel` and starts the link's driver. The
+/// node name comes from `identity` (the certificate) only; a differing claim is logged. On
+/// failure the channel is closed with the cause.
+pub(crate) async fn accept_agent<C: ControlChannel>(
+    mut channel: C,
+    identity: &AgentIdentity,
+    server_id: &str,
+    config: &SessionConfig,
+    capacity: usize,
+    span: tracing::Span,
+) -> Result<(proto::Register, Link), CloseReason> {
+    let mut control = Control::server(now(), config.control.clone());
+    let registration = async {
+        let claims = match until_event(&mut channel, &mut control).await? {
+            Event::RegisterReceived(r) => r,
+            other => return Err(unexpected(&other, "await-register")),
+        };
+        if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
+            warn!(
+                agent.claimed = %claims.node_name,
+                "agent claims another node name; using its certificate's"
+            );
+        }
+        let registered = proto::Registered {
+            node_name: identity.node_name.clone(),
+            server_id: server_id.to_owned(),
+        };
+        control.accept_registration(now(), registered)?;
+        flush(&mut channel, &mut control).await?;
+        Ok(claims)
+    };
+    match registration.instrument(span.clone()).await {
+        Ok(claims) => Ok((claims, Link::spawn(channel, control, capacity, span))),
+        Err(reason) => {
+            end(&mut channel, &mut control, &reason).await;
+            Err(reason)
+        }
+    }
+}
+
+/// Agent side: registers on `channel` (the [`Control::agent`] machine `control` has queued
+/// our claims) and starts the link's driver.
+pub(crate) async fn register<C: ControlChannel>(
+    mut channel: C,
+    mut control: Control,
+    span: tracing::Span,
+) -> Result<(proto::Registered, Link), CloseReason> {
+    let registration = async {
+        match until_event(&mut channel, &mut control).await? {
+            Event::Registered(r) => Ok(r),
+            other => Err(unexpected(&other, "await-registered")),
+        }
+    };
+    match registration.instrument(span.clone()).await {
+        // The agent's commands are go-aways only.
+        Ok(registered) => Ok((registered, Link::spawn(channel, control, 4, span))),
+        Err(reason) => {
+            end(&mut channel, &mut control, &reason).await;
+            Err(reason)
+        }
+    }
+}
+
+/// How long a closing side tries to get its `Close` message out before it closes anyway.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Ends a link for `reason`: announces a local close where the transport needs it, then
+/// finishes the transport.
+async fn end<C: ControlChannel>(channel: &mut C, control: &mut Control, reason: &CloseReason) {
+    if C::CLOSE_MESSAGE && reason.initiator == crate::error::Initiator::Local {
+        let detail = std::error::Error::source(reason)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        control.close(reason.cause, &detail);
+        // The peer may be the reason we close: do not wait for it long.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, flush(channel, control)).await;
+    }
+    channel.finish(reason).await;
+}
+
+/// One task per link: control messages in and out, pings, go-away, and the link's end.
+async fn drive<C: ControlChannel>(
+    mut channel: C,
+    mut control: Control,
+    mut commands: mpsc::Receiver<Command>,
+    state: watch::Sender<LinkState>,
+    close: Arc<CloseRequest>,
+) {
+    let Err(reason) = serve(&mut channel, &mut control, &mut commands, &state, &close).await;
+    end(&mut channel, &mut control, &reason).await;
+    debug!(%reason, cause = reason.cause.as_str(), "link ended");
+    state.send_replace(LinkState::Closed(reason));
+}
+
+async fn serve<C: ControlChannel>(
+    channel: &mut C,
+    control: &mut Control,
+    commands: &mut mpsc::Receiver<Command>,
+    state: &watch::Sender<LinkState>,
+    close: &CloseRequest,
+) -> Result<Infallible, CloseReason> {
+    loop {
+        flush(channel, control).await?;
+        while let Some(ev) = control.poll_event() {
+            match ev {
+                Event::GoAway { cause, drain } => {
+                    info!(cause = cause.as_str(), ?drain, "peer sent go-away");
+                    state.send_replace(LinkState::Draining(CloseReason::remote(cause)));
+                }
+                Event::StreamRequested(request) => channel.stream_requested(request)?,
+                Event::StreamCancelled(id) => channel.stream_cancelled(id),
+                Event::Closed { cause, detail } => {
+                    return Err(CloseReason::remote(cause).with_detail(&detail));
+                }
+                other @ (Event::RegisterReceived(_) | Event::Registered(_)) => {
+                    return Err(unexpected(&other, "active"));
+                }
+            }
+        }
+        let deadline = control.poll_timeout();
+        tokio::select! {
+            m = channel.recv() => control.handle_message(now(), m?)?,
+            () = sleep_until(deadline) => control.handle_timeout(now())?,
+            cmd = commands.recv() => match cmd {
+                Some(Command::GoAway { cause, drain }) => {
+                    control.go_away(cause, drain);
+                    state.send_replace(LinkState::Draining(CloseReason::local(cause)));
+                }
+                Some(Command::Request(request)) => control.request_stream(request)?,
+                Some(Command::Cancel(id)) => control.cancel_stream(id),
+                // The handles are gone; the task is about to be aborted anyway.
+                None => return Err(CloseReason::local(CloseCause::Shutdown)),
+            },
+            () = close.requested.cancelled() => {
+                let cause = close.cause.get().copied().unwrap_or(CloseCause::Shutdown);
+                return Err(CloseReason::local(cause));
+            }
+        }
+    }
+}
