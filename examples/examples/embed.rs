@@ -1,6 +1,8 @@
-//! Embedding tunnel-core: expose a service that runs behind NAT through a public endpoint,
-//! in about a hundred lines. Both ends run in this process on loopback; in real use the
-//! "edge" half runs on the NATed machine and dials out.
+//! Embedding tunnel-core: expose a service that runs behind NAT through a public endpoint.
+//! The tunnel itself is a [`Listener`] on the public side and a [`Connector`] on the edge side,
+//! the same for QUIC and gRPC (chosen by configuration); the rest is what each side does with
+//! the streams. Both ends run in this process on loopback, once per transport; in real use the
+//! edge half runs on the NATed machine and connects out.
 //!
 //! ```text
 //! cargo run --example embed
@@ -9,20 +11,21 @@
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tunnel_core::copy::{CopyConfig, copy_bidirectional};
 use tunnel_core::{
-    OpenRequest, QuicConnector, QuicListener, Refusal, SessionConfig, Target, TargetHost, proto,
-    tls,
+    AgentSession, Connector, Listener, ListenerConfig, OpenRequest, Refusal, ServerSession,
+    SessionConfig, Target, TargetHost, TransportChoice, proto, tls,
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let pki = tempfile_pki()?;
-
     // Edge side: a private service nobody can dial from outside.
     let service = TcpListener::bind("127.0.0.1:0").await?;
     let service_port = service.local_addr()?.port();
-    tokio::spawn(async move {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(async move {
         while let Ok((mut tcp, _)) = service.accept().await {
             tokio::spawn(async move {
                 let (mut r, mut w) = tcp.split();
@@ -31,82 +34,74 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    // Public side: the tunnel listener (agents dial it) and a public TCP port.
-    let server_tls = tls::server_config(pki.server.clone(), pki.roots()?, &[tls::ALPN_QUIC])?;
-    let tunnel = QuicListener::bind(
-        "127.0.0.1:0".parse()?,
-        server_tls,
-        SessionConfig::default(),
-        "embed",
-    )?;
-    let tunnel_addr = tunnel.local_addr()?;
+    // Public side: one listener for agents, QUIC on UDP and gRPC on TCP at one port.
+    let server_tls = tls::server_config(pki.server.clone(), pki.roots()?, &[])?;
+    let mut tunnel =
+        Listener::bind("127.0.0.1:0".parse()?, server_tls, ListenerConfig::default()).await?;
+    let tunnel_addr = tunnel.local_addr();
 
-    // Edge side: dial out, then serve the streams the public side opens, on one port only.
-    let client_tls = tls::client_config(pki.agent.clone(), pki.roots()?, &[tls::ALPN_QUIC])?;
-    let connector = QuicConnector::new(client_tls, SessionConfig::default())?;
-    let edge = tokio::spawn(async move {
-        let register = proto::Register {
-            node_name: "edge-box".into(),
-            ..Default::default()
-        };
-        let session = connector
-            .connect(tunnel_addr, "localhost", register)
-            .await?;
-        while let Ok(incoming) = session.accept().await {
-            tokio::spawn(async move {
-                let Ok(requested) = incoming.read_request().await else {
-                    return;
-                };
-                if requested.request().target.port != service_port {
-                    let _ = requested
-                        .refuse(Refusal::Forbidden, "only the service port")
-                        .await;
-                    return;
-                }
-                let Ok(mut local) = TcpStream::connect(("127.0.0.1", service_port)).await else {
-                    let _ = requested.refuse(Refusal::Refused, "service down").await;
-                    return;
-                };
-                if let Ok(mut stream) = requested.accept().await {
-                    let _ =
-                        copy_bidirectional(&mut stream, &mut local, &CopyConfig::default()).await;
-                }
-            });
-        }
-        anyhow::Ok(())
-    });
+    for choice in [TransportChoice::Quic, TransportChoice::Grpc] {
+        // Edge side: connect out, then serve what the public side opens, on one port only.
+        let client_tls = tls::client_config(pki.agent.clone(), pki.roots()?, &[])?;
+        let connector = Connector::new(client_tls, SessionConfig::default(), choice)?;
+        let register = proto::Register::default();
+        let edge = connector.connect(tunnel_addr, "localhost", register).await?;
+        tasks.spawn(serve_edge(edge, service_port));
 
-    let session = tunnel
-        .accept()
-        .await
-        .context("no agent")?
-        .establish()
-        .await?;
-    println!(
-        "agent {} connected from {}",
-        session.identity().node_name,
-        session.remote_addr()
-    );
+        let session = tunnel.accept().await.context("listener closed")??;
+        println!(
+            "agent {} connected over {} from {}",
+            session.identity().node_name,
+            session.transport(),
+            session.remote_addr()
+        );
+        expose(session, service_port).await?;
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// The edge: each stream the public side opens is dialed on loopback, if it names the
+/// service's port; anything else is refused, with nothing dialed.
+async fn serve_edge(session: AgentSession, service_port: u16) {
+    let mut streams = JoinSet::new();
+    while let Ok(incoming) = session.accept().await {
+        streams.spawn(async move {
+            let Ok(requested) = incoming.read_request().await else {
+                return;
+            };
+            if requested.request().target.port != service_port {
+                let _ = requested.refuse(Refusal::Forbidden, "only the service port").await;
+                return;
+            }
+            let Ok(mut local) = TcpStream::connect(("127.0.0.1", service_port)).await else {
+                let _ = requested.refuse(Refusal::Refused, "service down").await;
+                return;
+            };
+            if let Ok(mut stream) = requested.accept().await {
+                let _ = copy_bidirectional(&mut stream, &mut local, &CopyConfig::default()).await;
+            }
+        });
+    }
+}
+
+/// The public side: a TCP port whose connections go through the tunnel to the service; one
+/// client shows it.
+async fn expose(session: ServerSession, service_port: u16) -> anyhow::Result<()> {
     let public = TcpListener::bind("127.0.0.1:0").await?;
     let public_addr = public.local_addr()?;
     let target = Target {
         host: TargetHost::Loopback,
         port: service_port,
     };
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = public.accept().await {
-            let session = session.clone();
-            tokio::spawn(async move {
-                let request = OpenRequest::new(target, session.next_trace_id());
-                if let Ok(mut stream) = session.open(&request).await {
-                    let _ =
-                        copy_bidirectional(&mut client, &mut stream, &CopyConfig::default()).await;
-                }
-            });
-        }
+    let forward = tokio::spawn(async move {
+        let (mut client, _) = public.accept().await?;
+        let request = OpenRequest::new(target, session.next_trace_id());
+        let mut stream = session.open(&request).await?;
+        copy_bidirectional(&mut client, &mut stream, &CopyConfig::default()).await?;
+        anyhow::Ok(())
     });
 
-    // A client of the public port reaches the private service through the tunnel.
     let mut client = TcpStream::connect(public_addr).await?;
     client.write_all(b"hello from the internet").await?;
     client.shutdown().await?;
@@ -116,8 +111,8 @@ async fn main() -> anyhow::Result<()> {
         reply == "hello from the internet",
         "unexpected reply {reply:?}"
     );
+    forward.await??;
     println!("{public_addr} -> tunnel -> 127.0.0.1:{service_port}: echoed {reply:?}");
-    edge.abort();
     Ok(())
 }
 

@@ -61,8 +61,8 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// The transport a fixed choice (`quic` or `grpc`) lands on.
-pub fn kind_of(choice: tunnel_agent::dialer::TransportChoice) -> tunnel_core::TransportKind {
-    use tunnel_agent::dialer::TransportChoice;
+pub fn kind_of(choice: tunnel_core::TransportChoice) -> tunnel_core::TransportKind {
+    use tunnel_core::TransportChoice;
     match choice {
         TransportChoice::Quic => tunnel_core::TransportKind::Quic,
         TransportChoice::Grpc => tunnel_core::TransportKind::Grpc,
@@ -79,7 +79,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(tunnel_agent::dialer::TransportChoice::Quic).await;
+                    super::$name(tunnel_core::TransportChoice::Quic).await;
                 }
             )*
         }
@@ -87,7 +87,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(tunnel_agent::dialer::TransportChoice::Grpc).await;
+                    super::$name(tunnel_core::TransportChoice::Grpc).await;
                 }
             )*
         }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 use tunnel_agent::Backoff;
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 use tunnel_core::{LinkState, NodeRef, TransportKind};
 
 /// Set in the copy of this test that runs inside the namespace.
@@ -121,7 +121,7 @@ async fn inside() {
 
     // The gRPC session stays while its stream is open, and the stream still works.
     assert!(
-        !matches!(old.state(), LinkState::Closed { .. }),
+        !old.state().is_closed(),
         "{:?}",
         old.state()
     );
@@ -144,7 +144,7 @@ async fn inside() {
         metric_value(
             &text,
             "edge_tunnel_agent_reconnects_total",
-            &[("reason", "quic_again")]
+            &[("reason", "quic_return")]
         ),
         1.0,
         "{text}"

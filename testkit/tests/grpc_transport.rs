@@ -5,7 +5,7 @@ use edge_tunnel_testkit::TestCluster;
 use edge_tunnel_testkit::client;
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 use tunnel_core::{NodeRef, TransportKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use edge_tunnel_testkit::client::{self, Upgrade, pattern};
 use edge_tunnel_testkit::{TestCluster, TestPki};
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 use tunnel_agent::{AgentConfig, Backoff};
 use tunnel_core::TransportKind;
 
@@ -72,7 +72,8 @@ async fn a_reconnecting_agent_replaces_its_old_session() {
     let _second = cluster.spawn_agent(cluster.agent_config("node-a"));
     cluster.registry.wait_for_new("node-a", old.id()).await;
     let reason = old.closed().await;
-    assert!(reason.contains("replaced"), "{reason}");
+    assert_eq!(reason.cause, tunnel_core::CloseCause::Replaced, "{reason}");
+    assert_eq!(reason.initiator, tunnel_core::Initiator::Local, "{reason}");
     assert_eq!(cluster.registry.len(), 1);
     assert_eq!(get_pods(&cluster, "node-a").await.0, StatusCode::OK);
 }
@@ -98,7 +99,7 @@ async fn draining_server_lets_open_streams_finish_and_refuses_new_connections() 
     cluster.begin_shutdown();
     // The agent hears the go-away: the link drains.
     tokio::time::timeout(Duration::from_secs(10), async {
-        while session.state() == tunnel_core::LinkState::Active {
+        while matches!(session.state(), tunnel_core::LinkState::Active) {
             tokio::task::yield_now().await;
         }
     })

@@ -8,7 +8,7 @@ use edge_tunnel_testkit::client;
 use edge_tunnel_testkit::target::{Blackhole, Source, fetch};
 use edge_tunnel_testkit::{TestCluster, TestPki, kind_of, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 use tunnel_core::PortSet;
 
 const MIB: u64 = 1024 * 1024;
@@ -147,7 +147,7 @@ async fn a_client_that_leaves_before_the_answer_leaves_no_dial_behind(transport:
             &format!("{front}: the dial reaches the agent"),
             |m| {
                 metric_value(m, "edge_tunnel_agent_dials_in_progress", &[]) == 1.0
-                    && metric_value(m, "edge_tunnel_server_pending_dials", &[]) == 1.0
+                    && metric_value(m, "edge_tunnel_server_pending_opens", &[]) == 1.0
             },
         )
         .await;
@@ -156,7 +156,7 @@ async fn a_client_that_leaves_before_the_answer_leaves_no_dial_behind(transport:
         let cancelled = (round + 1) as f64;
         eventually(&cluster, &format!("{front}: the dial is withdrawn"), |m| {
             metric_value(m, "edge_tunnel_agent_dials_in_progress", &[]) == 0.0
-                && metric_value(m, "edge_tunnel_server_pending_dials", &[]) == 0.0
+                && metric_value(m, "edge_tunnel_server_pending_opens", &[]) == 0.0
                 && metric_value(
                     m,
                     "edge_tunnel_agent_streams_total",

@@ -14,7 +14,7 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 
 const MIB: usize = 1024 * 1024;
 

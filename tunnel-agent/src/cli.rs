@@ -45,7 +45,7 @@ pub struct Cli {
     pub allowed_ports: PortSet,
     /// Transport to the server: auto (QUIC, else gRPC over TLS/TCP), quic or grpc.
     #[arg(long, default_value = "auto")]
-    pub transport: crate::dialer::TransportChoice,
+    pub transport: tunnel_core::TransportChoice,
     /// With --transport auto running over gRPC: seconds between attempts to move back to QUIC
     /// (open streams finish on gRPC).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]

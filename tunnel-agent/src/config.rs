@@ -84,7 +84,7 @@ pub struct AgentConfig {
     /// Renders `/metrics`; `None` serves 404 there.
     pub metrics: Option<PrometheusHandle>,
     /// Which transport to use. Default auto (QUIC, else gRPC).
-    pub transport: crate::dialer::TransportChoice,
+    pub transport: tunnel_core::TransportChoice,
     /// With `auto` running over gRPC: how often to try QUIC again. A QUIC session that comes
     /// up takes over; the gRPC one finishes its open streams first. Default 5 min.
     pub quic_retry_interval: Duration,
@@ -110,7 +110,7 @@ impl Default for AgentConfig {
             backoff: Backoff::default(),
             drain_timeout: Duration::from_secs(10),
             metrics: None,
-            transport: crate::dialer::TransportChoice::default(),
+            transport: tunnel_core::TransportChoice::default(),
             quic_retry_interval: Duration::from_secs(300),
         }
     }
@@ -167,7 +167,7 @@ impl AgentConfig {
                 flag: "--server-address",
             });
         }
-        crate::dialer::split_host_port(&self.server_address)?;
+        crate::connector::split_host_port(&self.server_address)?;
         for (flag, value) in [
             ("--tls-cert-file", &self.tls_cert_file),
             ("--tls-private-key-file", &self.tls_private_key_file),

@@ -10,7 +10,7 @@ pub mod allowlist;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod dialer;
+pub mod connector;
 mod forward;
 
 use std::future::Future;
@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_core::{AgentSession, LinkState, QuicConnector, TransportKind, proto};
 
-use crate::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 
 pub use allowlist::Allowlist;
 pub use config::{AgentConfig, Backoff, ConfigError};

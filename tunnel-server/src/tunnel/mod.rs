@@ -1,88 +1,86 @@
-//! The agent-facing listener: mTLS handshake, identity from the certificate, registration.
+//! The agent-facing side: the tunnel listener (QUIC and gRPC), each registered link served
+//! until it ends, and a newer session of a node retiring its predecessor.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tunnel_core::{QuicListener, ServerSession};
+use tunnel_core::{CloseCause, HandshakeError, Initiator, Listener, ServerSession};
 
 use crate::registry::Registry;
 
-/// Accepts agents until `stop` turns true; each link is served by its own task until it ends.
+/// How long agents get to acknowledge the endpoint's close at the end of a shutdown.
+const CLOSE_ACK: Duration = Duration::from_secs(2);
+
+/// Accepts agents until `stop` turns true, then only finishes the handshakes in progress;
+/// `close` (after the drain) closes the listener. Each link is served by its own task until it
+/// ends.
 pub(crate) async fn serve(
-    listener: Arc<QuicListener>,
+    mut listener: Listener,
     registry: Arc<Registry>,
     mut stop: watch::Receiver<bool>,
+    mut close: oneshot::Receiver<()>,
     drain: Duration,
 ) {
     let mut links = JoinSet::new();
     let mut draining = false;
     loop {
         tokio::select! {
-            pending = listener.accept() => {
-                let Some(pending) = pending else { break };
-                if draining {
-                    // Agents move to another replica (or wait for the restart) at once.
-                    pending.refuse();
-                    continue;
+            accepted = listener.accept() => match accepted {
+                Some(Ok(session)) => {
+                    let registry = registry.clone();
+                    let stop = stop.clone();
+                    let span = info_span!("agent", peer.addr = %session.remote_addr());
+                    links.spawn(async move { serve_link(session, &registry, &stop, drain).await }.instrument(span));
                 }
-                let registry = registry.clone();
-                let stop = stop.clone();
-                let peer = pending.remote_addr();
-                links.spawn(
-                    async move {
-                        match pending.establish().await {
-                            Ok(session) => serve_link(session, &registry, &stop, drain).await,
-                            Err(e) => {
-                                metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "rejected").increment(1);
-                                if e.is_peer() {
-                                    warn!(error = %e, "agent rejected");
-                                } else {
-                                    debug!(error = %e, "agent handshake failed");
-                                }
-                            }
-                        }
-                    }
-                    .instrument(info_span!("agent", peer.addr = %peer)),
-                );
-            }
+                Some(Err(failure)) => rejected(&failure),
+                None => break,
+            },
             Some(_) = links.join_next(), if !links.is_empty() => {}
-            () = crate::stopped(&mut stop), if !draining => draining = true,
+            () = crate::stopped(&mut stop), if !draining => {
+                draining = true;
+                listener.stop_accepting();
+            }
+            _ = &mut close => break,
         }
     }
-    // The endpoint closed at the end of the drain; the links end with it.
+    if !listener.close(CloseCause::Shutdown, CLOSE_ACK).await {
+        warn!("agents did not acknowledge the close in time");
+    }
+    // The sessions were closed at the end of the drain; their links end with them.
     while links.join_next().await.is_some() {}
 }
 
-/// Serves agents registering over gRPC until `stop` turns true (the listener is dropped then,
-/// so new agents fail over to another replica or retry).
-pub(crate) async fn serve_grpc(
-    mut listener: tunnel_core::GrpcListener,
-    registry: Arc<Registry>,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let mut links = JoinSet::new();
-    loop {
-        tokio::select! {
-            session = listener.accept() => {
-                let Some(session) = session else { break };
-                let registry = registry.clone();
-                let stop = stop.clone();
-                let peer = session.remote_addr();
-                links.spawn(
-                    async move { serve_link(session, &registry, &stop, drain).await }
-                        .instrument(info_span!("agent", peer.addr = %peer)),
-                );
-            }
-            Some(_) = links.join_next(), if !links.is_empty() => {}
-            () = crate::stopped(&mut stop) => break,
-        }
+/// Logs and counts an agent that did not become a session. A refusal (certificate, identity)
+/// is the operator's business; a handshake that failed on the way is not.
+fn rejected(failure: &HandshakeError) {
+    let reason = failure.error.reason();
+    metrics::counter!(
+        "edge_tunnel_server_handshakes_total",
+        "result" => "rejected",
+        "cause" => reason.cause.as_str(),
+        "transport" => failure.transport.as_str()
+    )
+    .increment(1);
+    if failure.error.is_peer() {
+        warn!(
+            peer.addr = %failure.remote,
+            transport = %failure.transport,
+            cause = reason.cause.as_str(),
+            error = %failure.error,
+            "agent rejected"
+        );
+    } else {
+        debug!(
+            peer.addr = %failure.remote,
+            transport = %failure.transport,
+            cause = reason.cause.as_str(),
+            error = %failure.error,
+            "agent handshake failed"
+        );
     }
-    drop(listener);
-    while links.join_next().await.is_some() {}
 }
 
 async fn serve_link(
@@ -93,7 +91,13 @@ async fn serve_link(
 ) {
     let node = session.identity().node_name.clone();
     let transport = session.transport().as_str();
-    metrics::counter!("edge_tunnel_server_handshakes_total", "result" => "accepted").increment(1);
+    metrics::counter!(
+        "edge_tunnel_server_handshakes_total",
+        "result" => "accepted",
+        "cause" => "none",
+        "transport" => transport
+    )
+    .increment(1);
     info!(
         agent.id = %node,
         agent.ips = ?session.identity().node_ips,
@@ -104,7 +108,7 @@ async fn serve_link(
     let replaced = registry.insert(session.clone());
     if *stop.borrow() {
         // Registered while the server drains (after its go-away round): tell it too.
-        session.go_away("server shutting down", Duration::from_secs(1));
+        session.go_away(CloseCause::Shutdown, Duration::from_secs(1));
     }
     let gauge = metrics::gauge!("edge_tunnel_server_sessions", "transport" => transport);
     gauge.increment(1.0);
@@ -115,7 +119,24 @@ async fn serve_link(
         reason
     };
     let ((), reason) = tokio::join!(retire(replaced, drain), serve);
-    info!(agent.id = %node, session.id = session.id(), %reason, "agent session ended");
+    let initiator = match reason.initiator {
+        Initiator::Local => "server",
+        Initiator::Remote => "agent",
+    };
+    metrics::counter!(
+        "edge_tunnel_server_session_ends_total",
+        "cause" => reason.cause.as_str(),
+        "initiator" => initiator
+    )
+    .increment(1);
+    info!(
+        agent.id = %node,
+        session.id = session.id(),
+        cause = reason.cause.as_str(),
+        closed_by = initiator,
+        %reason,
+        "agent session ended"
+    );
 }
 
 /// Retires the session a newer one of the same node replaced (a reconnect, or `auto` moving
@@ -125,9 +146,9 @@ async fn retire(old: Option<ServerSession>, drain: Duration) {
     let Some(old) = old else { return };
     let node = &old.identity().node_name;
     info!(agent.id = %node, old.session = old.id(), old.transport = %old.transport(), open = old.open_streams(), "agent reconnected; retiring its previous session");
-    old.go_away("replaced by a newer session", drain);
+    old.go_away(CloseCause::Replaced, drain);
     if tokio::time::timeout(drain, old.idle()).await.is_err() {
         warn!(agent.id = %node, old.session = old.id(), open = old.open_streams(), "drain timeout reached on a replaced session; closing it");
     }
-    old.close("replaced by a newer session");
+    old.close(CloseCause::Replaced);
 }

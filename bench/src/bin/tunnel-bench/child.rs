@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentStatus};
 use tunnel_core::PortSet;
 
@@ -107,15 +107,8 @@ impl AgentChild {
             cmd.arg("agent")
                 .args(["--server", &args.server.to_string()]);
             args.tls.add_to(cmd);
-            cmd.args([
-                "--transport",
-                match args.transport {
-                    TransportChoice::Quic => "quic",
-                    TransportChoice::Grpc => "grpc",
-                    TransportChoice::Auto => "auto",
-                },
-            ])
-            .args(["--ports", &ports.join(",")]);
+            cmd.args(["--transport", args.transport.as_str()])
+                .args(["--ports", &ports.join(",")]);
         })
         .await
         .context("agent child")?;

@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tunnel_agent::dialer::TransportChoice;
+use tunnel_core::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentStatus};
 use tunnel_core::{PortSet, SessionConfig};
 

@@ -1,11 +1,14 @@
-//! Reaching the server: resolve its name (hickory; every address tried), connect, register.
+//! Reaching the server: resolve its name (hickory; every address tried), connect over the
+//! configured transport, register.
 
 use std::net::{IpAddr, SocketAddr};
 
 use hickory_resolver::TokioResolver;
 use tokio::task::JoinSet;
 use tracing::debug;
-use tunnel_core::{AgentSession, QuicConnector, SessionError, proto};
+use tunnel_core::{AgentSession, Connector, SessionError, proto};
+
+pub use tunnel_core::TransportChoice;
 
 use crate::config::ConfigError;
 
@@ -35,7 +38,7 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), ConfigError> {
 
 /// Why no session came up.
 #[derive(Debug, thiserror::Error)]
-pub enum DialError {
+pub enum ConnectError {
     /// The name did not resolve.
     #[error("resolving {host}: {message}")]
     Resolve {
@@ -55,102 +58,36 @@ pub enum DialError {
     },
 }
 
-impl DialError {
-    /// True when retrying cannot help without operator action (the server rejects our identity
-    /// or protocol).
-    pub fn is_peer(&self) -> bool {
-        matches!(self, Self::Connect { source, .. } if source.is_peer())
+impl ConnectError {
+    /// Why, as a typed cause and who decided it: a failed resolution is a transport failure
+    /// of ours.
+    pub fn reason(&self) -> tunnel_core::CloseReason {
+        match self {
+            Self::Resolve { .. } => {
+                tunnel_core::CloseReason::local(tunnel_core::CloseCause::Transport)
+            }
+            Self::Connect { source, .. } => source.reason(),
+        }
     }
 }
 
 /// Resolves the server and connects to the first address that works.
 #[derive(Debug)]
-pub struct ServerDialer {
+pub struct ServerConnector {
     host: String,
     port: u16,
     server_name: String,
     resolver: Option<TokioResolver>,
-    connector: Connectors,
+    connector: Connector,
 }
 
-/// Which transport the agent uses to reach the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TransportChoice {
-    /// QUIC first; gRPC over TLS/TCP when no QUIC session is up within [`QUIC_FIRST`].
-    #[default]
-    Auto,
-    /// QUIC only.
-    Quic,
-    /// gRPC only (networks that block UDP).
-    Grpc,
-}
-
-impl std::str::FromStr for TransportChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "quic" => Ok(Self::Quic),
-            "grpc" => Ok(Self::Grpc),
-            other => Err(format!("unknown transport {other:?} (auto, quic, grpc)")),
-        }
-    }
-}
-
-/// How long `auto` gives QUIC before it tries gRPC on the same address.
-pub const QUIC_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// The connectors of both transports and the choice between them.
-#[derive(Debug, Clone)]
-pub struct Connectors {
-    /// QUIC.
-    pub quic: QuicConnector,
-    /// gRPC.
-    pub grpc: tunnel_core::GrpcConnector,
-    /// Which to use.
-    pub choice: TransportChoice,
-}
-
-impl Connectors {
-    async fn connect(
-        &self,
-        choice: TransportChoice,
-        addr: SocketAddr,
-        name: &str,
-        register: proto::Register,
-    ) -> Result<AgentSession, SessionError> {
-        match choice {
-            TransportChoice::Quic => self.quic.connect(addr, name, register).await,
-            TransportChoice::Grpc => self.grpc.connect(addr, name, register).await,
-            TransportChoice::Auto => {
-                match tokio::time::timeout(
-                    QUIC_FIRST,
-                    self.quic.connect(addr, name, register.clone()),
-                )
-                .await
-                {
-                    Ok(Ok(session)) => Ok(session),
-                    Ok(Err(e)) => {
-                        debug!(%addr, error = %e, "QUIC failed; trying gRPC");
-                        self.grpc.connect(addr, name, register).await
-                    }
-                    Err(_) => {
-                        debug!(%addr, "no QUIC session within {QUIC_FIRST:?}; trying gRPC");
-                        self.grpc.connect(addr, name, register).await
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl ServerDialer {
-    /// A dialer for `address` (`HOST:PORT`), verifying the server as `server_name` (default
+impl ServerConnector {
+    /// A connector for `address` (`HOST:PORT`), verifying the server as `server_name` (default
     /// HOST).
     pub fn new(
         address: &str,
         server_name: Option<&str>,
-        connector: Connectors,
+        connector: Connector,
     ) -> Result<Self, ConfigError> {
         let (host, port) = split_host_port(address)?;
         let resolver = if host.parse::<IpAddr>().is_ok() {
@@ -179,9 +116,9 @@ impl ServerDialer {
     }
 
     /// Every address of the server, in resolver order.
-    pub async fn addresses(&self) -> Result<Vec<SocketAddr>, DialError> {
+    pub async fn addresses(&self) -> Result<Vec<SocketAddr>, ConnectError> {
         let Some(resolver) = &self.resolver else {
-            let ip: IpAddr = self.host.parse().map_err(|_| DialError::Resolve {
+            let ip: IpAddr = self.host.parse().map_err(|_| ConnectError::Resolve {
                 host: self.host.clone(),
                 message: "not an IP".into(),
             })?;
@@ -191,7 +128,7 @@ impl ServerDialer {
             resolver
                 .lookup_ip(self.host.as_str())
                 .await
-                .map_err(|e| DialError::Resolve {
+                .map_err(|e| ConnectError::Resolve {
                     host: self.host.clone(),
                     message: e.to_string(),
                 })?;
@@ -206,13 +143,13 @@ impl ServerDialer {
     /// (or at once when it fails), as in Happy Eyeballs (RFC 8305): an address that swallows
     /// packets (an IPv6 path that does not work, say) costs a quarter second, not a handshake
     /// timeout.
-    pub async fn connect(&self, register: &proto::Register) -> Result<AgentSession, DialError> {
-        self.connect_over(self.connector.choice, register).await
+    pub async fn connect(&self, register: &proto::Register) -> Result<AgentSession, ConnectError> {
+        self.connect_over(self.connector.choice(), register).await
     }
 
-    /// The transport choice the dialer was made with.
+    /// The transport choice the connector was made with.
     pub fn choice(&self) -> TransportChoice {
-        self.connector.choice
+        self.connector.choice()
     }
 
     /// As [`connect`](Self::connect), over `choice` rather than the configured choice (`auto`
@@ -221,7 +158,7 @@ impl ServerDialer {
         &self,
         choice: TransportChoice,
         register: &proto::Register,
-    ) -> Result<AgentSession, DialError> {
+    ) -> Result<AgentSession, ConnectError> {
         let mut pending = self.addresses().await?.into_iter();
         let mut attempts = JoinSet::new();
         let mut last = None;
@@ -231,7 +168,7 @@ impl ServerDialer {
                 let name = self.server_name.clone();
                 let register = register.clone();
                 attempts.spawn(async move {
-                    (addr, connector.connect(choice, addr, &name, register).await)
+                    (addr, connector.connect_over(choice, addr, &name, register).await)
                 });
             }
             if attempts.is_empty() {
@@ -243,7 +180,7 @@ impl ServerDialer {
                     Some(Ok((_, Ok(session)))) => return Ok(session),
                     Some(Ok((addr, Err(source)))) => {
                         debug!(%addr, error = %source, "server address failed");
-                        last = Some(DialError::Connect { addr, source });
+                        last = Some(ConnectError::Connect { addr, source });
                     }
                     // A panicked attempt counts as a failed one.
                     Some(Err(_)) | None => {}
@@ -251,7 +188,7 @@ impl ServerDialer {
                 () = tokio::time::sleep(ATTEMPT_STAGGER), if more => {}
             }
         }
-        Err(last.unwrap_or_else(|| DialError::Resolve {
+        Err(last.unwrap_or_else(|| ConnectError::Resolve {
             host: self.host.clone(),
             message: "no addresses".into(),
         }))
