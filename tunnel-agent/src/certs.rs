@@ -2,10 +2,10 @@
 //! the rustls client configuration of the tunnel.
 
 use std::net::IpAddr;
-use std::path::Path;
 
 use tracing::warn;
 use tunnel_core::tls::{self, AgentIdentity};
+use tunnel_process::files::{TlsFiles, TlsPaths};
 
 use crate::config::{AgentConfig, ConfigError};
 
@@ -21,34 +21,16 @@ pub struct LoadedIdentity {
     pub dial_ips: Vec<IpAddr>,
 }
 
-async fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|source| ConfigError::Read {
-            flag,
-            path: path.to_owned(),
-            source,
-        })
-}
-
-/// Loads the files named by `config`.
+/// Loads the files named by `config`, each read once.
 pub async fn load(config: &AgentConfig) -> Result<LoadedIdentity, ConfigError> {
-    let (Some(cert), Some(key), Some(ca)) = (
-        &config.tls_cert_file,
-        &config.tls_private_key_file,
-        &config.ca_file,
-    ) else {
-        config.validate()?;
-        return Err(ConfigError::Missing {
-            flag: "--tls-cert-file",
-        });
-    };
-    let tls_err = |flag| move |source| ConfigError::Tls { flag, source };
-    let id = tunnel_core::Identity::from_pem(
-        &read("--tls-cert-file", cert).await?,
-        &read("--tls-private-key-file", key).await?,
-    )
-    .map_err(tls_err("--tls-cert-file/--tls-private-key-file"))?;
+    let files = TlsFiles::load(TlsPaths {
+        cert: config.tls_cert_file.as_deref(),
+        key: config.tls_private_key_file.as_deref(),
+        ca: config.ca_file.as_deref(),
+        ca_flag: "--ca-file",
+    })
+    .await?;
+    let id = files.identity()?;
     let leaf = id.chain.first().ok_or(ConfigError::Missing {
         flag: "--tls-cert-file",
     })?;
@@ -92,10 +74,12 @@ pub async fn load(config: &AgentConfig) -> Result<LoadedIdentity, ConfigError> {
         }
         config.node_ips.clone()
     };
-    let roots = tls::roots_from_pem(&read("--ca-file", ca).await?, "CA file")
-        .map_err(tls_err("--ca-file"))?;
-    let client =
-        tls::client_config(id, roots, &[tls::ALPN_QUIC]).map_err(tls_err("--tls-cert-file"))?;
+    let client = tls::client_config(id, files.roots()?, &[tls::ALPN_QUIC]).map_err(|source| {
+        ConfigError::Tls {
+            flag: "--tls-cert-file",
+            source,
+        }
+    })?;
     Ok(LoadedIdentity {
         client,
         identity,

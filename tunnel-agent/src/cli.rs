@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use tunnel_core::PortSet;
+use tunnel_process::telemetry::LogArgs;
 
 use crate::config::AgentConfig;
 
@@ -58,6 +59,9 @@ pub struct Cli {
     /// Ports dialed on 127.0.0.1 instead of the node IP.
     #[arg(long, default_value = "10250,10255,10266,10267")]
     pub localhost_proxy_ports: PortSet,
+    /// Logging flags.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl Cli {

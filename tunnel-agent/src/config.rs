@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tunnel_core::copy::CopyConfig;
 use tunnel_core::{PortSet, SessionConfig};
+pub use tunnel_process::ConfigError;
 
 /// Reconnect delays: exponential with jitter, capped.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,49 +115,6 @@ impl Default for AgentConfig {
             quic_retry_interval: Duration::from_secs(300),
         }
     }
-}
-
-/// A configuration that cannot run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A required flag is missing.
-    #[error("{flag} is required")]
-    Missing {
-        /// The flag.
-        flag: &'static str,
-    },
-    /// A file could not be read.
-    #[error("cannot read {flag} {path}: {source}")]
-    Read {
-        /// The flag naming the file.
-        flag: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The IO error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TLS material is unusable.
-    #[error("{flag}: {source}")]
-    Tls {
-        /// The flag naming the file at fault.
-        flag: &'static str,
-        /// What is wrong.
-        #[source]
-        source: tunnel_core::ConfigError,
-    },
-    /// The certificate does not name a node.
-    #[error("--tls-cert-file: {0}")]
-    Identity(#[from] tunnel_core::tls::IdentityError),
-    /// A value is out of range or inconsistent.
-    #[error("invalid {what}: {why}")]
-    Invalid {
-        /// The knob.
-        what: &'static str,
-        /// The reason.
-        why: String,
-    },
 }
 
 impl AgentConfig {

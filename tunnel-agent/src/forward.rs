@@ -1,12 +1,13 @@
 //! One stream the server opened: read its target, check it against the allowlist, dial, answer,
 //! copy. Forbidden targets are refused before any dial.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span, info};
 use tunnel_core::copy::copy_bidirectional;
-use tunnel_core::{IncomingStream, Refusal};
+use tunnel_core::{IncomingStream, Refusal, RequestedStream, TunnelStream};
 
 use crate::Shared;
 
@@ -35,8 +36,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
     let mut requested = match incoming.read_request().await {
         Ok(r) => r,
         Err(e) => {
-            metrics::counter!("edge_tunnel_agent_streams_total", "result" => "bad_header")
-                .increment(1);
+            count("bad_header");
             info!(error = %e, "stream with a bad header reset");
             return;
         }
@@ -47,95 +47,118 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
         let addr = match shared.allowlist.resolve(&request.target) {
             Ok(addr) => addr,
             Err(denied) => {
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "forbidden")
-                    .increment(1);
+                count("forbidden");
                 info!(reason = %denied, "refused a forbidden target");
-                if let Err(e) = requested
-                    .refuse(Refusal::Forbidden, &denied.to_string())
-                    .await
-                {
-                    debug!(error = %e, "refusal not delivered");
-                }
-                return;
+                return refuse(requested, Refusal::Forbidden, &denied.to_string()).await;
             }
         };
-        let in_progress = DialInProgress::new();
-        let dial = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr));
-        let dialed = tokio::select! {
-            dialed = dial => dialed,
-            () = requested.withdrawn() => {
-                // The server's client left before we answered: stop dialing, answer nothing.
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "cancelled")
-                    .increment(1);
-                debug!(%addr, "dial withdrawn by the server");
-                return;
+        let tcp = match dial(&shared, &mut requested, addr).await {
+            Ok(tcp) => tcp,
+            Err(Undialed::Withdrawn) => return,
+            Err(Undialed::Failed(refusal, detail)) => {
+                return refuse(requested, refusal, &detail).await;
             }
         };
-        drop(in_progress);
-        let mut tcp = match dialed {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                let refusal = Refusal::from_io(&e);
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => refusal.as_str())
-                    .increment(1);
-                debug!(%addr, error = %e, "dial failed");
-                let _ = requested
-                    .refuse(refusal, &format!("dial {addr}: {e}"))
-                    .await;
-                return;
-            }
-            Err(_) => {
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "timeout")
-                    .increment(1);
-                let _ = requested
-                    .refuse(
-                        Refusal::Timeout,
-                        &format!(
-                            "dial {addr}: no answer within {:?}",
-                            shared.config.dial_timeout
-                        ),
-                    )
-                    .await;
-                return;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let mut stream = match requested.accept().await {
+        let stream = match requested.accept().await {
             Ok(s) => s,
             Err(e) => {
                 // The server gave up (timeout, client gone): drop the local connection.
-                metrics::counter!("edge_tunnel_agent_streams_total", "result" => "abandoned")
-                    .increment(1);
+                count("abandoned");
                 debug!(error = %e, "server abandoned the stream");
                 return;
             }
         };
-        metrics::counter!("edge_tunnel_agent_streams_total", "result" => "ok").increment(1);
-        let open = metrics::gauge!("edge_tunnel_agent_streams_open");
-        open.increment(1.0);
-        let result = copy_bidirectional(&mut stream, &mut tcp, &shared.config.copy).await;
-        open.decrement(1.0);
-        let moved = match &result {
-            Ok(t) => *t,
-            Err(e) => e.transferred(),
-        };
-        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "to_target")
-            .increment(moved.a_to_b);
-        metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "from_target")
-            .increment(moved.b_to_a);
-        match result {
-            Ok(_) => {
-                // Keep the session (held by this task) until the server has the last byte.
-                stream.delivered(DELIVERY_TIMEOUT).await;
-            }
-            Err(e) => {
-                debug!(error = %e, "stream ended with an error");
-                stream.abort();
-                // A reset, not a FIN: the local peer must not take a cut stream for a whole one.
-                let _ = tcp.set_zero_linger();
-            }
-        }
+        count("ok");
+        relay(&shared, stream, tcp).await;
     }
     .instrument(span)
     .await;
+}
+
+fn count(result: &'static str) {
+    metrics::counter!("edge_tunnel_agent_streams_total", "result" => result).increment(1);
+}
+
+async fn refuse(requested: RequestedStream, refusal: Refusal, detail: &str) {
+    if let Err(e) = requested.refuse(refusal, detail).await {
+        debug!(error = %e, "refusal not delivered");
+    }
+}
+
+/// How a local dial ended without a connection.
+enum Undialed {
+    /// The server's client left before we answered: no answer is owed.
+    Withdrawn,
+    /// The target did not take the connection; the server hears why.
+    Failed(Refusal, String),
+}
+
+/// Dials the target within the dial timeout, giving up as soon as the server withdraws the
+/// stream.
+async fn dial(
+    shared: &Shared,
+    requested: &mut RequestedStream,
+    addr: SocketAddr,
+) -> Result<TcpStream, Undialed> {
+    let in_progress = DialInProgress::new();
+    let dial = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(addr));
+    let dialed = tokio::select! {
+        dialed = dial => dialed,
+        () = requested.withdrawn() => {
+            count("cancelled");
+            debug!(%addr, "dial withdrawn by the server");
+            return Err(Undialed::Withdrawn);
+        }
+    };
+    drop(in_progress);
+    match dialed {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(e)) => {
+            let refusal = Refusal::from_io(&e);
+            count(refusal.as_str());
+            debug!(%addr, error = %e, "dial failed");
+            Err(Undialed::Failed(refusal, format!("dial {addr}: {e}")))
+        }
+        Err(_) => {
+            count("timeout");
+            Err(Undialed::Failed(
+                Refusal::Timeout,
+                format!(
+                    "dial {addr}: no answer within {:?}",
+                    shared.config.dial_timeout
+                ),
+            ))
+        }
+    }
+}
+
+/// Copies between the accepted stream and the local connection until both ends finish.
+async fn relay(shared: &Shared, mut stream: TunnelStream, mut tcp: TcpStream) {
+    let open = metrics::gauge!("edge_tunnel_agent_streams_open");
+    open.increment(1.0);
+    let result = copy_bidirectional(&mut stream, &mut tcp, &shared.config.copy).await;
+    open.decrement(1.0);
+    let moved = match &result {
+        Ok(t) => *t,
+        Err(e) => e.transferred(),
+    };
+    metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "to_target")
+        .increment(moved.a_to_b);
+    metrics::counter!("edge_tunnel_agent_bytes_total", "direction" => "from_target")
+        .increment(moved.b_to_a);
+    match result {
+        Ok(_) => {
+            // Keep the session (held by this task) until the server has the last byte.
+            stream.delivered(DELIVERY_TIMEOUT).await;
+        }
+        Err(e) => {
+            debug!(error = %e, "stream ended with an error");
+            stream.abort();
+            // A reset, not a FIN: the local peer must not take a cut stream for a whole one.
+            let _ = tcp.set_zero_linger();
+        }
+    }
 }

@@ -24,6 +24,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_core::{AgentSession, LinkState, QuicConnector, TransportKind, proto};
+use tunnel_process::drain;
+use tunnel_process::meta::{MetaServer, MetaState};
 
 use tunnel_core::TransportChoice;
 
@@ -123,20 +125,17 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
         let ready = Arc::new(AtomicBool::new(false));
-        let mut meta = JoinSet::new();
-        let (meta_stop_tx, mut meta_stop) = watch::channel(false);
+        let mut meta = None;
         if config.meta_port != 0 {
             let addr = SocketAddr::new(config.meta_bind_address, config.meta_port);
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| AgentError::Bind { addr, source })?;
-            let state = tunnel_core::meta::MetaState {
+            let state = MetaState {
                 ready: ready.clone(),
                 metrics: config.metrics.clone(),
             };
-            meta.spawn(tunnel_core::meta::serve(listener, state, async move {
-                let _ = meta_stop.wait_for(|s| *s).await.map(|_| ());
-            }));
+            meta = Some(MetaServer::spawn(listener, state));
         }
         let shared = Arc::new(Shared {
             allowlist: Allowlist::new(
@@ -266,18 +265,12 @@ impl Agent {
                 () = &mut shutdown => break 'outer,
             }
         }
-        // Let open streams finish, within the drain timeout.
-        let drain = async { while streams.join_next().await.is_some() {} };
-        if tokio::time::timeout(shared.config.drain_timeout, drain)
-            .await
-            .is_err()
-        {
-            warn!("drain timeout reached; closing the remaining streams");
+        // Let open streams finish, within the drain timeout. Aborting the rest drops the
+        // sessions they hold, which closes those links.
+        drain::join_set(&mut streams, shared.config.drain_timeout).await;
+        if let Some(meta) = meta {
+            meta.stop().await;
         }
-        // Aborting the tasks drops the sessions they hold, which closes those links.
-        streams.shutdown().await;
-        let _ = meta_stop_tx.send(true);
-        meta.shutdown().await;
         info!("tunnel agent stopped");
         Ok(())
     }

@@ -28,8 +28,6 @@
 pub mod control;
 pub mod copy;
 pub mod error;
-#[cfg(feature = "meta")]
-pub mod meta;
 pub mod proto;
 pub mod route;
 pub mod sniff;

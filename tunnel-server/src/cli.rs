@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tunnel_process::telemetry::LogArgs;
 
 use crate::config::ServerConfig;
 use crate::pki::{AgentSpec, PkiRequest};
@@ -19,6 +20,9 @@ pub struct Cli {
     /// Flags of the server.
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Logging flags (for the server and its subcommands).
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Subcommands.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tunnel_core::SessionConfig;
 use tunnel_core::copy::CopyConfig;
+pub use tunnel_process::ConfigError;
 
 /// Everything [`crate::run`] needs. Defaults are the production values (ports as in ACK@Edge).
 #[derive(Debug, Clone)]
@@ -120,46 +121,6 @@ impl std::str::FromStr for Transports {
         }
         Ok(t)
     }
-}
-
-/// A configuration that cannot run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A required flag is missing.
-    #[error("{flag} is required: the tunnel port only speaks mutual TLS")]
-    Missing {
-        /// The flag, as typed on the command line.
-        flag: &'static str,
-    },
-    /// A file could not be read.
-    #[error("cannot read {flag} {path}: {source}")]
-    Read {
-        /// The flag naming the file.
-        flag: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The IO error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TLS material is unusable.
-    #[error("{flag}: {source}")]
-    Tls {
-        /// The flag naming the file at fault.
-        flag: &'static str,
-        /// What is wrong.
-        #[source]
-        source: tunnel_core::ConfigError,
-    },
-    /// A value is out of range.
-    #[error("invalid {what}: {why}")]
-    Invalid {
-        /// The knob.
-        what: &'static str,
-        /// The reason.
-        why: String,
-    },
 }
 
 impl ServerConfig {

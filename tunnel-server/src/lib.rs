@@ -30,6 +30,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 use tunnel_core::QuicListener;
+use tunnel_process::drain;
+use tunnel_process::files::{TlsFiles, TlsPaths};
+use tunnel_process::meta::{MetaServer, MetaState};
 
 pub use config::{ConfigError, ServerConfig, Transports};
 pub use registry::Registry;
@@ -66,35 +69,27 @@ pub struct Server {
     meta: Option<TcpListener>,
 }
 
-fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|source| ConfigError::Read {
-        flag,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn tls_config(config: &ServerConfig) -> Result<rustls::ServerConfig, ConfigError> {
+/// Reads the TLS files once and builds the tunnel port's configuration. Returns the key bytes
+/// too: the QUIC reset secret derives from them.
+async fn tls_config(config: &ServerConfig) -> Result<(rustls::ServerConfig, Vec<u8>), ConfigError> {
     config.validate()?;
-    let (Some(cert), Some(key), Some(ca)) = (
-        &config.tls_cert_file,
-        &config.tls_private_key_file,
-        &config.client_ca_file,
-    ) else {
-        return Err(ConfigError::Missing {
-            flag: "--tls-cert-file",
-        });
-    };
-    let tls = |flag| move |source| ConfigError::Tls { flag, source };
-    let identity = tunnel_core::Identity::from_pem(
-        &read("--tls-cert-file", cert)?,
-        &read("--tls-private-key-file", key)?,
+    let files = TlsFiles::load(TlsPaths {
+        cert: config.tls_cert_file.as_deref(),
+        key: config.tls_private_key_file.as_deref(),
+        ca: config.client_ca_file.as_deref(),
+        ca_flag: "--client-ca-file",
+    })
+    .await?;
+    let tls = tunnel_core::tls::server_config(
+        files.identity()?,
+        files.roots()?,
+        &[tunnel_core::tls::ALPN_QUIC],
     )
-    .map_err(tls("--tls-cert-file/--tls-private-key-file"))?;
-    let roots = tunnel_core::tls::roots_from_pem(&read("--client-ca-file", ca)?, "client CA file")
-        .map_err(tls("--client-ca-file"))?;
-    tunnel_core::tls::server_config(identity, roots, &[tunnel_core::tls::ALPN_QUIC])
-        .map_err(tls("--tls-cert-file"))
+    .map_err(|source| ConfigError::Tls {
+        flag: "--tls-cert-file",
+        source,
+    })?;
+    Ok((tls, files.key))
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -123,25 +118,17 @@ fn bind_error(
     }
 }
 
+/// `key` is the private key's bytes, as read for TLS: the reset key follows it, so a restarted
+/// (or sibling) replica can tell the agents of a crashed one to reconnect now rather than after
+/// their idle timeout.
 fn bind_quic(
     config: &ServerConfig,
     addr: SocketAddr,
     tls: rustls::ServerConfig,
+    key: &[u8],
 ) -> Result<QuicListener, ServerError> {
-    // The reset key follows the private key, so a restarted (or sibling) replica can tell the
-    // agents of a crashed one to reconnect now rather than after their idle timeout.
-    let secret = match &config.tls_private_key_file {
-        Some(key) => read("--tls-private-key-file", key)?,
-        None => Vec::new(),
-    };
-    QuicListener::bind_with_reset_secret(
-        addr,
-        tls,
-        config.session.clone(),
-        &config.server_id,
-        &secret,
-    )
-    .map_err(|e| bind_error("--tunnel-port (UDP, QUIC)", addr, e))
+    QuicListener::bind_with_reset_secret(addr, tls, config.session.clone(), &config.server_id, key)
+        .map_err(|e| bind_error("--tunnel-port (UDP, QUIC)", addr, e))
 }
 
 async fn bind_grpc(
@@ -159,6 +146,7 @@ async fn bind_grpc(
 async fn bind_tunnel(
     config: &ServerConfig,
     tls: rustls::ServerConfig,
+    key: &[u8],
 ) -> Result<(Option<QuicListener>, Option<tunnel_core::GrpcListener>), ServerError> {
     let want = config.transports;
     let attempts = if config.tunnel_port == 0 && want.quic && want.grpc {
@@ -178,7 +166,7 @@ async fn bind_tunnel(
         let port = grpc
             .as_ref()
             .map_or(config.tunnel_port, |g| g.local_addr().port());
-        match bind_quic(config, config.addr(port), tls.clone()) {
+        match bind_quic(config, config.addr(port), tls.clone(), key) {
             Ok(quic) => return Ok((Some(quic), grpc)),
             Err(ServerError::Bind { source, .. })
                 if attempts > 1 && source.kind() == std::io::ErrorKind::AddrInUse =>
@@ -199,8 +187,8 @@ impl Server {
     /// Loads the TLS files and binds every listener. Port 0 picks a free port (see the
     /// `*_addr` methods).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let tls = tls_config(&config)?;
-        let (quic, grpc) = bind_tunnel(&config, tls).await?;
+        let (tls, key) = tls_config(&config).await?;
+        let (quic, grpc) = bind_tunnel(&config, tls, &key).await?;
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
         let meta = Some(
@@ -311,18 +299,15 @@ impl Server {
             front::http::handle,
         ));
         // The meta server outlives the drain so that probes and scrapes see it.
-        let (meta_stop_tx, meta_stop) = watch::channel(false);
-        let mut meta_task = JoinSet::new();
-        if let Some(listener) = meta {
-            let state = tunnel_core::meta::MetaState {
-                ready: ready.clone(),
-                metrics: config.metrics.clone(),
-            };
-            meta_task.spawn(tunnel_core::meta::serve(listener, state, async move {
-                let mut meta_stop = meta_stop;
-                stopped(&mut meta_stop).await;
-            }));
-        }
+        let meta = meta.map(|listener| {
+            MetaServer::spawn(
+                listener,
+                MetaState {
+                    ready: ready.clone(),
+                    metrics: config.metrics.clone(),
+                },
+            )
+        });
 
         shutdown.await;
         info!(drain = ?config.drain_timeout, agents = registry.len(), "shutting down: draining");
@@ -331,12 +316,7 @@ impl Server {
         for session in registry.sessions() {
             session.go_away("server shutting down", config.drain_timeout);
         }
-        if tokio::time::timeout(config.drain_timeout, fronts.idle())
-            .await
-            .is_err()
-        {
-            warn!("drain timeout reached; closing the remaining streams");
-        }
+        drain::within(config.drain_timeout, fronts.idle()).await;
         for session in registry.sessions() {
             session.close("server shutting down");
         }
@@ -350,8 +330,9 @@ impl Server {
             }
         }
         tasks.shutdown().await;
-        let _ = meta_stop_tx.send(true);
-        meta_task.shutdown().await;
+        if let Some(meta) = meta {
+            meta.stop().await;
+        }
         info!("tunnel server stopped");
         Ok(())
     }

@@ -1,14 +1,11 @@
 use anyhow::Context;
 use clap::Parser;
+use tunnel_process::{signal, telemetry};
 use tunnel_server::cli::{Cli, Command, PkiAction};
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    telemetry::init_logging(cli.log.log_format)?;
     if let Some(Command::Pki {
         action: PkiAction::Init(args),
     }) = cli.command
@@ -29,13 +26,10 @@ fn main() -> anyhow::Result<()> {
     }
     let mut config = cli.serve.into_config();
     config.validate().context("invalid configuration")?;
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    config.metrics = Some(handle);
+    config.metrics = Some(telemetry::install_recorder()?);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
-        tunnel_server::run(config, tunnel_core::meta::shutdown_signal())
+        tunnel_server::run(config, signal::shutdown_signal())
             .await
             .context("tunnel server")
     })

@@ -3,7 +3,9 @@
 //! `proxy_url`, kubectl `proxy-url`). Requests on one keep-alive connection may name different
 //! nodes; each goes to its own.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,11 +17,15 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1 as server;
 use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span};
-use tunnel_core::NodeRef;
-use tunnel_core::sniff::http::{RequestForm, request_target};
+use tunnel_core::sniff::SniffError;
+use tunnel_core::sniff::http::{RequestForm, RequestTarget, request_target};
+use tunnel_core::{NodeRef, TunnelStream};
 
 use super::{Admission, DELIVERY_TIMEOUT, Front, Fronts, StreamGuard};
 
@@ -36,19 +42,69 @@ struct Upstream {
     _guard: StreamGuard,
 }
 
+/// Work a request starts that outlives it: a CONNECT tunnel, an upgraded exchange, the driver
+/// of an upstream connection.
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Hands tasks to the handler of their client connection, which owns them: whatever still runs
+/// when the server's drain gives up and drops the handler is aborted with it.
+#[derive(Clone)]
+struct Spawner(mpsc::Sender<Task>);
+
+impl Spawner {
+    async fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        // Fails only once the connection is gone, and then the task has nothing left to serve.
+        let _ = self.0.send(Box::pin(task.in_current_span())).await;
+    }
+}
+
+/// What the requests of one client connection share.
+struct ClientConn {
+    fronts: Arc<Fronts>,
+    upstream: Mutex<Option<Upstream>>,
+    admission: Admission,
+    spawner: Spawner,
+}
+
 pub(crate) async fn handle(
     fronts: Arc<Fronts>,
     tcp: TcpStream,
     peer: SocketAddr,
     admission: Admission,
 ) {
-    let upstream: Arc<Mutex<Option<Upstream>>> = Arc::new(Mutex::new(None));
+    let span = info_span!("http_front", peer.addr = %peer);
+    async move {
+        let mut tasks = JoinSet::new();
+        if let Err(e) = serve_requests(fronts, tcp, admission, &mut tasks).await {
+            debug!(error = %e, "HTTP front connection ended with an error");
+        }
+        // CONNECT tunnels and upgraded exchanges outlive the HTTP connection that opened them.
+        while tasks.join_next().await.is_some() {}
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Serves requests until the client connection ends, taking into `tasks` what they start.
+async fn serve_requests(
+    fronts: Arc<Fronts>,
+    tcp: TcpStream,
+    admission: Admission,
+    tasks: &mut JoinSet<()>,
+) -> hyper::Result<()> {
+    // Each task is taken as soon as it is sent, so one slot bounds the queue without holding
+    // a request up.
+    let (spawner, mut spawned) = mpsc::channel(1);
     let mut stop = admission.stop.clone();
+    let shared = Arc::new(ClientConn {
+        fronts,
+        upstream: Mutex::new(None),
+        admission,
+        spawner: Spawner(spawner),
+    });
     let service = service_fn(move |req| {
-        let fronts = fronts.clone();
-        let upstream = upstream.clone();
-        let admission = admission.clone();
-        async move { Ok::<_, hyper::Error>(route(fronts, upstream, admission, req).await) }
+        let shared = shared.clone();
+        async move { Ok::<_, hyper::Error>(route(&shared, req).await) }
     });
     let conn = server::Builder::new()
         .timer(TokioTimer::new())
@@ -56,23 +112,28 @@ pub(crate) async fn handle(
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let span = info_span!("http_front", peer.addr = %peer);
-    let result = async {
+    let mut draining = false;
+    let result = loop {
         tokio::select! {
-            r = conn.as_mut() => r,
-            () = crate::stopped(&mut stop) => {
+            r = conn.as_mut() => break r,
+            Some(task) = spawned.recv() => {
+                tasks.spawn(task);
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = crate::stopped(&mut stop), if !draining => {
                 // Draining: finish the request in flight, then close the keep-alive
                 // connection (and the upstream stream it caches).
+                draining = true;
                 conn.as_mut().graceful_shutdown();
-                conn.as_mut().await
             }
         }
+    };
+    // The task of the last response (a tunnel, an upgrade) may be sent but not yet taken.
+    spawned.close();
+    while let Ok(task) = spawned.try_recv() {
+        tasks.spawn(task);
     }
-    .instrument(span)
-    .await;
-    if let Err(e) = result {
-        debug!(peer.addr = %peer, error = %e, "HTTP front connection ended with an error");
-    }
+    result
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
@@ -93,67 +154,107 @@ fn bad_request(front: Front, why: &str) -> Response<Body> {
     text(StatusCode::BAD_REQUEST, format!("edge-tunnel: {why}"))
 }
 
-async fn route(
-    fronts: Arc<Fronts>,
-    upstream: Arc<Mutex<Option<Upstream>>>,
-    admission: Admission,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+/// Sends a request where its target names, as a tunnel (CONNECT) or over an upstream HTTP
+/// connection.
+async fn route(conn: &ClientConn, mut req: Request<Incoming>) -> Response<Body> {
     let front = if req.method() == Method::CONNECT {
         Front::Connect
     } else {
         Front::Http
     };
+    let (target, host) = match addressee(&conn.fronts, &req) {
+        Ok(t) => t,
+        Err(e) => return bad_request(front, &e.to_string()),
+    };
+    let key = (target.node, target.port);
+    if target.form == RequestForm::Connect {
+        return open_tunnel(conn, front, &key, req).await;
+    }
+    if let Err(e) = to_origin_form(&mut req, target.form, host.is_some()) {
+        return bad_request(front, &e.to_string());
+    }
+    let up = match checkout(conn, front, &key).await {
+        Ok(u) => u,
+        Err(resp) => return resp,
+    };
+    exchange(conn, up, req).await
+}
+
+/// Why a request names no target we can serve (a 400).
+#[derive(Debug, thiserror::Error)]
+enum BadRequest {
+    #[error("several Host headers")]
+    SeveralHosts,
+    #[error("Host header is not text")]
+    HostNotText,
+    #[error(transparent)]
+    Target(#[from] SniffError),
+    #[error("request target")]
+    Path,
+}
+
+/// Where a request goes, and its Host header.
+fn addressee(
+    fronts: &Fronts,
+    req: &Request<Incoming>,
+) -> Result<(RequestTarget, Option<String>), BadRequest> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => return bad_request(front, "several Host headers"),
-        (Some(h), None) => match h.to_str() {
-            Ok(h) => Some(h.to_owned()),
-            Err(_) => return bad_request(front, "Host header is not text"),
-        },
+        (Some(_), Some(_)) => return Err(BadRequest::SeveralHosts),
+        (Some(h), None) => Some(h.to_str().map_err(|_| BadRequest::HostNotText)?.to_owned()),
         (None, _) => None,
     };
     let uri = req.uri().to_string();
-    let target = match request_target(
+    let target = request_target(
         req.method().as_str(),
         &uri,
         host.as_deref(),
         fronts.config.kubelet_read_only_port,
-    ) {
-        Ok(t) => t,
-        Err(e) => return bad_request(front, &e.to_string()),
-    };
-    let key = (target.node.clone(), target.port);
+    )?;
+    Ok((target, host))
+}
 
-    if target.form == RequestForm::Connect {
-        let (mut stream, guard) = match fronts.dial(front, &key.0, key.1).await {
-            Ok(s) => s,
-            Err(e) => return dial_error(&e),
-        };
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let permit = admission.permit.clone();
-        tokio::spawn(
-            async move {
-                let _held = (guard, permit);
-                match on_upgrade.await {
-                    Ok(upgraded) => {
-                        fronts
-                            .proxy(&mut TokioIo::new(upgraded), &mut stream, &[])
-                            .await;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "CONNECT upgrade failed");
-                        stream.abort();
-                    }
+/// Answers CONNECT once the stream is open; the bytes after the answer are the tunnel's.
+async fn open_tunnel(
+    conn: &ClientConn,
+    front: Front,
+    key: &(NodeRef, u16),
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let (mut stream, guard) = match conn.fronts.dial(front, &key.0, key.1).await {
+        Ok(s) => s,
+        Err(e) => return dial_error(&e),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let held = (guard, conn.admission.permit.clone());
+    let fronts = conn.fronts.clone();
+    conn.spawner
+        .spawn(async move {
+            let _held = held;
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    fronts
+                        .proxy(&mut TokioIo::new(upgraded), &mut stream, &[])
+                        .await;
+                }
+                Err(e) => {
+                    debug!(error = %e, "CONNECT upgrade failed");
+                    stream.abort();
                 }
             }
-            .in_current_span(),
-        );
-        return Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
-    }
+        })
+        .await;
+    Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
+}
 
-    // Forward in origin-form; Host names the node for the kubelet as it did for us.
-    if target.form == RequestForm::Absolute {
+/// Rewrites an absolute-form request to origin-form, so that Host names the node for the
+/// kubelet as it did for us, and drops what was meant for the proxy.
+fn to_origin_form(
+    req: &mut Request<Incoming>,
+    form: RequestForm,
+    has_host: bool,
+) -> Result<(), BadRequest> {
+    if form == RequestForm::Absolute {
         let authority = req.uri().authority().map(|a| a.as_str().to_owned());
         let path = req
             .uri()
@@ -162,37 +263,48 @@ async fn route(
             .to_owned();
         match path.parse() {
             Ok(p) => *req.uri_mut() = p,
-            Err(_) => return bad_request(front, "request target"),
+            Err(_) => return Err(BadRequest::Path),
         }
-        if host.is_none()
-            && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
-        {
+        if !has_host && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             req.headers_mut().insert(header::HOST, a);
         }
     }
     req.headers_mut().remove("proxy-connection");
     req.headers_mut().remove(header::PROXY_AUTHORIZATION);
+    Ok(())
+}
 
+/// The cached upstream connection when the request goes where the last one went and the
+/// connection still takes requests, else a new one.
+async fn checkout(
+    conn: &ClientConn,
+    front: Front,
+    key: &(NodeRef, u16),
+) -> Result<Upstream, Response<Body>> {
     let reusable = {
-        let mut slot = upstream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = conn.upstream.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
-            Some(u) if u.key == key && !u.sender.is_closed() => Some(u),
+            Some(u) if u.key == *key && !u.sender.is_closed() => Some(u),
             _ => None,
         }
     };
     let mut up = match reusable {
         Some(u) => u,
-        None => match connect(&fronts, front, &key).await {
-            Ok(u) => u,
-            Err(resp) => return resp,
-        },
+        None => connect(conn, front, key).await?,
     };
     if up.sender.ready().await.is_err() {
-        up = match connect(&fronts, front, &key).await {
-            Ok(u) => u,
-            Err(resp) => return resp,
-        };
+        up = connect(conn, front, key).await?;
     }
+    Ok(up)
+}
+
+/// Sends the request upstream. An upgraded exchange (exec, attach, port-forward) takes the
+/// upstream connection over; any other leaves it cached for the next request.
+async fn exchange(
+    conn: &ClientConn,
+    mut up: Upstream,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let client_upgrade = hyper::upgrade::on(&mut req);
     let mut resp = match up.sender.send_request(req).await {
         Ok(r) => r,
@@ -202,71 +314,73 @@ async fn route(
                 StatusCode::BAD_GATEWAY,
                 format!(
                     "edge-tunnel: node {}: upstream connection failed: {e}",
-                    key.0
+                    up.key.0
                 ),
             );
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // exec/attach/port-forward: from here on both sides speak the upgraded protocol.
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let guard = up._guard;
+        let held = (up._guard, conn.admission.permit.clone());
         drop(up.sender);
-        let permit = admission.permit.clone();
-        tokio::spawn(
-            async move {
-                let _held = (guard, permit);
+        let fronts = conn.fronts.clone();
+        conn.spawner
+            .spawn(async move {
+                let _held = held;
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((client_io, upstream_io)) => {
-                        let mut client_io = TokioIo::new(client_io);
-                        let mut upstream_io = TokioIo::new(upstream_io);
-                        let result = tunnel_core::copy::copy_bidirectional(
-                            &mut client_io,
-                            &mut upstream_io,
-                            &fronts.config.copy,
-                        )
-                        .await;
-                        // Back to the tunnel stream under hyper's upgrade: wait for delivery
-                        // after a clean end, reset it after a failure.
-                        let stream = upstream_io
-                            .into_inner()
-                            .downcast::<TokioIo<tunnel_core::TunnelStream>>()
-                            .ok()
-                            .map(|parts| parts.io.into_inner());
-                        match (result, stream) {
-                            (Ok(_), Some(stream)) => {
-                                stream.delivered(DELIVERY_TIMEOUT).await;
-                            }
-                            (Err(e), stream) => {
-                                debug!(error = %e, "upgraded connection ended with an error");
-                                if let Some(mut stream) = stream {
-                                    stream.abort();
-                                }
-                            }
-                            (Ok(_), None) => {}
-                        }
-                    }
+                    Ok((client_io, upstream_io)) => splice(&fronts, client_io, upstream_io).await,
                     Err(e) => debug!(error = %e, "upgrade failed"),
                 }
-            }
-            .in_current_span(),
-        );
+            })
+            .await;
     } else {
-        *upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(up);
+        *conn.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(up);
     }
     resp.map(BodyExt::boxed)
 }
 
+/// Copies between the two sides of an upgraded exchange, both now speaking its protocol.
+async fn splice(fronts: &Fronts, client_io: Upgraded, upstream_io: Upgraded) {
+    let mut client_io = TokioIo::new(client_io);
+    let mut upstream_io = TokioIo::new(upstream_io);
+    let result = tunnel_core::copy::copy_bidirectional(
+        &mut client_io,
+        &mut upstream_io,
+        &fronts.config.copy,
+    )
+    .await;
+    // Back to the tunnel stream under hyper's upgrade: wait for delivery after a clean end,
+    // reset it after a failure.
+    let stream = upstream_io
+        .into_inner()
+        .downcast::<TokioIo<TunnelStream>>()
+        .ok()
+        .map(|parts| parts.io.into_inner());
+    match (result, stream) {
+        (Ok(_), Some(stream)) => {
+            stream.delivered(DELIVERY_TIMEOUT).await;
+        }
+        (Err(e), stream) => {
+            debug!(error = %e, "upgraded connection ended with an error");
+            if let Some(mut stream) = stream {
+                stream.abort();
+            }
+        }
+        (Ok(_), None) => {}
+    }
+}
+
 async fn connect(
-    fronts: &Arc<Fronts>,
+    conn: &ClientConn,
     front: Front,
     key: &(NodeRef, u16),
 ) -> Result<Upstream, Response<Body>> {
-    let (stream, guard) = fronts
+    let (stream, guard) = conn
+        .fronts
         .dial(front, &key.0, key.1)
         .await
         .map_err(|e| dial_error(&e))?;
-    let (sender, conn) = client::Builder::new()
+    let (sender, driver) = client::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| {
@@ -275,15 +389,14 @@ async fn connect(
                 format!("edge-tunnel: node {}: {e}", key.0),
             )
         })?;
-    // The connection task ends with the stream or when the sender is dropped.
-    tokio::spawn(
-        async move {
-            if let Err(e) = conn.with_upgrades().await {
+    // The driver ends with the stream, when the sender is dropped, or at an upgrade.
+    conn.spawner
+        .spawn(async move {
+            if let Err(e) = driver.with_upgrades().await {
                 debug!(error = %e, "upstream connection ended with an error");
             }
-        }
-        .in_current_span(),
-    );
+        })
+        .await;
     Ok(Upstream {
         key: key.clone(),
         sender,
