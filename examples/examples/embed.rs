@@ -36,8 +36,12 @@ async fn main() -> anyhow::Result<()> {
 
     // Public side: one listener for agents, QUIC on UDP and gRPC on TCP at one port.
     let server_tls = tls::server_config(pki.server.clone(), pki.roots()?, &[])?;
-    let mut tunnel =
-        Listener::bind("127.0.0.1:0".parse()?, server_tls, ListenerConfig::default()).await?;
+    let mut tunnel = Listener::bind(
+        "127.0.0.1:0".parse()?,
+        server_tls,
+        ListenerConfig::default(),
+    )
+    .await?;
     let tunnel_addr = tunnel.local_addr();
 
     for choice in [TransportChoice::Quic, TransportChoice::Grpc] {
@@ -45,7 +49,9 @@ async fn main() -> anyhow::Result<()> {
         let client_tls = tls::client_config(pki.agent.clone(), pki.roots()?, &[])?;
         let connector = Connector::new(client_tls, SessionConfig::default(), choice)?;
         let register = proto::Register::default();
-        let edge = connector.connect(tunnel_addr, "localhost", register).await?;
+        let edge = connector
+            .connect(tunnel_addr, "localhost", register)
+            .await?;
         tasks.spawn(serve_edge(edge, service_port));
 
         let session = tunnel.accept().await.context("listener closed")??;
@@ -71,7 +77,9 @@ async fn serve_edge(session: AgentSession, service_port: u16) {
                 return;
             };
             if requested.request().target.port != service_port {
-                let _ = requested.refuse(Refusal::Forbidden, "only the service port").await;
+                let _ = requested
+                    .refuse(Refusal::Forbidden, "only the service port")
+                    .await;
                 return;
             }
             let Ok(mut local) = TcpStream::connect(("127.0.0.1", service_port)).await else {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tunnel_core::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentError, AgentStatus};
+use tunnel_core::TransportChoice;
 use tunnel_core::{NodeRef, PortSet, TransportKind};
 use tunnel_server::{Registry, Server, ServerConfig, ServerError};
 

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tunnel_agent::Backoff;
 use tunnel_core::TransportChoice;
-use tunnel_core::{LinkState, NodeRef, TransportKind};
+use tunnel_core::{NodeRef, TransportKind};
 
 /// Set in the copy of this test that runs inside the namespace.
 const INSIDE: &str = "EDGE_TUNNEL_TEST_IN_NETNS";
@@ -120,11 +120,7 @@ async fn inside() {
     assert_eq!(cluster.transport_of("node-a"), TransportKind::Quic);
 
     // The gRPC session stays while its stream is open, and the stream still works.
-    assert!(
-        !old.state().is_closed(),
-        "{:?}",
-        old.state()
-    );
+    assert!(!old.state().is_closed(), "{:?}", old.state());
     client::echo_exact(&mut io, &pattern(256 * 1024, 8)).await;
     drop(io);
     drop(sender);

@@ -8,8 +8,8 @@ use edge_tunnel_testkit::client::{self, Upgrade, pattern};
 use edge_tunnel_testkit::{TestCluster, TestPki};
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tunnel_core::TransportChoice;
 use tunnel_agent::{AgentConfig, Backoff};
+use tunnel_core::TransportChoice;
 use tunnel_core::TransportKind;
 
 fn fast_reconnect(mut config: AgentConfig) -> AgentConfig {

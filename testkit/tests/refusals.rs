@@ -126,13 +126,10 @@ async fn identity_the_server_rejects(transport: TransportChoice) {
         .distinguished_name
         .push(rcgen::DnType::CommonName, "system:node:node-a");
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let identity = tunnel_core::Identity::from_pem(
-        cert.pem().as_bytes(),
-        key.serialize_pem().as_bytes(),
-    )
-    .unwrap();
-    let roots =
-        tunnel_core::tls::roots_from_pem(read(&files.ca_cert).as_bytes(), "ca").unwrap();
+    let identity =
+        tunnel_core::Identity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .unwrap();
+    let roots = tunnel_core::tls::roots_from_pem(read(&files.ca_cert).as_bytes(), "ca").unwrap();
     let tls = tunnel_core::tls::client_config(identity, roots, &[]).unwrap();
     let connector = Connector::new(tls, SessionConfig::default(), transport).unwrap();
 

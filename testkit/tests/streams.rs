@@ -8,8 +8,8 @@ use edge_tunnel_testkit::client;
 use edge_tunnel_testkit::target::{Blackhole, Source, fetch};
 use edge_tunnel_testkit::{TestCluster, TestPki, kind_of, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnel_core::TransportChoice;
 use tunnel_core::PortSet;
+use tunnel_core::TransportChoice;
 
 const MIB: u64 = 1024 * 1024;
 

@@ -168,7 +168,10 @@ impl ServerConnector {
                 let name = self.server_name.clone();
                 let register = register.clone();
                 attempts.spawn(async move {
-                    (addr, connector.connect_over(choice, addr, &name, register).await)
+                    (
+                        addr,
+                        connector.connect_over(choice, addr, &name, register).await,
+                    )
                 });
             }
             if attempts.is_empty() {

@@ -12,9 +12,11 @@ pub mod cli;
 pub mod config;
 pub mod connector;
 mod forward;
+mod reconnect;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -23,11 +25,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tunnel_core::{AgentSession, LinkState, QuicConnector, TransportKind, proto};
+use tunnel_core::{
+    AgentSession, CloseCause, CloseReason, Connector, Initiator, LinkState, TransportChoice,
+    TransportKind, proto,
+};
 use tunnel_process::drain;
 use tunnel_process::meta::{MetaServer, MetaState};
 
-use tunnel_core::TransportChoice;
+use crate::connector::{ConnectError, ServerConnector};
+use crate::reconnect::Reconnect;
 
 pub use allowlist::Allowlist;
 pub use config::{AgentConfig, Backoff, ConfigError};
@@ -96,21 +102,61 @@ impl Agent {
     /// problems a restart would not fix (configuration, files).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let Self { config, status } = self;
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut links = Links::prepare(config, status, ready.clone()).await?;
+        let meta = links.start_meta(ready).await?;
+        links.run(shutdown).await;
+        drain::join_set(&mut links.streams, links.shared.config.drain_timeout).await;
+        if let Some(meta) = meta {
+            meta.stop().await;
+        }
+        info!("tunnel agent stopped");
+        Ok(())
+    }
+}
+
+/// The agent at work: its links to the server one after the other, the streams they carry,
+/// and when to connect again.
+struct Links {
+    shared: Arc<Shared>,
+    server: ServerConnector,
+    register: proto::Register,
+    status: watch::Sender<AgentStatus>,
+    ready: Arc<AtomicBool>,
+    /// Every stream's task, and every retired session's, so that shutdown drains them.
+    streams: JoinSet<()>,
+    reconnect: Reconnect,
+}
+
+/// What happens after a session.
+enum Next {
+    /// Serve this session now (`auto` found QUIC again).
+    Serve(AgentSession),
+    /// Connect again, after this delay (none: at once).
+    Connect(Option<Duration>),
+    /// The agent stops.
+    Stop,
+}
+
+type Shutdown<'a, F> = Pin<&'a mut F>;
+
+impl Links {
+    /// Validates the configuration and loads what connecting needs: the certificate, the
+    /// connector, the claims to register with, the allowlist.
+    async fn prepare(
+        config: AgentConfig,
+        status: watch::Sender<AgentStatus>,
+        ready: Arc<AtomicBool>,
+    ) -> Result<Self, AgentError> {
         config.validate()?;
         let loaded = certs::load(&config).await?;
-        let quic =
-            QuicConnector::new(loaded.client.clone(), config.session.clone()).map_err(|e| {
-                ConfigError::Invalid {
-                    what: "TLS configuration for QUIC",
-                    why: e.to_string(),
-                }
+        let reconnect = Reconnect::new(config.backoff.clone());
+        let connector = Connector::new(loaded.client, config.session.clone(), config.transport)
+            .map_err(|e| ConfigError::Invalid {
+                what: "TLS configuration of the tunnel",
+                why: e.to_string(),
             })?;
-        let connector = dialer::Connectors {
-            quic,
-            grpc: tunnel_core::GrpcConnector::new(loaded.client, config.session.clone()),
-            choice: config.transport,
-        };
-        let dialer = dialer::ServerDialer::new(
+        let server = ServerConnector::new(
             &config.server_address,
             config.server_name.as_deref(),
             connector,
@@ -124,187 +170,249 @@ impl Agent {
             node_ips: loaded.dial_ips.iter().map(ToString::to_string).collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
-        let ready = Arc::new(AtomicBool::new(false));
-        let mut meta = None;
-        if config.meta_port != 0 {
-            let addr = SocketAddr::new(config.meta_bind_address, config.meta_port);
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| AgentError::Bind { addr, source })?;
-            let state = MetaState {
-                ready: ready.clone(),
-                metrics: config.metrics.clone(),
-            };
-            meta = Some(MetaServer::spawn(listener, state));
-        }
-        let shared = Arc::new(Shared {
-            allowlist: Allowlist::new(
-                loaded.dial_ips.clone(),
-                config.allowed_ports.clone(),
-                config.localhost_proxy_ports.clone(),
-            ),
-            config,
-        });
         info!(
             node = %loaded.identity.node_name,
             node.ips = ?loaded.dial_ips,
-            server = %shared.config.server_address,
+            server = %config.server_address,
+            transport = config.transport.as_str(),
             "tunnel agent starting"
         );
+        // Every reason is a series from the start, so that a rate over it works before the
+        // first reconnect.
+        for cause in CloseCause::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .chain([QUIC_RETURN])
+        {
+            metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => cause).increment(0);
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                allowlist: Allowlist::new(
+                    loaded.dial_ips,
+                    config.allowed_ports.clone(),
+                    config.localhost_proxy_ports.clone(),
+                ),
+                config,
+            }),
+            server,
+            register,
+            status,
+            ready,
+            streams: JoinSet::new(),
+            reconnect,
+        })
+    }
 
-        let mut streams = JoinSet::new();
+    /// The meta endpoints (`/healthz`, `/readyz`, `/metrics`), unless `--meta-port` is 0.
+    async fn start_meta(&self, ready: Arc<AtomicBool>) -> Result<Option<MetaServer>, AgentError> {
+        let config = &self.shared.config;
+        if config.meta_port == 0 {
+            return Ok(None);
+        }
+        let addr = SocketAddr::new(config.meta_bind_address, config.meta_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Bind { addr, source })?;
+        let state = MetaState {
+            ready,
+            metrics: config.metrics.clone(),
+        };
+        Ok(Some(MetaServer::spawn(listener, state)))
+    }
+
+    /// Connects, serves, and connects again, until `shutdown` resolves.
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut failures: u32 = 0;
-        // A session that came up while another was serving (QUIC found again): served next.
-        let mut next: Option<AgentSession> = None;
-        'outer: loop {
-            let attempt = match next.take() {
-                Some(session) => Ok(session),
-                None => tokio::select! {
-                    r = dialer.connect(&register) => r,
-                    () = &mut shutdown => break 'outer,
-                },
+        let mut next = Next::Connect(None);
+        loop {
+            next = match next {
+                Next::Stop => return,
+                Next::Serve(session) => self.serve(session, &mut shutdown).await,
+                Next::Connect(delay) => {
+                    if let Some(delay) = delay {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = shutdown.as_mut() => return,
+                        }
+                    }
+                    let attempt = tokio::select! {
+                        r = self.server.connect(&self.register) => r,
+                        () = shutdown.as_mut() => return,
+                    };
+                    match attempt {
+                        Ok(session) => Next::Serve(session),
+                        Err(e) => Next::Connect(Some(self.connect_failed(&e))),
+                    }
+                }
             };
-            match attempt {
-                Ok(session) => {
-                    let connected_at = tokio::time::Instant::now();
-                    let transport = session.transport().as_str();
-                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "ok", "transport" => transport)
-                        .increment(1);
-                    info!(
-                        node = session.node_name(),
-                        server.id = session.server_id(),
-                        server.addr = %session.remote_addr(),
-                        transport = %session.transport(),
-                        "connected"
-                    );
-                    status.send_replace(AgentStatus::Connected {
-                        node_name: session.node_name().to_owned(),
-                        server_id: session.server_id().to_owned(),
-                        server: session.remote_addr(),
-                    });
-                    ready.store(true, Ordering::Release);
-                    let up =
-                        metrics::gauge!("edge_tunnel_agent_session_up", "transport" => transport);
-                    up.set(1.0);
-                    let session = Arc::new(session);
-                    let span =
-                        info_span!("session", server.addr = %session.remote_addr(), transport);
-                    let end = serve_session(
-                        &shared,
-                        &session,
-                        Upgrade {
-                            dialer: &dialer,
-                            register: &register,
-                        },
-                        &mut streams,
-                        &mut shutdown,
-                    )
-                    .instrument(span)
-                    .await;
-                    up.set(0.0);
-                    if !matches!(end, SessionEnd::Moved(_)) {
-                        ready.store(false, Ordering::Release);
-                        status.send_replace(AgentStatus::Disconnected);
-                    }
-                    match end {
-                        SessionEnd::Moved(newer) => {
-                            info!(
-                                from = transport,
-                                to = %newer.transport(),
-                                "moved to a QUIC session; the old one finishes its open streams"
-                            );
-                            metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "quic_again").increment(1);
-                            retire(&mut streams, &shared, session, Retirement::Moved);
-                            next = Some(*newer);
-                            continue 'outer;
-                        }
-                        SessionEnd::Shutdown => {
-                            retire(&mut streams, &shared, session, Retirement::ShuttingDown);
-                            break 'outer;
-                        }
-                        SessionEnd::Lost(reason) => {
-                            warn!(%reason, "session lost; reconnecting");
-                            // Only a session that lasted resets the backoff: two agents with
-                            // one certificate, replacing each other, must not flap every second.
-                            if connected_at.elapsed() >= STABLE_SESSION {
-                                failures = 0;
-                            }
-                            metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "lost")
-                                .increment(1);
-                        }
-                        SessionEnd::Draining(reason) => {
-                            // The server is leaving: its open streams go on while we move.
-                            info!(%reason, "server sent go-away; reconnecting");
-                            metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => "go_away").increment(1);
-                            retire(&mut streams, &shared, session, Retirement::ServerLeaving);
-                            // After a session that lasted, move at once. A short one (another
-                            // agent with our certificate keeps replacing us) backs off instead,
-                            // so that two such agents do not take turns at full speed.
-                            if connected_at.elapsed() >= STABLE_SESSION {
-                                failures = 0;
-                                continue 'outer;
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!("edge_tunnel_agent_connects_total", "result" => "error", "transport" => "none")
-                        .increment(1);
-                    if e.is_peer() {
-                        warn!(error = %e, "server rejected the agent; check the certificate and CA");
-                    } else {
-                        warn!(error = %e, "cannot reach the server");
-                    }
-                }
+        }
+    }
+
+    /// Says why no session came up, counts it under its cause, and returns the backoff.
+    fn connect_failed(&mut self, e: &ConnectError) -> Duration {
+        let reason = e.reason();
+        let cause = reason.cause.as_str();
+        metrics::counter!("edge_tunnel_agent_connects_total", "result" => "error", "transport" => "none")
+            .increment(1);
+        metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => cause).increment(1);
+        match (reason.cause, reason.initiator) {
+            (CloseCause::Refused, Initiator::Remote) => warn!(
+                cause = %cause,
+                error = %e,
+                "refused by the server: check the agent certificate (its CA must be the server's --client-ca-file)"
+            ),
+            (CloseCause::Refused, Initiator::Local) => warn!(
+                cause = %cause,
+                error = %e,
+                "refused the server's certificate: check --ca-file and --server-name"
+            ),
+            _ => warn!(cause = %cause, error = %e, "cannot reach the server"),
+        }
+        self.reconnect.failed(rand::random::<f64>())
+    }
+
+    /// Serves one session until it ends, then decides what comes next.
+    async fn serve<F: Future<Output = ()>>(
+        &mut self,
+        session: AgentSession,
+        shutdown: &mut Shutdown<'_, F>,
+    ) -> Next {
+        self.connected(&session);
+        let transport = session.transport().as_str();
+        let up = metrics::gauge!("edge_tunnel_agent_session_up", "transport" => transport);
+        up.set(1.0);
+        let session = Arc::new(session);
+        let span = info_span!("session", server.addr = %session.remote_addr(), transport);
+        let quic_return = QuicReturn {
+            server: &self.server,
+            register: &self.register,
+        };
+        let end = serve_session(
+            &self.shared,
+            &session,
+            quic_return,
+            &mut self.streams,
+            shutdown,
+        )
+        .instrument(span)
+        .await;
+        up.set(0.0);
+        let unit = rand::random::<f64>();
+        match end {
+            SessionEnd::Moved(newer) => {
+                info!(
+                    from = transport,
+                    to = %newer.transport(),
+                    "moved to a QUIC session; the old one finishes its open streams"
+                );
+                metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => QUIC_RETURN)
+                    .increment(1);
+                retire(&mut self.streams, &self.shared, session, Retirement::Moved);
+                Next::Serve(*newer)
             }
-            let delay = shared.config.backoff.delay(failures, rand::random::<f64>());
-            failures = failures.saturating_add(1);
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = &mut shutdown => break 'outer,
+            SessionEnd::Shutdown => {
+                retire(
+                    &mut self.streams,
+                    &self.shared,
+                    session,
+                    Retirement::ShuttingDown,
+                );
+                Next::Stop
+            }
+            SessionEnd::Lost(reason) => {
+                self.disconnected();
+                metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => reason.cause.as_str())
+                    .increment(1);
+                warn!(
+                    cause = %reason.cause.as_str(),
+                    closed_by = closed_by(reason.initiator),
+                    %reason,
+                    "session lost; reconnecting"
+                );
+                Next::Connect(self.reconnect.ended(false, unit))
+            }
+            SessionEnd::Draining(reason) => {
+                self.disconnected();
+                metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => reason.cause.as_str())
+                    .increment(1);
+                // The server is leaving: its open streams go on while we move.
+                info!(cause = %reason.cause.as_str(), "server sent go-away; reconnecting");
+                retire(
+                    &mut self.streams,
+                    &self.shared,
+                    session,
+                    Retirement::ServerLeaving,
+                );
+                Next::Connect(self.reconnect.ended(true, unit))
             }
         }
-        // Let open streams finish, within the drain timeout. Aborting the rest drops the
-        // sessions they hold, which closes those links.
-        drain::join_set(&mut streams, shared.config.drain_timeout).await;
-        if let Some(meta) = meta {
-            meta.stop().await;
-        }
-        info!("tunnel agent stopped");
-        Ok(())
+    }
+
+    fn connected(&mut self, session: &AgentSession) {
+        self.reconnect.connected();
+        metrics::counter!(
+            "edge_tunnel_agent_connects_total",
+            "result" => "ok",
+            "transport" => session.transport().as_str()
+        )
+        .increment(1);
+        info!(
+            node = session.node_name(),
+            server.id = session.server_id(),
+            server.addr = %session.remote_addr(),
+            transport = %session.transport(),
+            "connected"
+        );
+        self.status.send_replace(AgentStatus::Connected {
+            node_name: session.node_name().to_owned(),
+            server_id: session.server_id().to_owned(),
+            server: session.remote_addr(),
+        });
+        self.ready.store(true, Ordering::Release);
+    }
+
+    fn disconnected(&self) {
+        self.ready.store(false, Ordering::Release);
+        self.status.send_replace(AgentStatus::Disconnected);
     }
 }
 
-/// A session that lasted this long counts as healthy for the reconnect backoff.
-const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// The reconnect reason when `auto` moves from gRPC back to QUIC.
+const QUIC_RETURN: &str = "quic_return";
+
+fn closed_by(initiator: Initiator) -> &'static str {
+    match initiator {
+        Initiator::Local => "agent",
+        Initiator::Remote => "server",
+    }
+}
 
 enum SessionEnd {
     Shutdown,
-    Lost(String),
-    Draining(String),
+    Lost(CloseReason),
+    Draining(CloseReason),
     /// `auto` found QUIC again while serving over gRPC: this session is the successor.
     Moved(Box<AgentSession>),
 }
 
-/// What serving over gRPC needs to try QUIC again.
-struct Upgrade<'a> {
-    dialer: &'a dialer::ServerDialer,
+/// What serving over gRPC needs to try QUIC again (the QUIC return).
+struct QuicReturn<'a> {
+    server: &'a ServerConnector,
     register: &'a proto::Register,
 }
 
-type Attempt<'a> =
-    std::pin::Pin<Box<dyn Future<Output = Result<AgentSession, dialer::DialError>> + Send + 'a>>;
+type Attempt<'a> = Pin<Box<dyn Future<Output = Result<AgentSession, ConnectError>> + Send + 'a>>;
 
-impl<'a> Upgrade<'a> {
+impl<'a> QuicReturn<'a> {
     /// Whether `auto` should look for QUIC again while on `current`.
     fn wanted(&self, current: TransportKind) -> bool {
-        self.dialer.choice() == TransportChoice::Auto && current == TransportKind::Grpc
+        self.server.choice() == TransportChoice::Auto && current == TransportKind::Grpc
     }
 
     fn attempt(&self) -> Attempt<'a> {
-        let (dialer, register) = (self.dialer, self.register);
-        Box::pin(async move { dialer.connect_over(TransportChoice::Quic, register).await })
+        let (server, register) = (self.server, self.register);
+        Box::pin(async move { server.connect_over(TransportChoice::Quic, register).await })
     }
 }
 
@@ -337,11 +445,11 @@ enum Retirement {
 
 /// Retires `session` in a task of `streams` (so shutdown waits for it): tells the server we
 /// are leaving (unless it is the one leaving), and goes on serving what the server opened
-/// before it heard (a stream or dial may cross the go-away on the wire) until the link closes.
-/// The server closes it once its side of the streams is done, by when every byte has arrived;
-/// a close from here could cut bytes in flight, so the agent closes it itself only after its
-/// drain timeout (a server that never does, or one on another replica), or, when shutting
-/// down, once it is idle.
+/// before it heard (a stream or request may cross the go-away on the wire) until the link
+/// closes. The server closes it once its side of the streams is done, by when every byte has
+/// arrived; a close from here could cut bytes in flight, so the agent closes it itself only
+/// after its drain timeout (a server that never does, or one on another replica), or, when
+/// shutting down, once it is idle.
 fn retire(
     streams: &mut JoinSet<()>,
     shared: &Arc<Shared>,
@@ -351,11 +459,11 @@ fn retire(
     let drain = shared.config.drain_timeout;
     let (deadline, close_when_idle) = match why {
         Retirement::Moved => {
-            session.go_away("agent moved to another session", drain);
+            session.go_away(CloseCause::Replaced, drain);
             (Some(drain), false)
         }
         Retirement::ShuttingDown => {
-            session.go_away("agent shutting down", drain);
+            session.go_away(CloseCause::Shutdown, drain);
             (Some(drain), true)
         }
         Retirement::ServerLeaving => (None, false),
@@ -382,12 +490,12 @@ fn retire(
                     _ = session.closed() => break,
                     // Shutting down: nothing more will be asked of this link once it is idle.
                     () = session.idle(), if close_when_idle => {
-                        session.close("agent shutting down");
+                        session.close(CloseCause::Shutdown);
                         break;
                     }
                     () = &mut expiry => {
                         warn!(open = session.open_streams(), "old session still open after the drain timeout; closing it");
-                        session.close("agent drain timeout");
+                        session.close(CloseCause::GoAway);
                         break;
                     }
                     Some(_) = open.join_next(), if !open.is_empty() => {}
@@ -401,8 +509,8 @@ fn retire(
 }
 
 /// `end`, unless shutdown comes first (an in-flight QUIC attempt must not delay it).
-async fn until_shutdown(
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+async fn until_shutdown<F: Future<Output = ()>>(
+    shutdown: &mut Shutdown<'_, F>,
     end: impl Future<Output = SessionEnd>,
 ) -> SessionEnd {
     tokio::select! {
@@ -411,22 +519,22 @@ async fn until_shutdown(
     }
 }
 
-async fn serve_session(
+async fn serve_session<F: Future<Output = ()>>(
     shared: &Arc<Shared>,
     session: &Arc<AgentSession>,
-    upgrade: Upgrade<'_>,
+    quic_return: QuicReturn<'_>,
     streams: &mut JoinSet<()>,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    shutdown: &mut Shutdown<'_, F>,
 ) -> SessionEnd {
     // With `auto` over gRPC: every `quic_retry_interval`, one QUIC attempt in the background.
-    let upgrading = upgrade.wanted(session.transport());
+    let returning = quic_return.wanted(session.transport());
     let interval = shared.config.quic_retry_interval;
     let retry = tokio::time::sleep(interval);
     let mut retry = std::pin::pin!(retry);
     let mut attempt: Option<Attempt<'_>> = None;
     loop {
         tokio::select! {
-            () = retry.as_mut(), if upgrading && attempt.is_none() => attempt = Some(upgrade.attempt()),
+            () = retry.as_mut(), if returning && attempt.is_none() => attempt = Some(quic_return.attempt()),
             done = async { attempt.as_mut().expect("guarded by is_some").await }, if attempt.is_some() => {
                 attempt = None;
                 match done {
@@ -451,13 +559,13 @@ async fn serve_session(
                         .in_current_span(),
                     );
                 }
-                Err(e) => return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Lost(e.to_string()))).await,
+                Err(e) => return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Lost(e.reason()))).await,
             },
             state = session.draining() => match state {
-                LinkState::Draining { reason } => {
+                LinkState::Draining(reason) => {
                     return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Draining(reason))).await;
                 }
-                LinkState::Closed { reason } => {
+                LinkState::Closed(reason) => {
                     return until_shutdown(shutdown, unless_moved(attempt, SessionEnd::Lost(reason))).await;
                 }
                 LinkState::Active => {}

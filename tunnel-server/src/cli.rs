@@ -113,7 +113,7 @@ pub struct ServeArgs {
     pub kubelet_read_only_port: u16,
     /// Tunnel transports to serve: quic (UDP), grpc (TCP), or both.
     #[arg(long, default_value = "quic,grpc")]
-    pub transports: crate::config::Transports,
+    pub transports: tunnel_core::Transports,
     /// Seconds open streams may run on after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_seconds: u64,

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+use tunnel_core::Transports;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tunnel_core::SessionConfig;
@@ -79,47 +80,6 @@ impl Default for ServerConfig {
             metrics: None,
             transports: Transports::default(),
         }
-    }
-}
-
-/// The tunnel transports a server offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transports {
-    /// QUIC on UDP.
-    pub quic: bool,
-    /// gRPC over TLS/TCP, for agents whose network blocks UDP.
-    pub grpc: bool,
-}
-
-impl Default for Transports {
-    fn default() -> Self {
-        Self {
-            quic: true,
-            grpc: true,
-        }
-    }
-}
-
-impl std::str::FromStr for Transports {
-    type Err = String;
-
-    /// `quic,grpc`, `quic` or `grpc`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut t = Self {
-            quic: false,
-            grpc: false,
-        };
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            match item {
-                "quic" => t.quic = true,
-                "grpc" => t.grpc = true,
-                other => return Err(format!("unknown transport {other:?} (quic, grpc)")),
-            }
-        }
-        if !t.quic && !t.grpc {
-            return Err("at least one transport is needed".into());
-        }
-        Ok(t)
     }
 }
 

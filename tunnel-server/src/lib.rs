@@ -29,13 +29,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
-use tunnel_core::QuicListener;
+use tunnel_core::{BindError, CloseCause, Listener, ListenerConfig};
 use tunnel_process::drain;
 use tunnel_process::files::{TlsFiles, TlsPaths};
 use tunnel_process::meta::{MetaServer, MetaState};
 
-pub use config::{ConfigError, ServerConfig, Transports};
+pub use config::{ConfigError, ServerConfig};
 pub use registry::Registry;
+pub use tunnel_core::Transports;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +63,7 @@ pub enum ServerError {
 pub struct Server {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
-    quic: Option<Arc<QuicListener>>,
-    grpc: Option<tunnel_core::GrpcListener>,
+    tunnel: Listener,
     secure: TcpListener,
     insecure: TcpListener,
     meta: Option<TcpListener>,
@@ -98,89 +98,40 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, S
         .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
-fn bind_error(
-    what: &'static str,
-    addr: SocketAddr,
-    e: tunnel_core::transport::quic::BindError,
-) -> ServerError {
-    use tunnel_core::transport::quic::BindError;
-    match e {
-        BindError::Io(source) => ServerError::Bind { what, addr, source },
-        BindError::Config(source) => ServerError::Config(ConfigError::Tls {
-            flag: "--tls-cert-file",
-            source,
-        }),
-        other => ServerError::Bind {
-            what,
-            addr,
-            source: std::io::Error::other(other.to_string()),
-        },
-    }
-}
-
-/// `key` is the private key's bytes, as read for TLS: the reset key follows it, so a restarted
-/// (or sibling) replica can tell the agents of a crashed one to reconnect now rather than after
+/// Binds the tunnel listener: QUIC on UDP and gRPC on TCP at one port number. `key` is the
+/// private key's bytes, as read for TLS: the QUIC reset key follows it, so a restarted (or
+/// sibling) replica can tell the agents of a crashed one to reconnect now rather than after
 /// their idle timeout.
-fn bind_quic(
-    config: &ServerConfig,
-    addr: SocketAddr,
-    tls: rustls::ServerConfig,
-    key: &[u8],
-) -> Result<QuicListener, ServerError> {
-    QuicListener::bind_with_reset_secret(addr, tls, config.session.clone(), &config.server_id, key)
-        .map_err(|e| bind_error("--tunnel-port (UDP, QUIC)", addr, e))
-}
-
-async fn bind_grpc(
-    config: &ServerConfig,
-    addr: SocketAddr,
-    tls: rustls::ServerConfig,
-) -> Result<tunnel_core::GrpcListener, ServerError> {
-    tunnel_core::GrpcListener::bind(addr, tls, config.session.clone(), &config.server_id)
-        .await
-        .map_err(|e| bind_error("--tunnel-port (TCP, gRPC)", addr, e))
-}
-
-/// Binds the tunnel listeners: gRPC on TCP and QUIC on UDP at one port number. With port 0 the
-/// kernel picks the TCP port and the UDP twin is tried; a taken twin means another pick.
 async fn bind_tunnel(
     config: &ServerConfig,
     tls: rustls::ServerConfig,
-    key: &[u8],
-) -> Result<(Option<QuicListener>, Option<tunnel_core::GrpcListener>), ServerError> {
-    let want = config.transports;
-    let attempts = if config.tunnel_port == 0 && want.quic && want.grpc {
-        16
-    } else {
-        1
+    key: Vec<u8>,
+) -> Result<Listener, ServerError> {
+    let addr = config.addr(config.tunnel_port);
+    let listener = ListenerConfig {
+        session: config.session.clone(),
+        server_id: config.server_id.clone(),
+        transports: config.transports,
+        reset_secret: Some(key),
     };
-    let mut last = None;
-    for _ in 0..attempts {
-        let grpc = match want.grpc {
-            true => Some(bind_grpc(config, config.addr(config.tunnel_port), tls.clone()).await?),
-            false => None,
-        };
-        if !want.quic {
-            return Ok((None, grpc));
-        }
-        let port = grpc
-            .as_ref()
-            .map_or(config.tunnel_port, |g| g.local_addr().port());
-        match bind_quic(config, config.addr(port), tls.clone(), key) {
-            Ok(quic) => return Ok((Some(quic), grpc)),
-            Err(ServerError::Bind { source, .. })
-                if attempts > 1 && source.kind() == std::io::ErrorKind::AddrInUse =>
-            {
-                last = Some(source);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(ServerError::Bind {
-        what: "--tunnel-port (UDP and TCP)",
-        addr: config.addr(0),
-        source: last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)),
-    })
+    Listener::bind(addr, tls, listener)
+        .await
+        .map_err(|e| match e {
+            BindError::Config(source) => ServerError::Config(ConfigError::Tls {
+                flag: "--tls-cert-file",
+                source,
+            }),
+            BindError::Io(source) => ServerError::Bind {
+                what: "--tunnel-port (UDP and TCP)",
+                addr,
+                source,
+            },
+            other => ServerError::Bind {
+                what: "--tunnel-port (UDP and TCP)",
+                addr,
+                source: std::io::Error::other(other),
+            },
+        })
 }
 
 impl Server {
@@ -188,7 +139,7 @@ impl Server {
     /// `*_addr` methods).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let (tls, key) = tls_config(&config).await?;
-        let (quic, grpc) = bind_tunnel(&config, tls, &key).await?;
+        let tunnel = bind_tunnel(&config, tls, key).await?;
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
         let meta = Some(
@@ -201,8 +152,7 @@ impl Server {
         Ok(Self {
             config: Arc::new(config),
             registry: Arc::new(Registry::default()),
-            quic: quic.map(Arc::new),
-            grpc,
+            tunnel,
             secure,
             insecure,
             meta,
@@ -211,15 +161,7 @@ impl Server {
 
     /// The tunnel listeners' address (UDP for QUIC, TCP for gRPC: the same port number).
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.quic
-            .as_ref()
-            .and_then(|q| q.local_addr().ok())
-            .or_else(|| {
-                self.grpc
-                    .as_ref()
-                    .map(tunnel_core::GrpcListener::local_addr)
-            })
-            .unwrap_or_else(|| self.config.addr(self.config.tunnel_port))
+        self.tunnel.local_addr()
     }
 
     /// The TLS front's address.
@@ -251,8 +193,7 @@ impl Server {
         let Self {
             config,
             registry,
-            quic,
-            grpc,
+            tunnel,
             secure,
             insecure,
             meta,
@@ -261,8 +202,9 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(true));
         let fronts = Arc::new(front::Fronts::new(registry.clone(), config.clone()));
         info!(
-            quic = ?quic.as_ref().and_then(|q| q.local_addr().ok()),
-            grpc = ?grpc.as_ref().map(tunnel_core::GrpcListener::local_addr),
+            tunnel = %tunnel.local_addr(),
+            quic = config.transports.quic,
+            grpc = config.transports.grpc,
             secure = ?secure.local_addr().ok(),
             insecure = ?insecure.local_addr().ok(),
             server.id = %config.server_id,
@@ -270,22 +212,14 @@ impl Server {
         );
 
         let mut tasks = JoinSet::new();
-        if let Some(quic) = &quic {
-            tasks.spawn(tunnel::serve(
-                quic.clone(),
-                registry.clone(),
-                stop.clone(),
-                config.drain_timeout,
-            ));
-        }
-        if let Some(grpc) = grpc {
-            tasks.spawn(tunnel::serve_grpc(
-                grpc,
-                registry.clone(),
-                stop.clone(),
-                config.drain_timeout,
-            ));
-        }
+        let (close_tunnel, close) = tokio::sync::oneshot::channel();
+        let agents = tokio::spawn(tunnel::serve(
+            tunnel,
+            registry.clone(),
+            stop.clone(),
+            close,
+            config.drain_timeout,
+        ));
         tasks.spawn(front::serve_tcp(
             secure,
             fronts.clone(),
@@ -314,20 +248,16 @@ impl Server {
         ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
         for session in registry.sessions() {
-            session.go_away("server shutting down", config.drain_timeout);
+            session.go_away(CloseCause::Shutdown, config.drain_timeout);
         }
         drain::within(config.drain_timeout, fronts.idle()).await;
         for session in registry.sessions() {
-            session.close("server shutting down");
+            session.close(CloseCause::Shutdown);
         }
-        if let Some(quic) = &quic {
-            quic.close("server shutting down");
-            if tokio::time::timeout(std::time::Duration::from_secs(2), quic.wait_idle())
-                .await
-                .is_err()
-            {
-                warn!("agents did not acknowledge the close in time");
-            }
+        // The tunnel's task closes the listener and ends once its links have.
+        let _ = close_tunnel.send(());
+        if let Err(e) = agents.await {
+            warn!(error = %e, "the tunnel listener's task failed");
         }
         tasks.shutdown().await;
         if let Some(meta) = meta {

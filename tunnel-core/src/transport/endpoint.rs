@@ -31,6 +31,33 @@ impl Default for Transports {
     }
 }
 
+impl std::str::FromStr for Transports {
+    type Err = crate::error::ConfigError;
+
+    /// `quic,grpc`, `quic` or `grpc`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = |why: String| crate::error::ConfigError::Invalid {
+            what: "transports",
+            why,
+        };
+        let mut t = Self {
+            quic: false,
+            grpc: false,
+        };
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item {
+                "quic" => t.quic = true,
+                "grpc" => t.grpc = true,
+                other => return Err(invalid(format!("unknown transport {other:?} (quic, grpc)"))),
+            }
+        }
+        if !t.quic && !t.grpc {
+            return Err(invalid("at least one transport is needed".into()));
+        }
+        Ok(t)
+    }
+}
+
 /// How a [`Listener`] runs.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {

@@ -13,7 +13,9 @@ use super::link::BoxFuture;
 
 /// What a transport's stream offers beyond bytes both ways: implemented by a QUIC stream pair
 /// and a gRPC `Stream` call.
-pub(crate) trait StreamIo: AsyncRead + AsyncWrite + Send + Sync + Unpin + fmt::Debug {
+pub(crate) trait StreamIo:
+    AsyncRead + AsyncWrite + Send + Sync + Unpin + fmt::Debug
+{
     /// The transport's id of the stream, for logs.
     fn id(&self) -> u64;
 

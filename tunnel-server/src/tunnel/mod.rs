@@ -68,7 +68,7 @@ fn rejected(failure: &HandshakeError) {
         warn!(
             peer.addr = %failure.remote,
             transport = %failure.transport,
-            cause = reason.cause.as_str(),
+            cause = %reason.cause.as_str(),
             error = %failure.error,
             "agent rejected"
         );
@@ -76,7 +76,7 @@ fn rejected(failure: &HandshakeError) {
         debug!(
             peer.addr = %failure.remote,
             transport = %failure.transport,
-            cause = reason.cause.as_str(),
+            cause = %reason.cause.as_str(),
             error = %failure.error,
             "agent handshake failed"
         );
@@ -132,7 +132,7 @@ async fn serve_link(
     info!(
         agent.id = %node,
         session.id = session.id(),
-        cause = reason.cause.as_str(),
+        cause = %reason.cause.as_str(),
         closed_by = initiator,
         %reason,
         "agent session ended"

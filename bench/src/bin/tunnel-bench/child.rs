@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tunnel_core::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentStatus};
 use tunnel_core::PortSet;
+use tunnel_core::TransportChoice;
 
 /// A certificate, its key, and the CA that verifies the peer.
 #[derive(Debug, Clone, clap::Args)]

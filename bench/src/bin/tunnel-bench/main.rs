@@ -22,8 +22,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tunnel_core::TransportChoice;
 use tunnel_agent::{Agent, AgentConfig, AgentStatus};
+use tunnel_core::TransportChoice;
 use tunnel_core::{PortSet, SessionConfig};
 
 use crate::child::{AgentArgs, AgentChild, ServeArgs, ServerChild, TlsFiles};
