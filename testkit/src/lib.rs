@@ -71,13 +71,15 @@ pub fn kind_of(choice: tunnel_core::TransportChoice) -> tunnel_core::TransportKi
 }
 
 /// Runs each named `async fn(TransportChoice)` once per transport, as tests in modules `quic`
-/// and `grpc`: the conformance suite, so that both transports keep the same behaviour.
+/// and `grpc`: the conformance suite, so that both transports keep the same behaviour. Tests run
+/// on a two-thread runtime; `conformance!(current_thread: ...)` puts every task on the test's
+/// thread (for a thread-local log capture).
 #[macro_export]
 macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
+    (@with $attr:meta; $($name:ident),*) => {
         mod quic {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[$attr]
                 async fn $name() {
                     super::$name(tunnel_core::TransportChoice::Quic).await;
                 }
@@ -85,12 +87,18 @@ macro_rules! conformance {
         }
         mod grpc {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[$attr]
                 async fn $name() {
                     super::$name(tunnel_core::TransportChoice::Grpc).await;
                 }
             )*
         }
+    };
+    (current_thread: $($name:ident),* $(,)?) => {
+        $crate::conformance!(@with tokio::test; $($name),*);
+    };
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!(@with tokio::test(flavor = "multi_thread", worker_threads = 2); $($name),*);
     };
 }
 

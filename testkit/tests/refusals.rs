@@ -153,25 +153,7 @@ fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }
 
-macro_rules! both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(tunnel_core::TransportChoice::Quic).await;
-                }
-            )*
-        }
-        mod grpc {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(tunnel_core::TransportChoice::Grpc).await;
-                }
-            )*
-        }
-    };
-}
-
-both_transports!(certificate_from_another_ca, identity_the_server_rejects);
+edge_tunnel_testkit::conformance!(
+    current_thread: certificate_from_another_ca,
+    identity_the_server_rejects
+);

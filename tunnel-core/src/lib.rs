@@ -1,17 +1,46 @@
 //! # tunnel-core
 //!
-//! A multiplexed reverse tunnel. An agent behind NAT dials out to a server over mutual TLS;
-//! the server then opens streams *back* through that link toward targets on the agent's node.
+//! A multiplexed reverse tunnel. An agent behind NAT connects out to a server over mutual TLS;
+//! the server then opens streams *back* through that link toward targets on the agent's node,
+//! one QUIC stream (or one HTTP/2 stream of a gRPC link, where UDP is blocked) per proxied
+//! connection.
 //!
 //! ```text
-//!  client ──▶ server front ──▶ ServerSession::open(target) ════ one QUIC stream ════▶ agent
-//!                                                                   │ allowlist check │
-//!                                                                   ▼                 ▼
-//!                                                     StreamOpenReply   dial 127.0.0.1 / node IP
+//!  client ──▶ server ──▶ ServerSession::open(target) ════ one stream ════▶ AgentSession::accept
+//!                                                                          │ check the target
+//!                                                                          ▼
+//!                                                        accept (dial it) or refuse (typed)
 //! ```
 //!
-//! * [`transport`]: sessions and streams, one transport stream per proxied connection (QUIC).
-//! * [`control`]: the sans-IO control channel (register, ping/pong, go-away).
+//! The front door is a [`Listener`] on the server and a [`Connector`] on the agent, the same
+//! for both transports (chosen by configuration):
+//!
+//! ```no_run
+//! # async fn example(server_tls: rustls::ServerConfig, agent_tls: rustls::ClientConfig)
+//! # -> Result<(), Box<dyn std::error::Error>> {
+//! use tunnel_core::*;
+//!
+//! // Server: agents connect here (QUIC on UDP and gRPC on TCP, one port number).
+//! let mut listener = Listener::bind("0.0.0.0:10262".parse()?, server_tls, ListenerConfig::default()).await?;
+//! // Agent: connect out over QUIC, or gRPC when UDP is blocked.
+//! let connector = Connector::new(agent_tls, SessionConfig::default(), TransportChoice::Auto)?;
+//! let agent = connector.connect("203.0.113.7:10262".parse()?, "tunnel.example", proto::Register::default()).await?;
+//!
+//! // The server opens a stream to a port on the agent's node...
+//! let server = listener.accept().await.ok_or("listener closed")??;
+//! let target = Target { host: TargetHost::Loopback, port: 8080 };
+//! let opening = tokio::spawn(async move { server.open(&OpenRequest::new(target, 1)).await });
+//! // ...and the agent decides: dial it and accept, or refuse with a typed answer.
+//! let requested = agent.accept().await?.read_request().await?;
+//! let at_agent = requested.accept().await?; // copy between it and the dialed target
+//! let at_server = opening.await??; // copy between it and the client
+//! # drop((at_agent, at_server));
+//! # Ok(()) }
+//! ```
+//!
+//! * [`transport`]: the listener and connector, sessions and streams; one link driver for every
+//!   transport, typed close causes ([`CloseReason`]).
+//! * [`control`]: the sans-IO control channel (register, ping/pong, go-away, close).
 //! * [`proto`]: the wire messages and their bounded framing.
 //! * [`tls`]: rustls builders (ring provider, passed explicitly) and the node identity carried by
 //!   an agent certificate.
@@ -19,7 +48,7 @@
 //! * [`copy`]: the bidirectional copy loop with half-close and idle timeout.
 //!
 //! The library installs no global state: no crypto provider, no tracing subscriber, no
-//! metrics recorder.
+//! metrics recorder, no signal handler.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::link::{Acceptor, Incoming, Link, LinkState, Opener, Requested};
-use super::stream::{StreamGuard, TunnelStream};
+use super::stream::{StreamCount, TunnelStream};
 use super::{SessionConfig, TransportKind};
 use crate::error::{CloseCause, CloseReason, OpenError, Refusal, SessionError};
 use crate::proto::{self, OpenRequest};
@@ -121,7 +121,7 @@ impl ServerSession {
             }
         }
         let limit = self.shared.config.max_streams;
-        let guard = StreamGuard::try_new(&self.shared.link.streams, limit as usize)
+        let guard = StreamCount::try_new(&self.shared.link.streams, limit as usize)
             .ok_or(OpenError::Busy(limit))?;
         let _pending = PendingOpen::new(self.transport());
         let io = self
@@ -239,7 +239,7 @@ impl AgentSession {
             Ok(inner) => Ok(IncomingStream {
                 inner,
                 header_timeout: self.config.header_timeout,
-                guard: StreamGuard::new(&self.link.streams),
+                guard: StreamCount::new(&self.link.streams),
             }),
             // The transport sees the end before the driver has said why: ask the driver.
             Err(_) => Err(SessionError::Closed(self.link.closed().await)),
@@ -272,7 +272,7 @@ impl AgentSession {
 pub struct IncomingStream {
     inner: Box<dyn Incoming>,
     header_timeout: Duration,
-    guard: StreamGuard,
+    guard: StreamCount,
 }
 
 impl IncomingStream {
@@ -300,7 +300,7 @@ impl IncomingStream {
 pub struct RequestedStream {
     request: OpenRequest,
     inner: Box<dyn Requested>,
-    guard: StreamGuard,
+    guard: StreamCount,
 }
 
 impl RequestedStream {

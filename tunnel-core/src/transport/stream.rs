@@ -35,11 +35,11 @@ pub(crate) trait StreamIo:
 pub struct TunnelStream {
     io: Box<dyn StreamIo>,
     // Keeps the stream counted in its link's open streams until it is dropped.
-    _count: StreamGuard,
+    _count: StreamCount,
 }
 
 impl TunnelStream {
-    pub(crate) fn new(io: Box<dyn StreamIo>, count: StreamGuard) -> Self {
+    pub(crate) fn new(io: Box<dyn StreamIo>, count: StreamCount) -> Self {
         Self { io, _count: count }
     }
 
@@ -92,9 +92,9 @@ impl AsyncWrite for TunnelStream {
 
 /// One count in a link's open streams, held by the stream (or the opening that becomes one).
 #[derive(Debug)]
-pub(crate) struct StreamGuard(watch::Sender<usize>);
+pub(crate) struct StreamCount(watch::Sender<usize>);
 
-impl StreamGuard {
+impl StreamCount {
     pub(crate) fn new(streams: &watch::Sender<usize>) -> Self {
         streams.send_modify(|n| *n += 1);
         Self(streams.clone())
@@ -113,7 +113,7 @@ impl StreamGuard {
     }
 }
 
-impl Drop for StreamGuard {
+impl Drop for StreamCount {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }

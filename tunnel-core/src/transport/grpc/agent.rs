@@ -35,20 +35,14 @@ pub struct GrpcConnector {
 }
 
 /// Why the TCP/TLS connection to the server failed, as a typed reason.
-fn connect_reason(e: &(dyn std::error::Error + Send + Sync + 'static)) -> CloseReason {
-    let reason = match crate::error::tls_error_in(e) {
+fn connect_reason(e: tonic::transport::Error) -> CloseReason {
+    let reason = match crate::error::tls_error_in(&e) {
         Some(rustls::Error::AlertReceived(_)) => CloseReason::remote(CloseCause::Refused),
         Some(_) => CloseReason::local(CloseCause::Refused),
         None => CloseReason::local(CloseCause::Transport),
     };
-    reason.with_source(Shared(e.to_string()))
+    reason.with_source(e)
 }
-
-/// An error's text, where the error itself cannot be kept (tonic's transport error is not
-/// `Clone` and is consumed by its caller).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Shared(String);
 
 impl GrpcConnector {
     /// A connector presenting the client certificate in `tls`.
@@ -87,6 +81,7 @@ impl GrpcConnector {
                 let mut io = tokio_rustls::TlsConnector::from(tls)
                     .connect(name, tcp)
                     .await?;
+                confirm(&mut io).await?;
                 io.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_LIMIT));
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
             }
@@ -97,7 +92,7 @@ impl GrpcConnector {
         )
         .await
         .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
-        .map_err(|e| SessionError::Closed(connect_reason(&e)))
+        .map_err(|e| SessionError::Closed(connect_reason(e)))
     }
 
     /// Connects to `addr` over TLS/TCP, verifying the server as `server_name`, and registers.
@@ -152,6 +147,49 @@ impl GrpcConnector {
             }),
             link,
         }))
+    }
+}
+
+/// How long a new connection waits for the server's first records after the handshake.
+const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (at most [`CONFIRM_WAIT`]) for the server's first records after the TLS handshake.
+/// In TLS 1.3 the server checks our certificate only after our side of the handshake is done,
+/// and answers with its session tickets, or with an alert. Read here, an alert stays a typed
+/// `rustls::Error` for the caller; read later by HTTP/2, it would reach us as text only. The
+/// records are processed in place: whatever application data came with them stays buffered in
+/// the TLS session for HTTP/2 to read.
+async fn confirm(io: &mut tokio_rustls::client::TlsStream<TcpStream>) -> std::io::Result<()> {
+    let (tcp, tls) = io.get_mut();
+    let first = async {
+        loop {
+            tcp.readable().await?;
+            match tls.read_tls(&mut TryRead(tcp)) {
+                // The server hung up: HTTP/2 will say so.
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    return tls
+                        .process_new_packets()
+                        .map(|_| ())
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    // A server that sends nothing first (no tickets) costs the wait, not the connection.
+    tokio::time::timeout(CONFIRM_WAIT, first)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// A tokio socket as the blocking reader rustls reads records from, without blocking.
+struct TryRead<'a>(&'a TcpStream);
+
+impl std::io::Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
     }
 }
 

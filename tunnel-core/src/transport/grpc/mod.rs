@@ -1,8 +1,9 @@
 //! The gRPC transport (tonic over HTTP/2 and TLS/TCP), for networks that block UDP.
 //!
-//! The agent holds one long-lived `Control` call; the server sends a `DialRequest` on it; the
-//! agent dials and answers by opening a `Stream` call whose metadata carries the stream id and
-//! whose first chunk carries the typed answer. The server pairs the call with the waiting
+//! The agent holds one long-lived `Control` call, the link's control channel; to open a stream
+//! the server sends a `StreamRequest` on it; the agent dials the target and answers by opening
+//! a `Stream` call whose metadata carries the stream id and whose first chunk carries the typed
+//! answer. The server pairs the call with the waiting
 //! opener. Each proxied connection is one HTTP/2 stream with its own flow control; nothing is
 //! multiplexed inside a call.
 

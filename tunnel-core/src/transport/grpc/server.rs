@@ -91,10 +91,10 @@ struct Paired {
     stream: GrpcStream,
 }
 
-/// A dial's waiting opener, and its link's end signal (the paired call must end with the link).
+/// A stream request's waiting opener, and its link's end signal (the paired call must end with the link).
 type Waiter = (oneshot::Sender<Answer>, CancellationToken);
 
-/// The agent's call paired with the dial, or why it could not be (its first chunk was late or
+/// The agent's call paired with the request, or why it could not be (its first chunk was late or
 /// malformed): the opener reports that, not a lost link.
 type Answer = Result<Paired, OpenError>;
 
@@ -125,7 +125,7 @@ impl Pending {
 /// What the listener hands out: a registered session, or an agent that did not become one.
 type Accepted = Result<ServerSession, HandshakeError>;
 
-struct Shared {
+struct ListenerState {
     config: Arc<SessionConfig>,
     server_id: String,
     sessions: mpsc::Sender<Accepted>,
@@ -133,7 +133,7 @@ struct Shared {
     ids: AtomicU64,
 }
 
-impl Shared {
+impl ListenerState {
     /// Reports an agent that did not become a session.
     async fn rejected(&self, remote: SocketAddr, error: SessionError) {
         let failure = HandshakeError {
@@ -148,7 +148,7 @@ impl Shared {
 /// The server's way to open streams on one gRPC link: a request on the control call, answered
 /// by the agent's `Stream` call.
 pub(crate) struct GrpcOpener {
-    shared: Arc<Shared>,
+    shared: Arc<ListenerState>,
     node: String,
     /// Cancelled when the link's driver ends.
     closed: CancellationToken,
@@ -162,7 +162,7 @@ impl std::fmt::Debug for GrpcOpener {
     }
 }
 
-struct Service(Arc<Shared>, Registrations);
+struct Service(Arc<ListenerState>, Registrations);
 
 /// Registrations in progress (each bounded by the registration timeout). Owned by the listener
 /// too, so that they end with it instead of outliving it.
@@ -223,7 +223,7 @@ impl Tunnel for Service {
             refused_stream_call("bad_id");
             return Err(Status::invalid_argument("missing or malformed stream id"));
         };
-        // Keyed by the certificate's node: an agent can only answer dials sent to it.
+        // Keyed by the certificate's node: an agent can only answer requests sent to it.
         let Some((waiter, link_closed)) = self.0.pending.take(&identity.node_name, id) else {
             refused_stream_call("unknown_id");
             debug!(agent.id = %identity.node_name, stream.id = id, "unknown, duplicate or late stream id");
@@ -259,7 +259,7 @@ impl Tunnel for Service {
 /// Registers the agent on its `Control` call and hands the session to the listener (or the
 /// failure, closed with its cause).
 async fn register(
-    shared: Arc<Shared>,
+    shared: Arc<ListenerState>,
     identity: AgentIdentity,
     remote: SocketAddr,
     inbound: Streaming<proto::Control>,
@@ -315,7 +315,7 @@ fn bad_reply(waiter: oneshot::Sender<Answer>, late: Option<Duration>, why: &str)
     let (error, status) = match late {
         Some(timeout) => (OpenError::Timeout(timeout), Status::deadline_exceeded(why)),
         None => (
-            OpenError::Protocol(proto::DecodeError::Invalid("malformed answer to a dial")),
+            OpenError::Protocol(proto::DecodeError::Invalid("malformed answer to a stream request")),
             Status::invalid_argument(why),
         ),
     };
@@ -424,7 +424,7 @@ async fn handshake(
     remote: SocketAddr,
     timeout: Duration,
     conns: mpsc::Sender<Result<PeerIo, std::io::Error>>,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerState>,
 ) {
     let error = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(mut io)) => {
@@ -464,7 +464,7 @@ impl GrpcListener {
         let local = listener.local_addr()?;
         let config = Arc::new(config);
         let (sessions_tx, sessions) = mpsc::channel(64);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ListenerState {
             config: config.clone(),
             server_id: server_id.to_owned(),
             sessions: sessions_tx,
