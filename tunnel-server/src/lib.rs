@@ -198,15 +198,17 @@ impl Server {
             insecure,
             meta,
         } = self;
+        // Stop: drain (no new agents or clients). Cut: the drain is over, end what is left.
         let (stop_tx, stop) = watch::channel(false);
+        let (cut_tx, cut) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
         let fronts = Arc::new(front::Fronts::new(registry.clone(), config.clone()));
         info!(
             tunnel = %tunnel.local_addr(),
             quic = config.transports.quic,
             grpc = config.transports.grpc,
-            secure = ?secure.local_addr().ok(),
-            insecure = ?insecure.local_addr().ok(),
+            secure = %Addr(secure.local_addr()),
+            insecure = %Addr(insecure.local_addr()),
             server.id = %config.server_id,
             "tunnel server listening"
         );
@@ -224,12 +226,14 @@ impl Server {
             secure,
             fronts.clone(),
             stop.clone(),
+            cut.clone(),
             front::sni::handle,
         ));
         tasks.spawn(front::serve_tcp(
             insecure,
             fronts.clone(),
             stop.clone(),
+            cut.clone(),
             front::http::handle,
         ));
         // The meta server outlives the drain so that probes and scrapes see it.
@@ -251,6 +255,7 @@ impl Server {
             session.go_away(CloseCause::Shutdown, config.drain_timeout);
         }
         drain::within(config.drain_timeout, fronts.idle()).await;
+        let _ = cut_tx.send(true);
         for session in registry.sessions() {
             session.close(CloseCause::Shutdown);
         }
@@ -259,7 +264,9 @@ impl Server {
         if let Err(e) = agents.await {
             warn!(error = %e, "the tunnel listener's task failed");
         }
-        tasks.shutdown().await;
+        // The fronts end their connections' tasks as soon as they hear the cut; nothing is
+        // left running when `run` returns.
+        drain::join_set(&mut tasks, CUT_GRACE).await;
         if let Some(meta) = meta {
             meta.stop().await;
         }
@@ -267,6 +274,21 @@ impl Server {
         Ok(())
     }
 }
+
+/// A listener's address for the log: the address, or why it has none.
+struct Addr(std::io::Result<SocketAddr>);
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Ok(addr) => addr.fmt(f),
+            Err(e) => write!(f, "unknown ({e})"),
+        }
+    }
+}
+
+/// How long the fronts get, once the drain is over, to end the tasks of their connections.
+const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Binds and serves `config` until `shutdown` resolves.
 pub async fn run(

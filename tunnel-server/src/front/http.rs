@@ -27,7 +27,7 @@ use tunnel_core::sniff::SniffError;
 use tunnel_core::sniff::http::{RequestForm, RequestTarget, request_target};
 use tunnel_core::{NodeRef, TunnelStream};
 
-use super::{Admission, DELIVERY_TIMEOUT, Front, Fronts, StreamGuard};
+use super::{Admission, DELIVERY_TIMEOUT, Front, FrontCount, Fronts};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -39,7 +39,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 struct Upstream {
     key: (NodeRef, u16),
     sender: client::SendRequest<Incoming>,
-    _guard: StreamGuard,
+    _guard: FrontCount,
 }
 
 /// Work a request starts that outlives it: a CONNECT tunnel, an upgraded exchange, the driver
@@ -74,12 +74,22 @@ pub(crate) async fn handle(
 ) {
     let span = info_span!("http_front", peer.addr = %peer);
     async move {
+        let mut cut = admission.cut.clone();
         let mut tasks = JoinSet::new();
-        if let Err(e) = serve_requests(fronts, tcp, admission, &mut tasks).await {
-            debug!(error = %e, "HTTP front connection ended with an error");
+        let work = async {
+            if let Err(e) = serve_requests(fronts, tcp, admission, &mut tasks).await {
+                debug!(error = %e, "HTTP front connection ended with an error");
+            }
+            // CONNECT tunnels and upgraded exchanges outlive the HTTP connection that opened
+            // them.
+            while tasks.join_next().await.is_some() {}
+        };
+        tokio::select! {
+            () = work => return,
+            () = crate::stopped(&mut cut) => {}
         }
-        // CONNECT tunnels and upgraded exchanges outlive the HTTP connection that opened them.
-        while tasks.join_next().await.is_some() {}
+        // The drain is over: what is left ends now, and is gone when the handler returns.
+        tasks.shutdown().await;
     }
     .instrument(span)
     .await;
@@ -221,9 +231,9 @@ async fn open_tunnel(
     key: &(NodeRef, u16),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let (mut stream, guard) = match conn.fronts.dial(front, &key.0, key.1).await {
+    let (mut stream, guard) = match conn.fronts.open(front, &key.0, key.1).await {
         Ok(s) => s,
-        Err(e) => return dial_error(&e),
+        Err(e) => return open_failure(&e),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let held = (guard, conn.admission.permit.clone());
@@ -377,9 +387,9 @@ async fn connect(
 ) -> Result<Upstream, Response<Body>> {
     let (stream, guard) = conn
         .fronts
-        .dial(front, &key.0, key.1)
+        .open(front, &key.0, key.1)
         .await
-        .map_err(|e| dial_error(&e))?;
+        .map_err(|e| open_failure(&e))?;
     let (sender, driver) = client::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -404,8 +414,8 @@ async fn connect(
     })
 }
 
-fn dial_error(e: &super::DialError) -> Response<Body> {
+fn open_failure(e: &super::OpenFailure) -> Response<Body> {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    debug!(error = %e, status = status.as_u16(), "dial failed");
+    debug!(error = %e, status = status.as_u16(), "open failed");
     text(status, format!("edge-tunnel: {e}"))
 }

@@ -29,7 +29,11 @@ pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub(crate) struct Admission {
     pub(crate) permit: Arc<OwnedSemaphorePermit>,
+    /// Turns true when the server drains: finish what is in flight, take nothing new.
     pub(crate) stop: watch::Receiver<bool>,
+    /// Turns true when the drain is over: cut what is left (the client sees a reset) and end
+    /// every task of the connection before returning.
+    pub(crate) cut: watch::Receiver<bool>,
 }
 
 /// Which front a stream came through (a metrics label).
@@ -52,7 +56,7 @@ impl Front {
 
 /// Why a stream could not be opened for a client.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum DialError {
+pub(crate) enum OpenFailure {
     #[error("no agent connected for node {0}")]
     NoAgent(NodeRef),
     #[error("node {node}: {source}")]
@@ -63,7 +67,7 @@ pub(crate) enum DialError {
     },
 }
 
-impl DialError {
+impl OpenFailure {
     /// The `result` label of the streams counter.
     pub(crate) fn result(&self) -> &'static str {
         match self {
@@ -78,7 +82,7 @@ impl DialError {
     }
 
     /// The HTTP status that tells a client what happened: no agent 503, agent could not reach
-    /// the target 502, dial timeout 504.
+    /// the target 502, the agent's dial timed out 504.
     pub(crate) fn status(&self) -> u16 {
         match self {
             Self::NoAgent(_) => 503,
@@ -120,22 +124,22 @@ impl Fronts {
     }
 
     /// Opens a stream to `port` on `node`, counting the outcome.
-    pub(crate) async fn dial(
+    pub(crate) async fn open(
         self: &Arc<Self>,
         front: Front,
         node: &NodeRef,
         port: u16,
-    ) -> Result<(TunnelStream, StreamGuard), DialError> {
+    ) -> Result<(TunnelStream, FrontCount), OpenFailure> {
         let started = Instant::now();
         let result = match self.registry.lookup(node) {
-            None => Err(DialError::NoAgent(node.clone())),
+            None => Err(OpenFailure::NoAgent(node.clone())),
             Some((session, host)) => {
                 let request = OpenRequest::new(Target { host, port }, session.next_trace_id());
                 debug!(agent.id = %session.identity().node_name, target = %request.target, trace.id = request.trace_id, "opening stream");
                 session
                     .open(&request)
                     .await
-                    .map_err(|source| DialError::Open {
+                    .map_err(|source| OpenFailure::Open {
                         node: node.clone(),
                         source,
                     })
@@ -149,12 +153,12 @@ impl Fronts {
             .increment(1);
         match result {
             Ok(stream) => {
-                metrics::histogram!("edge_tunnel_server_dial_duration_seconds", "front" => front.as_str())
+                metrics::histogram!("edge_tunnel_server_open_duration_seconds", "front" => front.as_str())
                     .record(started.elapsed().as_secs_f64());
-                Ok((stream, StreamGuard::new(self.clone(), front)))
+                Ok((stream, FrontCount::new(self.clone(), front)))
             }
             Err(e) => {
-                metrics::counter!("edge_tunnel_server_dial_failures_total", "reason" => label)
+                metrics::counter!("edge_tunnel_server_open_failures_total", "reason" => label)
                     .increment(1);
                 Err(e)
             }
@@ -216,12 +220,12 @@ impl Fronts {
 
 /// Counts a stream as open while it lives.
 #[derive(Debug)]
-pub(crate) struct StreamGuard {
+pub(crate) struct FrontCount {
     fronts: Arc<Fronts>,
     front: Front,
 }
 
-impl StreamGuard {
+impl FrontCount {
     fn new(fronts: Arc<Fronts>, front: Front) -> Self {
         fronts.open_streams.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!("edge_tunnel_server_streams_open", "front" => front.as_str())
@@ -230,7 +234,7 @@ impl StreamGuard {
     }
 }
 
-impl Drop for StreamGuard {
+impl Drop for FrontCount {
     fn drop(&mut self) {
         metrics::gauge!("edge_tunnel_server_streams_open", "front" => self.front.as_str())
             .decrement(1.0);
@@ -246,6 +250,7 @@ pub(crate) async fn serve_tcp<F, Fut>(
     listener: TcpListener,
     fronts: Arc<Fronts>,
     mut stop: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(Arc<Fronts>, TcpStream, SocketAddr, Admission) -> Fut,
@@ -266,7 +271,7 @@ pub(crate) async fn serve_tcp<F, Fut>(
                 Ok((tcp, peer)) => {
                     // Interactive traffic (exec, logs) must not wait for Nagle.
                     let _ = tcp.set_nodelay(true);
-                    let admission = Admission { permit: Arc::new(permit), stop: stop.clone() };
+                    let admission = Admission { permit: Arc::new(permit), stop: stop.clone(), cut: cut.clone() };
                     conns.spawn(handler(fronts.clone(), tcp, peer, admission));
                 }
                 Err(e) => {

@@ -18,7 +18,7 @@ pub(crate) async fn handle(
     fronts: Arc<Fronts>,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    _admission: Admission,
+    admission: Admission,
 ) {
     let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty);
     async move {
@@ -38,9 +38,9 @@ pub(crate) async fn handle(
         };
         tracing::Span::current().record("node", tracing::field::display(&node));
         let port = fronts.config.kubelet_port;
-        let dialed = tokio::select! {
-            dialed = fronts.dial(Front::Tls, &node, port) => dialed,
-            // Dropping the dial withdraws it: the agent stops dialing for a client that left.
+        let opened = tokio::select! {
+            opened = fronts.open(Front::Tls, &node, port) => opened,
+            // Dropping the open withdraws it: the agent stops dialing for a client that left.
             () = super::client_gone(&tcp) => {
                 metrics::counter!("edge_tunnel_server_streams_total", "front" => "tls", "result" => "client_gone")
                     .increment(1);
@@ -48,7 +48,7 @@ pub(crate) async fn handle(
                 return;
             }
         };
-        let (mut stream, _guard) = match dialed {
+        let (mut stream, _guard) = match opened {
             Ok(s) => s,
             Err(e) => {
                 // No readable error on a passthrough connection: close it, log and count.
@@ -56,7 +56,16 @@ pub(crate) async fn handle(
                 return;
             }
         };
-        if !fronts.proxy(&mut tcp, &mut stream, &hello).await {
+        let mut cut = admission.cut.clone();
+        let whole = tokio::select! {
+            whole = fronts.proxy(&mut tcp, &mut stream, &hello) => whole,
+            // The drain is over.
+            () = crate::stopped(&mut cut) => {
+                stream.abort();
+                false
+            }
+        };
+        if !whole {
             // A reset, not a FIN: the client must not take a cut stream for a whole one.
             let _ = tcp.set_zero_linger();
         }

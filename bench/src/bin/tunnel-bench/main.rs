@@ -459,15 +459,15 @@ async fn run(
             let mut rows = Vec::new();
             let mut opens = Vec::new();
             for (col, path) in &paths {
-                let dial = "edge_tunnel_server_dial_duration_seconds";
-                let before = server.metric(&format!("{dial}_sum"), &[]).await?;
-                let count = server.metric(&format!("{dial}_count"), &[]).await?;
+                let open = "edge_tunnel_server_open_duration_seconds";
+                let before = server.metric(&format!("{open}_sum"), &[]).await?;
+                let count = server.metric(&format!("{open}_count"), &[]).await?;
                 let (lat, rate) = measure::connects(path, echo, sizes.connects, conc)
                     .await
                     .with_context(|| format!("new connections over {}", col.name()))?;
-                let opened = server.metric(&format!("{dial}_count"), &[]).await? - count;
+                let opened = server.metric(&format!("{open}_count"), &[]).await? - count;
                 if opened > 0.0 {
-                    let spent = server.metric(&format!("{dial}_sum"), &[]).await? - before;
+                    let spent = server.metric(&format!("{open}_sum"), &[]).await? - before;
                     opens.push((*col, spent / opened * 1e6));
                 }
                 rows.push((*col, lat, rate));

@@ -315,7 +315,9 @@ fn bad_reply(waiter: oneshot::Sender<Answer>, late: Option<Duration>, why: &str)
     let (error, status) = match late {
         Some(timeout) => (OpenError::Timeout(timeout), Status::deadline_exceeded(why)),
         None => (
-            OpenError::Protocol(proto::DecodeError::Invalid("malformed answer to a stream request")),
+            OpenError::Protocol(proto::DecodeError::Invalid(
+                "malformed answer to a stream request",
+            )),
             Status::invalid_argument(why),
         ),
     };
