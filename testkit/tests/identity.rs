@@ -9,8 +9,8 @@ use edge_tunnel_testkit::{TestCluster, TestPki, client, metric_value};
 use http::StatusCode;
 use tokio::net::TcpStream;
 use tunnel_core::{
-    OpenError, OpenRequest, PortSet, QuicConnector, QuicListener, Refusal, SessionConfig, Target,
-    TargetHost, proto,
+    Connector, OpenError, OpenRequest, PortSet, QuicListener, Refusal, SessionConfig, Target,
+    TargetHost, TransportChoice, proto,
 };
 
 fn read(p: &std::path::Path) -> Vec<u8> {
@@ -73,7 +73,12 @@ async fn agents_without_a_certificate_or_from_another_ca_are_refused() {
         ..Default::default()
     };
 
-    let no_cert = QuicConnector::new(client_tls(&ca, None), SessionConfig::default()).unwrap();
+    let no_cert = Connector::new(
+        client_tls(&ca, None),
+        SessionConfig::default(),
+        TransportChoice::Quic,
+    )
+    .unwrap();
     let err = no_cert
         .connect(cluster.tunnel_addr, "localhost", register.clone())
         .await
@@ -82,8 +87,12 @@ async fn agents_without_a_certificate_or_from_another_ca_are_refused() {
 
     let (_, crt, key) = &foreign.agents[0];
     let other_ca = tunnel_core::Identity::from_pem(&read(crt), &read(key)).unwrap();
-    let wrong_ca =
-        QuicConnector::new(client_tls(&ca, Some(other_ca)), SessionConfig::default()).unwrap();
+    let wrong_ca = Connector::new(
+        client_tls(&ca, Some(other_ca)),
+        SessionConfig::default(),
+        TransportChoice::Quic,
+    )
+    .unwrap();
     wrong_ca
         .connect(cluster.tunnel_addr, "localhost", register.clone())
         .await
@@ -94,7 +103,12 @@ async fn agents_without_a_certificate_or_from_another_ca_are_refused() {
     // the certificates, not the client.
     let (crt, key) = cluster.pki.agent("node-a");
     let good = tunnel_core::Identity::from_pem(&read(&crt), &read(&key)).unwrap();
-    let ok = QuicConnector::new(client_tls(&ca, Some(good)), SessionConfig::default()).unwrap();
+    let ok = Connector::new(
+        client_tls(&ca, Some(good)),
+        SessionConfig::default(),
+        TransportChoice::Quic,
+    )
+    .unwrap();
     let session = ok
         .connect(cluster.tunnel_addr, "localhost", register)
         .await
@@ -234,8 +248,12 @@ async fn an_expired_agent_certificate_is_refused() {
     let expired = tunnel_core::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap();
 
     let ca = read(&cluster.pki.tunnel.ca_cert);
-    let connector =
-        QuicConnector::new(client_tls(&ca, Some(expired)), SessionConfig::default()).unwrap();
+    let connector = Connector::new(
+        client_tls(&ca, Some(expired)),
+        SessionConfig::default(),
+        TransportChoice::Quic,
+    )
+    .unwrap();
     let register = proto::Register::default();
     connector
         .connect(cluster.tunnel_addr, "localhost", register)

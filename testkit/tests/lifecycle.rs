@@ -156,8 +156,12 @@ async fn an_agent_that_never_answers_gives_504_not_a_hang() {
         &[tunnel_core::tls::ALPN_QUIC],
     )
     .unwrap();
-    let connector =
-        tunnel_core::QuicConnector::new(tls, tunnel_core::SessionConfig::default()).unwrap();
+    let connector = tunnel_core::Connector::new(
+        tls,
+        tunnel_core::SessionConfig::default(),
+        TransportChoice::Quic,
+    )
+    .unwrap();
     let session = connector
         .connect(
             cluster.tunnel_addr,

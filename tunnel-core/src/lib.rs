@@ -70,8 +70,7 @@ pub use proto::OpenRequest;
 pub use route::{NodeRef, PortSet, Target, TargetHost};
 pub use tls::{AgentIdentity, Identity};
 pub use transport::{
-    AgentSession, BindError, Connector, GrpcConnector, GrpcListener, HandshakeError,
-    IncomingStream, LinkState, Listener, ListenerConfig, QuicConnector, QuicListener,
-    RequestedStream, ServerSession, SessionConfig, TransportChoice, TransportKind, Transports,
-    TunnelStream,
+    AgentSession, BindError, Connector, GrpcListener, HandshakeError, IncomingStream, LinkState,
+    Listener, ListenerConfig, QuicListener, RequestedStream, ServerSession, SessionConfig,
+    TransportChoice, TransportKind, Transports, TunnelStream,
 };

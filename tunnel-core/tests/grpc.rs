@@ -14,8 +14,8 @@ use tunnel_core::copy::{CopyConfig, copy_bidirectional};
 use tunnel_core::transport::grpc::service::tunnel_client::TunnelClient;
 use tunnel_core::transport::grpc::{ALPN_H2, STREAM_ID_KEY};
 use tunnel_core::{
-    GrpcConnector, GrpcListener, OpenError, OpenRequest, Refusal, SessionConfig, Target,
-    TargetHost, TransportKind, proto, tls,
+    Connector, GrpcListener, OpenError, OpenRequest, Refusal, SessionConfig, Target, TargetHost,
+    TransportChoice, TransportKind, proto, tls,
 };
 
 mod common;
@@ -54,7 +54,8 @@ async fn echo_server() -> u16 {
 /// every other target as forbidden.
 fn spawn_agent(pki: &Pki, addr: SocketAddr, echo_port: u16) -> JoinHandle<()> {
     let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
-    let connector = GrpcConnector::new(client_tls, SessionConfig::default());
+    let connector =
+        Connector::new(client_tls, SessionConfig::default(), TransportChoice::Grpc).unwrap();
     let register = proto::Register {
         node_name: "claimed".into(),
         ..Default::default()
@@ -240,7 +241,8 @@ async fn an_answer_without_a_reply_fails_the_open_as_a_protocol_error_and_is_cou
     let addr = listener.local_addr();
     // An agent that registers and takes stream requests but never answers them itself.
     let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
-    let connector = GrpcConnector::new(client_tls, SessionConfig::default());
+    let connector =
+        Connector::new(client_tls, SessionConfig::default(), TransportChoice::Grpc).unwrap();
     let silent = tokio::spawn(async move {
         let session = connector
             .connect(addr, "localhost", proto::Register::default())

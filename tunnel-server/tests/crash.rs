@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use tunnel_core::{QuicConnector, SessionConfig, proto, tls};
+use tunnel_core::{Connector, SessionConfig, TransportChoice, proto, tls};
 
 fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -65,7 +65,7 @@ async fn agents_of_a_crashed_server_hear_a_reset_from_its_successor() {
     };
     config.control.ping_interval = Duration::from_secs(60);
     config.control.ping_timeout = Duration::from_secs(60);
-    let connector = QuicConnector::new(client, config).unwrap();
+    let connector = Connector::new(client, config, TransportChoice::Quic).unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let session = {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tunnel_core::{
-    AgentSession, GrpcConnector, NodeRef, QuicConnector, SessionConfig, TunnelStream, proto, tls,
+    AgentSession, Connector, NodeRef, SessionConfig, TransportChoice, TunnelStream, proto, tls,
 };
 use tunnel_server::pki::PkiFiles;
 use tunnel_server::{Server, ServerConfig, Transports};
@@ -73,35 +73,25 @@ async fn fake_agent(pki: &PkiFiles, addr: SocketAddr, transport: Transport) -> F
     let tls = agent_tls(pki);
     let config = SessionConfig::default();
     let register = proto::Register::default();
-    // The QUIC endpoint lives in the connector: kept for as long as the session.
-    let mut quic = None;
-    let session = match transport {
-        Transport::Quic => {
-            let connector = quic.insert(QuicConnector::new(tls, config).expect("QUIC connector"));
-            connector.connect(addr, "localhost", register).await
-        }
-        Transport::Grpc => {
-            GrpcConnector::new(tls, config)
-                .connect(addr, "localhost", register)
-                .await
-        }
-    }
-    .expect("agent registers");
+    let choice = match transport {
+        Transport::Quic => TransportChoice::Quic,
+        Transport::Grpc => TransportChoice::Grpc,
+    };
+    let session = Connector::new(tls, config, choice)
+        .expect("connector")
+        .connect(addr, "localhost", register)
+        .await
+        .expect("agent registers");
     assert_eq!(session.node_name(), "node-a");
     let (ended_tx, ended) = mpsc::channel(8);
     let mut task = JoinSet::new();
     task.spawn(accept_streams(session, ended_tx));
-    FakeAgent {
-        ended,
-        _task: task,
-        _quic: quic,
-    }
+    FakeAgent { ended, _task: task }
 }
 
 struct FakeAgent {
     ended: mpsc::Receiver<u16>,
     _task: JoinSet<()>,
-    _quic: Option<QuicConnector>,
 }
 
 impl FakeAgent {

@@ -9,7 +9,9 @@ use tracing::debug;
 
 use super::grpc::{GrpcConnector, GrpcListener};
 use super::quic::{PendingSession, QuicConnector, QuicListener};
-use super::{AgentSession, BindError, HandshakeError, ServerSession, SessionConfig, TransportKind};
+use super::{
+    AgentSession, BindError, HandshakeError, Server, ServerSession, SessionConfig, TransportKind,
+};
 use crate::error::{CloseCause, SessionError};
 use crate::proto;
 
@@ -351,17 +353,21 @@ impl Connector {
         server_name: &str,
         register: proto::Register,
     ) -> Result<AgentSession, SessionError> {
+        let server = Server {
+            addr,
+            name: server_name,
+        };
         match choice {
-            TransportChoice::Quic => self.quic.connect(addr, server_name, register).await,
-            TransportChoice::Grpc => self.grpc.connect(addr, server_name, register).await,
+            TransportChoice::Quic => self.quic.connect(server, register).await,
+            TransportChoice::Grpc => self.grpc.connect(server, register).await,
             TransportChoice::Auto => {
-                let quic = self.quic.connect(addr, server_name, register.clone());
+                let quic = self.quic.connect(server, register.clone());
                 match tokio::time::timeout(QUIC_FIRST, quic).await {
                     Ok(Ok(session)) => return Ok(session),
                     Ok(Err(e)) => debug!(%addr, error = %e, "QUIC failed; trying gRPC"),
                     Err(_) => debug!(%addr, "no QUIC session within {QUIC_FIRST:?}; trying gRPC"),
                 }
-                self.grpc.connect(addr, server_name, register).await
+                self.grpc.connect(server, register).await
             }
         }
     }

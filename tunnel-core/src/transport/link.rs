@@ -71,15 +71,13 @@ pub(crate) trait ControlChannel: Send + 'static {
     fn finish(&mut self, reason: &CloseReason) -> impl Future<Output = ()> + Send;
 }
 
+/// An opening in progress: the stream, once the agent has answered OK.
+pub(crate) type Opening<'a> = BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>>;
+
 /// Server side: how a transport opens a stream on its link.
 pub(crate) trait Opener: Send + Sync + fmt::Debug + 'static {
-    /// Opens a stream for `request` and waits for the agent's answer.
-    fn open<'a>(
-        &'a self,
-        link: &'a Link,
-        request: &'a OpenRequest,
-        config: &'a SessionConfig,
-    ) -> BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>>;
+    /// Opens a stream for `request` on `link` and waits for the agent's answer.
+    fn open<'a>(&'a self, link: &'a Link, request: &'a OpenRequest) -> Opening<'a>;
 }
 
 /// Agent side: how a transport hands over the streams the server opens.

@@ -24,9 +24,9 @@ use crate::control::ControlConfig;
 use crate::error::{ConfigError, SessionError};
 
 pub use endpoint::{Connector, Listener, ListenerConfig, QUIC_FIRST, TransportChoice, Transports};
-pub use grpc::{GrpcConnector, GrpcListener};
+pub use grpc::GrpcListener;
 pub use link::LinkState;
-pub use quic::{PendingSession, QuicConnector, QuicListener};
+pub use quic::{PendingSession, QuicListener};
 pub use session::{AgentSession, IncomingStream, RequestedStream, ServerSession};
 pub use stream::TunnelStream;
 
@@ -97,6 +97,13 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// The server an agent connects to: its address, and the name its certificate must carry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Server<'a> {
+    pub(crate) addr: SocketAddr,
+    pub(crate) name: &'a str,
 }
 
 /// Why a listener or connector could not be set up.

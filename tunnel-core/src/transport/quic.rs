@@ -13,11 +13,12 @@ use tokio::io::AsyncReadExt;
 use tracing::{debug, debug_span, warn};
 
 use super::link::{
-    self, Acceptor, BoxFuture, ControlChannel, Incoming, Link, Opener, RequestRead, Requested,
+    self, Acceptor, BoxFuture, ControlChannel, Incoming, Link, Opener, Opening, RequestRead,
+    Requested,
 };
 use super::session::{AgentParts, ServerParts, answer_to_result};
 use super::stream::StreamIo;
-use super::{AgentSession, BindError, ServerSession, SessionConfig, TransportKind};
+use super::{AgentSession, BindError, Server, ServerSession, SessionConfig, TransportKind};
 use crate::error::{CloseCause, CloseReason, ConfigError, OpenError, SessionError};
 use crate::proto::{self, DecodeError, MAX_CONTROL_LEN, MAX_OPEN_LEN, OpenRequest};
 use crate::tls::{ALPN_QUIC, AgentIdentity};
@@ -238,13 +239,17 @@ impl PendingSession {
         // The agent opens only the control stream; the server's commands are go-aways.
         let (claims, link) =
             link::accept_agent(control, &identity, &self.server_id, &config, 4, span).await?;
+        let opener = QuicOpener {
+            conn,
+            timeout: config.open_timeout,
+        };
         Ok(ServerSession::new(ServerParts {
             identity,
             claims,
             remote,
             transport: TransportKind::Quic,
             config,
-            opener: Box::new(QuicOpener(conn)),
+            opener: Box::new(opener),
             link,
         }))
     }
@@ -258,16 +263,19 @@ fn peer_identity(conn: &quinn::Connection) -> Result<AgentIdentity, crate::tls::
     AgentIdentity::from_chain(chain.as_deref().map(Vec::as_slice))
 }
 
-/// The agent's side: connects to servers.
+/// The agent's side of QUIC: connects to servers.
 #[derive(Debug, Clone)]
-pub struct QuicConnector {
+pub(crate) struct QuicConnector {
     client: quinn::ClientConfig,
     config: Arc<SessionConfig>,
 }
 
 impl QuicConnector {
     /// A connector presenting the client certificate in `tls`.
-    pub fn new(mut tls: rustls::ClientConfig, config: SessionConfig) -> Result<Self, BindError> {
+    pub(crate) fn new(
+        mut tls: rustls::ClientConfig,
+        config: SessionConfig,
+    ) -> Result<Self, BindError> {
         if tls.alpn_protocols.is_empty() {
             tls.alpn_protocols = vec![ALPN_QUIC.to_vec()];
         }
@@ -281,16 +289,14 @@ impl QuicConnector {
         })
     }
 
-    /// Connects to `addr`, verifying the server as `server_name`, and registers with
-    /// `register`'s claims. Each link gets its own UDP socket, so a reconnect after a NAT
-    /// rebinding starts clean.
-    pub async fn connect(
+    /// Connects to `server` and registers with `register`'s claims. Each link gets its own
+    /// UDP socket, so a reconnect after a NAT rebinding starts clean.
+    pub(crate) async fn connect(
         &self,
-        addr: SocketAddr,
-        server_name: &str,
+        server: Server<'_>,
         register: proto::Register,
     ) -> Result<AgentSession, SessionError> {
-        let bind: SocketAddr = if addr.is_ipv4() {
+        let bind: SocketAddr = if server.addr.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
@@ -302,29 +308,26 @@ impl QuicConnector {
         )?;
         let config = self.config.clone();
         let connecting = endpoint
-            .connect_with(self.client.clone(), addr, server_name)
+            .connect_with(self.client.clone(), server.addr, server.name)
             .map_err(std::io::Error::other)?;
         let conn = tokio::time::timeout(config.handshake_timeout, connecting)
             .await
             .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
             .map_err(|e| reason_of(&e))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| reason_of(&e))?;
-        let control = QuicControl::new(conn.clone(), send, recv);
-        let span = debug_span!("session", peer.addr = %addr, transport = "quic");
-        let control_machine =
-            crate::control::Control::agent(link::now(), config.control.clone(), register);
-        let (registered, link) = link::register(control, control_machine, span).await?;
-        Ok(AgentSession::new(AgentParts {
-            registered,
-            remote: addr,
+        let channel = QuicControl::new(conn.clone(), send, recv);
+        let control = crate::control::Control::agent(link::now(), config.control.clone(), register);
+        let acceptor = QuicAcceptor {
+            conn,
+            _endpoint: endpoint,
+        };
+        let parts = AgentParts {
+            remote: server.addr,
             transport: TransportKind::Quic,
             config,
-            acceptor: Box::new(QuicAcceptor {
-                conn,
-                _endpoint: endpoint,
-            }),
-            link,
-        }))
+            acceptor: Box::new(acceptor),
+        };
+        AgentSession::register(channel, control, parts).await
     }
 }
 
@@ -528,19 +531,18 @@ async fn write_frame<M: prost::Message>(
 /// The server's way to open streams: one native bidirectional stream each, its first frame
 /// the stream-open header, answered by the agent's reply frame.
 #[derive(Debug)]
-struct QuicOpener(quinn::Connection);
+struct QuicOpener {
+    conn: quinn::Connection,
+    /// Time from opening to the agent's answer.
+    timeout: Duration,
+}
 
 impl Opener for QuicOpener {
-    fn open<'a>(
-        &'a self,
-        _link: &'a Link,
-        request: &'a OpenRequest,
-        config: &'a SessionConfig,
-    ) -> BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>> {
+    fn open<'a>(&'a self, _link: &'a Link, request: &'a OpenRequest) -> Opening<'a> {
         Box::pin(async move {
-            let timeout = config.open_timeout;
+            let timeout = self.timeout;
             let deadline = tokio::time::Instant::now() + timeout;
-            let (send, recv) = tokio::time::timeout_at(deadline, self.0.open_bi())
+            let (send, recv) = tokio::time::timeout_at(deadline, self.conn.open_bi())
                 .await
                 .map_err(|_| OpenError::Timeout(timeout))?
                 .map_err(|e| OpenError::LinkClosed(reason_of(&e)))?;

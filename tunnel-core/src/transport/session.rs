@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::link::{Acceptor, Incoming, Link, LinkState, Opener, Requested};
+use super::link::{Acceptor, ControlChannel, Incoming, Link, LinkState, Opener, Requested};
 use super::stream::{StreamCount, TunnelStream};
 use super::{SessionConfig, TransportKind};
+use crate::control::Control;
 use crate::error::{CloseCause, CloseReason, OpenError, Refusal, SessionError};
 use crate::proto::{self, OpenRequest};
 use crate::tls::AgentIdentity;
@@ -124,11 +125,7 @@ impl ServerSession {
         let guard = StreamCount::try_new(&self.shared.link.streams, limit as usize)
             .ok_or(OpenError::Busy(limit))?;
         let _pending = PendingOpen::new(self.transport());
-        let io = self
-            .shared
-            .opener
-            .open(&self.shared.link, request, &self.shared.config)
-            .await?;
+        let io = self.shared.opener.open(&self.shared.link, request).await?;
         Ok(TunnelStream::new(io, guard))
     }
 
@@ -174,26 +171,31 @@ pub struct AgentSession {
     link: Link,
 }
 
-/// What a transport hands over to make an [`AgentSession`].
+/// What a transport brings to an [`AgentSession`]; registration brings the rest.
 pub(crate) struct AgentParts {
-    pub(crate) registered: proto::Registered,
     pub(crate) remote: SocketAddr,
     pub(crate) transport: TransportKind,
     pub(crate) config: Arc<SessionConfig>,
     pub(crate) acceptor: Box<dyn Acceptor>,
-    pub(crate) link: Link,
 }
 
 impl AgentSession {
-    pub(crate) fn new(parts: AgentParts) -> Self {
-        Self {
-            registered: parts.registered,
+    /// Registers on `channel` (`control` has queued our claims) and starts the link.
+    pub(crate) async fn register<C: ControlChannel>(
+        channel: C,
+        control: Control,
+        parts: AgentParts,
+    ) -> Result<Self, SessionError> {
+        let span = tracing::debug_span!("session", peer.addr = %parts.remote, transport = %parts.transport);
+        let (registered, link) = super::link::register(channel, control, span).await?;
+        Ok(Self {
+            registered,
             remote: parts.remote,
             transport: parts.transport,
             config: parts.config,
             acceptor: parts.acceptor,
-            link: parts.link,
-        }
+            link,
+        })
     }
 
     /// The node name the server registered us under (from our certificate).

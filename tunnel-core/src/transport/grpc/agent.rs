@@ -2,7 +2,6 @@
 //! calls.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +11,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, PollSender};
 use tonic::Request;
-use tracing::debug_span;
 
 use super::service::tunnel_client::TunnelClient;
 use super::stream::{AgentCalls, GrpcStream, Outbound, RequestTicket};
@@ -25,11 +23,11 @@ use crate::proto::{self, DecodeError, OpenRequest};
 use crate::transport::link::{self, Acceptor, BoxFuture, Incoming, RequestRead, Requested};
 use crate::transport::session::AgentParts;
 use crate::transport::stream::StreamIo;
-use crate::transport::{AgentSession, SessionConfig, TransportKind};
+use crate::transport::{AgentSession, Server, SessionConfig, TransportKind};
 
 /// The agent's side of the gRPC transport.
 #[derive(Debug, Clone)]
-pub struct GrpcConnector {
+pub(crate) struct GrpcConnector {
     tls: Arc<rustls::ClientConfig>,
     config: Arc<SessionConfig>,
 }
@@ -46,7 +44,7 @@ fn connect_reason(e: tonic::transport::Error) -> CloseReason {
 
 impl GrpcConnector {
     /// A connector presenting the client certificate in `tls`.
-    pub fn new(mut tls: rustls::ClientConfig, config: SessionConfig) -> Self {
+    pub(crate) fn new(mut tls: rustls::ClientConfig, config: SessionConfig) -> Self {
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
         Self {
             tls: Arc::new(tls),
@@ -54,12 +52,9 @@ impl GrpcConnector {
         }
     }
 
-    /// An HTTP/2 channel to `addr` over TLS/TCP, verifying the server as `server_name`.
-    async fn channel(
-        &self,
-        addr: SocketAddr,
-        server_name: &str,
-    ) -> Result<tonic::transport::Channel, SessionError> {
+    /// An HTTP/2 channel to `server` over TLS/TCP.
+    async fn channel(&self, server: Server<'_>) -> Result<tonic::transport::Channel, SessionError> {
+        let addr = server.addr;
         let config = &self.config;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(std::io::Error::other)?
@@ -70,7 +65,7 @@ impl GrpcConnector {
             .keep_alive_timeout(config.idle_timeout)
             .keep_alive_while_idle(true)
             .connect_timeout(config.handshake_timeout);
-        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        let name = rustls_pki_types::ServerName::try_from(server.name.to_owned())
             .map_err(std::io::Error::other)?;
         let tls = self.tls.clone();
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
@@ -95,15 +90,14 @@ impl GrpcConnector {
         .map_err(|e| SessionError::Closed(connect_reason(e)))
     }
 
-    /// Connects to `addr` over TLS/TCP, verifying the server as `server_name`, and registers.
-    pub async fn connect(
+    /// Connects to `server` over TLS/TCP and registers with `register`'s claims.
+    pub(crate) async fn connect(
         &self,
-        addr: SocketAddr,
-        server_name: &str,
+        server: Server<'_>,
         register: proto::Register,
     ) -> Result<AgentSession, SessionError> {
         let config = self.config.clone();
-        let mut client = TunnelClient::new(self.channel(addr, server_name).await?);
+        let mut client = TunnelClient::new(self.channel(server).await?);
         // The registration must be queued before the call starts: tonic sends the request
         // stream's first message with the call's headers.
         let (out_tx, out_rx) = mpsc::channel(16);
@@ -124,29 +118,29 @@ impl GrpcConnector {
         .into_inner();
         let (queue, requests) = mpsc::channel(MAX_OUTSTANDING_REQUESTS);
         let closed = CancellationToken::new();
+        let requests_in = Requests {
+            queue,
+            cancels: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let send_timeout = config.control.ping_timeout;
         let channel = GrpcControl::new(
             inbound,
             Out::Agent(out_tx),
-            config.control.ping_timeout,
-            Some(Requests {
-                queue,
-                cancels: Arc::new(Mutex::new(HashMap::new())),
-            }),
+            send_timeout,
+            Some(requests_in),
             &closed,
         );
-        let span = debug_span!("session", peer.addr = %addr, transport = "grpc");
-        let (registered, link) = link::register(channel, control, span).await?;
-        Ok(AgentSession::new(AgentParts {
-            registered,
-            remote: addr,
+        let acceptor = GrpcAcceptor {
+            calls: AgentCalls { client, closed },
+            requests: tokio::sync::Mutex::new(requests),
+        };
+        let parts = AgentParts {
+            remote: server.addr,
             transport: TransportKind::Grpc,
             config,
-            acceptor: Box::new(GrpcAcceptor {
-                calls: AgentCalls { client, closed },
-                requests: tokio::sync::Mutex::new(requests),
-            }),
-            link,
-        }))
+            acceptor: Box::new(acceptor),
+        };
+        AgentSession::register(channel, control, parts).await
     }
 }
 

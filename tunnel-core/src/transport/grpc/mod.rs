@@ -27,7 +27,7 @@ use crate::control::ControlError;
 use crate::error::{CloseCause, CloseReason, Initiator, tls_error_in};
 use crate::proto;
 
-pub use agent::GrpcConnector;
+pub(crate) use agent::GrpcConnector;
 pub use server::GrpcListener;
 use stream::RequestTicket;
 

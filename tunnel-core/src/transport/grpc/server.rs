@@ -22,7 +22,7 @@ use super::{ALPN_H2, CHUNKS_IN_FLIGHT, GrpcControl, Out, STREAM_ID_KEY};
 use crate::error::{CloseCause, CloseReason, OpenError, SessionError};
 use crate::proto::{self, OpenRequest};
 use crate::tls::AgentIdentity;
-use crate::transport::link::{self, BoxFuture, Command, DriverTask, Link, Opener};
+use crate::transport::link::{self, Command, DriverTask, Link, Opener, Opening};
 use crate::transport::session::{ServerParts, answer_to_result};
 use crate::transport::stream::StreamIo;
 use crate::transport::{BindError, HandshakeError, ServerSession, SessionConfig, TransportKind};
@@ -351,14 +351,9 @@ impl Drop for RequestGuard<'_> {
 }
 
 impl Opener for GrpcOpener {
-    fn open<'a>(
-        &'a self,
-        link: &'a Link,
-        request: &'a OpenRequest,
-        config: &'a SessionConfig,
-    ) -> BoxFuture<'a, Result<Box<dyn StreamIo>, OpenError>> {
+    fn open<'a>(&'a self, link: &'a Link, request: &'a OpenRequest) -> Opening<'a> {
         Box::pin(async move {
-            let timeout = config.open_timeout;
+            let timeout = self.shared.config.open_timeout;
             let id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
             let answer = self
                 .shared
