@@ -8,7 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tunnel_core::{Connector, SessionConfig, TransportChoice, proto, tls};
 
 fn free_udp_port() -> u16 {
@@ -17,19 +17,9 @@ fn free_udp_port() -> u16 {
 }
 
 fn start(pki: &tunnel_server::pki::PkiFiles, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tunnel-server"))
-        .arg("--tls-cert-file")
-        .arg(&pki.server_cert)
-        .arg("--tls-private-key-file")
-        .arg(&pki.server_key)
-        .arg("--client-ca-file")
-        .arg(&pki.ca_cert)
-        .args(["--bind-address", "127.0.0.1", "--transports", "quic"])
-        .args(["--tunnel-port", &port.to_string()])
-        .args(common::EPHEMERAL_FRONTS)
+    common::server_command(pki, port)
         .stderr(Stdio::null())
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("tunnel-server binary")
 }

@@ -262,21 +262,11 @@ fn logged_addr(line: &str, name: &str) -> SocketAddr {
 /// Starts the binary; returns it with its tunnel (QUIC), TLS front and HTTP front addresses,
 /// and the task that keeps reading its log (a full pipe would stall the server).
 async fn start_binary(pki: &PkiFiles) -> (Child, [SocketAddr; 3], JoinSet<()>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tunnel-server"))
-        .arg("--tls-cert-file")
-        .arg(&pki.server_cert)
-        .arg("--tls-private-key-file")
-        .arg(&pki.server_key)
-        .arg("--client-ca-file")
-        .arg(&pki.ca_cert)
-        .args(["--bind-address", "127.0.0.1", "--transports", "quic"])
-        .args(["--tunnel-port", "0"])
-        .args(common::EPHEMERAL_FRONTS)
+    let mut child = common::server_command(pki, 0)
         .args(["--drain-timeout-seconds", &DRAIN.as_secs().to_string()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .expect("tunnel-server binary");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
