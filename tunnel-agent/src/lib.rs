@@ -152,9 +152,15 @@ impl Links {
         let loaded = certs::load(&config).await?;
         let reconnect = Reconnect::new(config.backoff.clone());
         let connector = Connector::new(loaded.client, config.session.clone(), config.transport)
-            .map_err(|e| ConfigError::Invalid {
-                what: "TLS configuration of the tunnel",
-                why: e.to_string(),
+            .map_err(|e| match e {
+                tunnel_core::BindError::Config(source) => ConfigError::Tls {
+                    flag: "--tls-cert-file",
+                    source,
+                },
+                other => ConfigError::Invalid {
+                    what: "the tunnel's connector",
+                    why: other.to_string(),
+                },
             })?;
         let server = ServerConnector::new(
             &config.server_address,
@@ -312,6 +318,7 @@ impl Links {
                 Next::Serve(*newer)
             }
             SessionEnd::Shutdown => {
+                self.disconnected();
                 retire(
                     &mut self.streams,
                     &self.shared,
@@ -501,8 +508,10 @@ fn retire(
                     Some(_) = open.join_next(), if !open.is_empty() => {}
                 }
             }
-            // The streams of a closed link end with it.
+            // The streams of a closed link end with it; the close itself must reach the server
+            // before the process may exit.
             while open.join_next().await.is_some() {}
+            session.finished().await;
         }
         .in_current_span(),
     );

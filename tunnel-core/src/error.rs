@@ -325,6 +325,38 @@ impl StdError for CloseReason {
 #[error("{0}")]
 struct PeerDetail(String);
 
+/// Who refused whom, if the TLS error `e` is a refusal of a certificate (ours, by the peer's
+/// alert; or the peer's, by our verifier). Other TLS failures (ALPN, versions, a record that
+/// does not decrypt mid-session) are protocol failures, not refusals.
+pub(crate) fn tls_refusal(e: &rustls::Error) -> Option<Initiator> {
+    match e {
+        rustls::Error::AlertReceived(alert) if refusal_alert(*alert) => Some(Initiator::Remote),
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            Some(Initiator::Local)
+        }
+        _ => None,
+    }
+}
+
+/// Alerts by which a peer refuses a certificate (a bad signature is a decrypt error; a
+/// handshake failure is how some stacks say "no acceptable certificate").
+pub(crate) fn refusal_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::DecryptError
+            | A::HandshakeFailure
+            | A::CertificateRequired
+    )
+}
+
 /// The TLS alert or error somewhere in `err`'s chain, if any: how a TLS refusal reaches us
 /// through tonic, hyper and `io::Error` (whose `source()` skips the error it wraps).
 pub(crate) fn tls_error_in<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
@@ -442,9 +474,12 @@ pub enum ConfigError {
     /// The client-certificate verifier could not be built.
     #[error("client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
-    /// The TLS configuration is unusable for QUIC (needs TLS 1.3).
+    /// The TLS configuration is unusable for QUIC (needs a TLS 1.3 cipher suite).
     #[error("quic tls: {0}")]
-    Quic(String),
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The system has no randomness to draw a key from.
+    #[error("no randomness for {0}")]
+    Randomness(&'static str),
     /// A value is out of range.
     #[error("invalid {what}: {why}")]
     Invalid {

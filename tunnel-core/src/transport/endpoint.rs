@@ -205,7 +205,8 @@ impl Listener {
     }
 
     /// Stops taking new agents: new QUIC connections are refused (so that agents move to
-    /// another replica at once), the TCP listener is closed. Handshakes in progress finish.
+    /// another replica at once), the TCP listener is closed. QUIC handshakes in progress
+    /// finish; gRPC ones end with the TCP listener.
     pub fn stop_accepting(&mut self) {
         self.draining = true;
         self.grpc = None;

@@ -143,20 +143,41 @@ pub(crate) enum Command {
     Cancel(u64),
 }
 
-/// A handle's request to close the link: the first cause wins.
+/// A handle's request to close the link (the first cause wins), and the driver's word that the
+/// link is gone.
 #[derive(Debug, Default)]
 struct CloseRequest {
     cause: OnceLock<CloseCause>,
     requested: CancellationToken,
+    /// Cancelled when the driver has ended the transport too.
+    finished: CancellationToken,
 }
 
-/// The driver task of a link; aborted when the last handle goes.
+/// A task aborted when its owner is dropped.
 #[derive(Debug)]
 pub(crate) struct DriverTask(pub(crate) JoinHandle<()>);
 
 impl Drop for DriverTask {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// A link's driver, aborted with the last handle unless it is ending the link: a close asked
+/// for just before the handles went must still reach the peer. The end is bounded (the close
+/// message's flush and the peer's half, a second each at most), so such a driver outlives its
+/// handles by two seconds at most.
+#[derive(Debug)]
+struct LinkDriver {
+    task: JoinHandle<()>,
+    close: Arc<CloseRequest>,
+}
+
+impl Drop for LinkDriver {
+    fn drop(&mut self) {
+        if !self.close.requested.is_cancelled() {
+            self.task.abort();
+        }
     }
 }
 
@@ -168,7 +189,7 @@ pub(crate) struct Link {
     close: Arc<CloseRequest>,
     /// Streams open on the link (agent: from accept on, dials in progress included).
     pub(crate) streams: watch::Sender<usize>,
-    _driver: DriverTask,
+    _driver: LinkDriver,
 }
 
 impl Link {
@@ -187,9 +208,12 @@ impl Link {
         Self {
             commands,
             state,
+            _driver: LinkDriver {
+                task,
+                close: close.clone(),
+            },
             close,
             streams: watch::Sender::new(0),
-            _driver: DriverTask(task),
         }
     }
 
@@ -229,6 +253,12 @@ impl Link {
             Ok(s) => s.clone(),
             Err(_) => gone(),
         }
+    }
+
+    /// Resolves when the driver has ended the transport as well: the close reached the peer,
+    /// or the bounded wait for it is over.
+    pub(crate) async fn finished(&self) {
+        self.close.finished.cancelled().await;
     }
 
     /// Resolves when the link is closed, with why.
@@ -392,9 +422,12 @@ async fn drive<C: ControlChannel>(
     close: Arc<CloseRequest>,
 ) {
     let Err(reason) = serve(&mut channel, &mut control, &mut commands, &state, &close).await;
+    // Ending: the handles must not abort what follows, and must not route anything more here.
+    close.requested.cancel();
+    state.send_replace(LinkState::Closed(reason.clone()));
     end(&mut channel, &mut control, &reason).await;
+    close.finished.cancel();
     debug!(%reason, cause = reason.cause.as_str(), "link ended");
-    state.send_replace(LinkState::Closed(reason));
 }
 
 async fn serve<C: ControlChannel>(

@@ -106,7 +106,7 @@ impl QuicListener {
     ) -> Result<Self, BindError> {
         let mut key = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-            .map_err(|_| ConfigError::Quic("no randomness for the stateless reset key".into()))?;
+            .map_err(|_| ConfigError::Randomness("the stateless reset key"))?;
         Self::bind_with_reset_secret(addr, tls, config, server_id, &key)
     }
 
@@ -126,8 +126,7 @@ impl QuicListener {
         }
         // 0-RTT data could be replayed; agents gain nothing from it.
         tls.max_early_data_size = 0;
-        let crypto = QuicServerConfig::try_from(Arc::new(tls))
-            .map_err(|e| ConfigError::Quic(e.to_string()))?;
+        let crypto = QuicServerConfig::try_from(Arc::new(tls)).map_err(ConfigError::Quic)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         // The agent opens only the control stream; the server opens the rest.
         server.transport_config(Arc::new(transport_config(&config, 1)));
@@ -279,8 +278,7 @@ impl QuicConnector {
         if tls.alpn_protocols.is_empty() {
             tls.alpn_protocols = vec![ALPN_QUIC.to_vec()];
         }
-        let crypto = QuicClientConfig::try_from(Arc::new(tls))
-            .map_err(|e| ConfigError::Quic(e.to_string()))?;
+        let crypto = QuicClientConfig::try_from(Arc::new(tls)).map_err(ConfigError::Quic)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport_config(&config, config.max_streams)));
         Ok(Self {
@@ -340,7 +338,14 @@ fn close(conn: &quinn::Connection, cause: CloseCause, detail: &str) {
 /// refusals: ours when we raised them, the peer's when it did.
 fn reason_of(e: &quinn::ConnectionError) -> CloseReason {
     use quinn::ConnectionError as E;
-    let is_tls_alert = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    // TLS alerts travel as crypto error codes (0x100 + alert); only some are refusals.
+    let is_refusal = |code: quinn::TransportErrorCode| {
+        let code = u64::from(code);
+        (0x100..0x200).contains(&code)
+            && u8::try_from(code - 0x100).is_ok_and(|alert| {
+                crate::error::refusal_alert(rustls::AlertDescription::from(alert))
+            })
+    };
     match e {
         E::ApplicationClosed(close) => {
             let cause = u32::try_from(close.error_code.into_inner())
@@ -351,7 +356,7 @@ fn reason_of(e: &quinn::ConnectionError) -> CloseReason {
         }
         E::ConnectionClosed(close) => {
             let code = close.error_code;
-            let cause = if is_tls_alert(code) {
+            let cause = if is_refusal(code) {
                 CloseCause::Refused
             } else if code == quinn::TransportErrorCode::CONNECTION_REFUSED {
                 // What a draining server answers to new connections.
@@ -364,7 +369,7 @@ fn reason_of(e: &quinn::ConnectionError) -> CloseReason {
             CloseReason::remote(cause).with_source(e.clone())
         }
         E::TransportError(te) => {
-            let cause = if is_tls_alert(te.code) {
+            let cause = if is_refusal(te.code) {
                 CloseCause::Refused
             } else {
                 CloseCause::Protocol
@@ -538,14 +543,17 @@ struct QuicOpener {
 }
 
 impl Opener for QuicOpener {
-    fn open<'a>(&'a self, _link: &'a Link, request: &'a OpenRequest) -> Opening<'a> {
+    fn open<'a>(&'a self, link: &'a Link, request: &'a OpenRequest) -> Opening<'a> {
         Box::pin(async move {
             let timeout = self.timeout;
             let deadline = tokio::time::Instant::now() + timeout;
-            let (send, recv) = tokio::time::timeout_at(deadline, self.conn.open_bi())
+            let opened = tokio::time::timeout_at(deadline, self.conn.open_bi())
                 .await
-                .map_err(|_| OpenError::Timeout(timeout))?
-                .map_err(|e| OpenError::LinkClosed(reason_of(&e)))?;
+                .map_err(|_| OpenError::Timeout(timeout))?;
+            // The connection is gone: the driver knows why (our own close included).
+            let Ok((send, recv)) = opened else {
+                return Err(OpenError::LinkClosed(link.closed().await));
+            };
             let mut stream = QuicStream { send, recv };
             let header = proto::frame(&request.to_proto())?;
             let exchange = async {

@@ -158,6 +158,13 @@ impl ServerSession {
     pub async fn closed(&self) -> CloseReason {
         self.shared.link.closed().await
     }
+
+    /// Resolves once the link is closed and its transport has let go: the close reached the
+    /// agent, or the bounded wait for it (two seconds at most) is over. For a process about to
+    /// exit, so that its last close is not cut.
+    pub async fn finished(&self) {
+        self.shared.link.finished().await;
+    }
 }
 
 /// The agent's handle on its link to a server.
@@ -256,6 +263,12 @@ impl AgentSession {
     /// Resolves when the link is closed, with why and who closed it.
     pub async fn closed(&self) -> CloseReason {
         self.link.closed().await
+    }
+
+    /// Resolves once the link is closed and its transport has let go: the close reached the
+    /// server, or the bounded wait for it (two seconds at most) is over.
+    pub async fn finished(&self) {
+        self.link.finished().await;
     }
 
     /// Tells the server we are leaving, for `cause`; existing streams may go on for `drain`.

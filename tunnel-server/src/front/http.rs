@@ -3,9 +3,7 @@
 //! `proxy_url`, kubectl `proxy-url`). Requests on one keep-alive connection may name different
 //! nodes; each goes to its own.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,8 +18,6 @@ use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span};
 use tunnel_core::sniff::SniffError;
 use tunnel_core::sniff::http::{RequestForm, RequestTarget, request_target};
@@ -42,28 +38,11 @@ struct Upstream {
     _guard: FrontCount,
 }
 
-/// Work a request starts that outlives it: a CONNECT tunnel, an upgraded exchange, the driver
-/// of an upstream connection.
-type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Hands tasks to the handler of their client connection, which owns them: whatever still runs
-/// when the server's drain gives up and drops the handler is aborted with it.
-#[derive(Clone)]
-struct Spawner(mpsc::Sender<Task>);
-
-impl Spawner {
-    async fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        // Fails only once the connection is gone, and then the task has nothing left to serve.
-        let _ = self.0.send(Box::pin(task.in_current_span())).await;
-    }
-}
-
 /// What the requests of one client connection share.
 struct ClientConn {
     fronts: Arc<Fronts>,
     upstream: Mutex<Option<Upstream>>,
     admission: Admission,
-    spawner: Spawner,
 }
 
 pub(crate) async fn handle(
@@ -73,44 +52,33 @@ pub(crate) async fn handle(
     admission: Admission,
 ) {
     let span = info_span!("http_front", peer.addr = %peer);
+    let mut cut = admission.cut.clone();
     async move {
-        let mut cut = admission.cut.clone();
-        let mut tasks = JoinSet::new();
-        let work = async {
-            if let Err(e) = serve_requests(fronts, tcp, admission, &mut tasks).await {
-                debug!(error = %e, "HTTP front connection ended with an error");
-            }
-            // CONNECT tunnels and upgraded exchanges outlive the HTTP connection that opened
-            // them.
-            while tasks.join_next().await.is_some() {}
-        };
+        // The tunnels and upgrades its requests start go to the front's own tasks: this
+        // handler ends with its HTTP connection, and its memory with it.
         tokio::select! {
-            () = work => return,
+            r = serve_requests(fronts, tcp, admission) => if let Err(e) = r {
+                debug!(error = %e, "HTTP front connection ended with an error");
+            },
+            // The drain is over.
             () = crate::stopped(&mut cut) => {}
         }
-        // The drain is over: what is left ends now, and is gone when the handler returns.
-        tasks.shutdown().await;
     }
     .instrument(span)
     .await;
 }
 
-/// Serves requests until the client connection ends, taking into `tasks` what they start.
+/// Serves requests until the client connection ends.
 async fn serve_requests(
     fronts: Arc<Fronts>,
     tcp: TcpStream,
     admission: Admission,
-    tasks: &mut JoinSet<()>,
 ) -> hyper::Result<()> {
-    // Each task is taken as soon as it is sent, so one slot bounds the queue without holding
-    // a request up.
-    let (spawner, mut spawned) = mpsc::channel(1);
     let mut stop = admission.stop.clone();
     let shared = Arc::new(ClientConn {
         fronts,
         upstream: Mutex::new(None),
         admission,
-        spawner: Spawner(spawner),
     });
     let service = service_fn(move |req| {
         let shared = shared.clone();
@@ -122,28 +90,14 @@ async fn serve_requests(
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let mut draining = false;
-    let result = loop {
-        tokio::select! {
-            r = conn.as_mut() => break r,
-            Some(task) = spawned.recv() => {
-                tasks.spawn(task);
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            () = crate::stopped(&mut stop), if !draining => {
-                // Draining: finish the request in flight, then close the keep-alive
-                // connection (and the upstream stream it caches).
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    };
-    // The task of the last response (a tunnel, an upgrade) may be sent but not yet taken.
-    spawned.close();
-    while let Ok(task) = spawned.try_recv() {
-        tasks.spawn(task);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = crate::stopped(&mut stop) => {}
     }
-    result
+    // Draining: finish the request in flight, then close the keep-alive connection (and the
+    // upstream stream it caches).
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
@@ -238,7 +192,8 @@ async fn open_tunnel(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let held = (guard, conn.admission.permit.clone());
     let fronts = conn.fronts.clone();
-    conn.spawner
+    conn.admission
+        .spawner
         .spawn(async move {
             let _held = held;
             match on_upgrade.await {
@@ -334,7 +289,8 @@ async fn exchange(
         let held = (up._guard, conn.admission.permit.clone());
         drop(up.sender);
         let fronts = conn.fronts.clone();
-        conn.spawner
+        conn.admission
+            .spawner
             .spawn(async move {
                 let _held = held;
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -400,7 +356,8 @@ async fn connect(
             )
         })?;
     // The driver ends with the stream, when the sender is dropped, or at an upgrade.
-    conn.spawner
+    conn.admission
+        .spawner
         .spawn(async move {
             if let Err(e) = driver.with_upgrades().await {
                 debug!(error = %e, "upstream connection ended with an error");

@@ -6,15 +6,16 @@ pub(crate) mod sni;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 use tunnel_core::copy::copy_bidirectional;
 use tunnel_core::{NodeRef, OpenError, OpenRequest, Refusal, Target, TunnelStream};
 
@@ -31,9 +32,44 @@ pub(crate) struct Admission {
     pub(crate) permit: Arc<OwnedSemaphorePermit>,
     /// Turns true when the server drains: finish what is in flight, take nothing new.
     pub(crate) stop: watch::Receiver<bool>,
-    /// Turns true when the drain is over: cut what is left (the client sees a reset) and end
-    /// every task of the connection before returning.
+    /// Turns true when the drain is over: cut what is left and end before returning.
     pub(crate) cut: watch::Receiver<bool>,
+    /// Where the connection's requests hand what outlives them.
+    pub(crate) spawner: Spawner,
+}
+
+/// Work a request starts that outlives it: a CONNECT tunnel, an upgraded exchange, the driver
+/// of an upstream connection.
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Hands tasks to the front's listener, which owns them as it owns the connections: the drain
+/// waits for them, the cut ends them. Owned there rather than by their client connection's
+/// handler, so that the handler (and its HTTP state, about 2 KiB) goes when the connection is
+/// upgraded.
+#[derive(Clone)]
+pub(crate) struct Spawner {
+    tasks: mpsc::Sender<Task>,
+    cut: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawner").finish_non_exhaustive()
+    }
+}
+
+impl Spawner {
+    pub(crate) async fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut cut = self.cut.clone();
+        let task = async move {
+            tokio::select! {
+                () = task => {}
+                () = crate::stopped(&mut cut) => {}
+            }
+        };
+        // Fails only once the front is gone, and then the task has nothing left to serve.
+        let _ = self.tasks.send(Box::pin(task.in_current_span())).await;
+    }
 }
 
 /// Which front a stream came through (a metrics label).
@@ -257,13 +293,25 @@ pub(crate) async fn serve_tcp<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(fronts.config.max_front_connections));
+    // Connections and the tasks their requests start; each task is taken at once, so a few
+    // slots bound the queue without holding a request up.
     let mut conns = JoinSet::new();
+    let (tasks, mut spawned) = mpsc::channel(64);
+    let spawner = Spawner {
+        tasks,
+        cut: cut.clone(),
+    };
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
+            Some(task) = spawned.recv() => {
+                conns.spawn(task);
+                continue;
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             () = crate::stopped(&mut stop) => break,
         };
         tokio::select! {
@@ -271,7 +319,12 @@ pub(crate) async fn serve_tcp<F, Fut>(
                 Ok((tcp, peer)) => {
                     // Interactive traffic (exec, logs) must not wait for Nagle.
                     let _ = tcp.set_nodelay(true);
-                    let admission = Admission { permit: Arc::new(permit), stop: stop.clone(), cut: cut.clone() };
+                    let admission = Admission {
+                        permit: Arc::new(permit),
+                        stop: stop.clone(),
+                        cut: cut.clone(),
+                        spawner: spawner.clone(),
+                    };
                     conns.spawn(handler(fronts.clone(), tcp, peer, admission));
                 }
                 Err(e) => {
@@ -280,10 +333,24 @@ pub(crate) async fn serve_tcp<F, Fut>(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            Some(task) = spawned.recv() => {
+                conns.spawn(task);
+            }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = crate::stopped(&mut stop) => break,
         }
     }
     drop(listener);
-    while conns.join_next().await.is_some() {}
+    drop(spawner);
+    // Until every connection and every task it started has ended (the last spawner goes with
+    // the last connection).
+    loop {
+        tokio::select! {
+            Some(task) = spawned.recv() => {
+                conns.spawn(task);
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            else => break,
+        }
+    }
 }

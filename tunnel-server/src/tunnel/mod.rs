@@ -116,6 +116,8 @@ async fn serve_link(
         let reason = session.closed().await;
         gauge.decrement(1.0);
         registry.remove(&session);
+        // The server's last close must reach the agent before the process may exit.
+        session.finished().await;
         reason
     };
     let ((), reason) = tokio::join!(retire(replaced, drain), serve);

@@ -18,7 +18,7 @@ use super::{
     ALPN_H2, CHUNKS_IN_FLIGHT, GrpcControl, MAX_OUTSTANDING_REQUESTS, Out, Requests, STREAM_ID_KEY,
     status_reason,
 };
-use crate::error::{CloseCause, CloseReason, SessionError};
+use crate::error::{CloseCause, CloseReason, Initiator, SessionError};
 use crate::proto::{self, DecodeError, OpenRequest};
 use crate::transport::link::{self, Acceptor, BoxFuture, Incoming, RequestRead, Requested};
 use crate::transport::session::AgentParts;
@@ -34,9 +34,11 @@ pub(crate) struct GrpcConnector {
 
 /// Why the TCP/TLS connection to the server failed, as a typed reason.
 fn connect_reason(e: tonic::transport::Error) -> CloseReason {
-    let reason = match crate::error::tls_error_in(&e) {
-        Some(rustls::Error::AlertReceived(_)) => CloseReason::remote(CloseCause::Refused),
-        Some(_) => CloseReason::local(CloseCause::Refused),
+    let tls = crate::error::tls_error_in(&e);
+    let reason = match tls.map(crate::error::tls_refusal) {
+        Some(Some(Initiator::Remote)) => CloseReason::remote(CloseCause::Refused),
+        Some(Some(Initiator::Local)) => CloseReason::local(CloseCause::Refused),
+        Some(None) => CloseReason::local(CloseCause::Protocol),
         None => CloseReason::local(CloseCause::Transport),
     };
     reason.with_source(e)

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::link::ControlChannel;
 use crate::control::ControlError;
-use crate::error::{CloseCause, CloseReason, Initiator, tls_error_in};
+use crate::error::{CloseCause, CloseReason, Initiator, tls_error_in, tls_refusal};
 use crate::proto;
 
 pub(crate) use agent::GrpcConnector;
@@ -164,9 +164,10 @@ impl ControlChannel for GrpcControl {
 fn status_reason(status: Status) -> CloseReason {
     use tonic::Code;
     if let Some(tls) = tls_error_in(&status) {
-        let reason = match tls {
-            rustls::Error::AlertReceived(_) => CloseReason::remote(CloseCause::Refused),
-            _ => CloseReason::local(CloseCause::Refused),
+        let reason = match tls_refusal(tls) {
+            Some(Initiator::Remote) => CloseReason::remote(CloseCause::Refused),
+            Some(Initiator::Local) => CloseReason::local(CloseCause::Refused),
+            None => CloseReason::local(CloseCause::Protocol),
         };
         return reason.with_source(status);
     }

@@ -432,11 +432,10 @@ async fn handshake(
             return;
         }
         Ok(Err(e)) => {
-            let tls = crate::error::tls_error_in(&e).is_some();
-            let cause = if tls {
-                CloseCause::Refused
-            } else {
-                CloseCause::Transport
+            let cause = match crate::error::tls_error_in(&e).map(crate::error::tls_refusal) {
+                Some(Some(_)) => CloseCause::Refused,
+                Some(None) => CloseCause::Protocol,
+                None => CloseCause::Transport,
             };
             SessionError::Closed(CloseReason::local(cause).with_source(e))
         }
