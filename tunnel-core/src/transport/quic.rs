@@ -319,12 +319,7 @@ impl QuicConnector {
             conn,
             _endpoint: endpoint,
         };
-        let parts = AgentParts {
-            remote: server.addr,
-            transport: TransportKind::Quic,
-            config,
-            acceptor: Box::new(acceptor),
-        };
+        let parts = AgentParts::new(server.addr, TransportKind::Quic, config, acceptor);
         AgentSession::register(channel, control, parts).await
     }
 }

@@ -186,6 +186,22 @@ pub(crate) struct AgentParts {
     pub(crate) acceptor: Box<dyn Acceptor>,
 }
 
+impl AgentParts {
+    pub(crate) fn new(
+        remote: SocketAddr,
+        transport: TransportKind,
+        config: Arc<SessionConfig>,
+        acceptor: impl Acceptor,
+    ) -> Self {
+        Self {
+            remote,
+            transport,
+            config,
+            acceptor: Box::new(acceptor),
+        }
+    }
+}
+
 impl AgentSession {
     /// Registers on `channel` (`control` has queued our claims) and starts the link.
     pub(crate) async fn register<C: ControlChannel>(

@@ -136,12 +136,7 @@ impl GrpcConnector {
             calls: AgentCalls { client, closed },
             requests: tokio::sync::Mutex::new(requests),
         };
-        let parts = AgentParts {
-            remote: server.addr,
-            transport: TransportKind::Grpc,
-            config,
-            acceptor: Box::new(acceptor),
-        };
+        let parts = AgentParts::new(server.addr, TransportKind::Grpc, config, acceptor);
         AgentSession::register(channel, control, parts).await
     }
 }
