@@ -67,9 +67,11 @@ async fn close_causes_reach_the_other_side(choice: TransportChoice) {
         other => panic!("expected a closed link, got {other:?}"),
     }
 
-    // The agent closes.
+    // The agent closes and lets go of its handle at once, as a process on its way out does:
+    // the close still reaches the server with its cause.
     let (_listener, server, agent) = pair(choice).await;
     agent.close(CloseCause::Shutdown);
+    drop(agent);
     let heard = within("server hears the close", server.closed()).await;
     assert_eq!(
         (heard.cause, heard.initiator),
