@@ -49,12 +49,13 @@ async fn main() -> anyhow::Result<()> {
         let client_tls = tls::client_config(pki.agent.clone(), pki.roots()?, &[])?;
         let connector = Connector::new(client_tls, SessionConfig::default(), choice)?;
         let register = proto::Register::default();
-        let edge = connector
-            .connect(tunnel_addr, "localhost", register)
-            .await?;
-        tasks.spawn(serve_edge(edge, service_port));
-
-        let session = tunnel.accept().await.context("listener closed")??;
+        // The listener completes handshakes while it is asked for agents: both at once.
+        let (edge, session) = tokio::join!(
+            connector.connect(tunnel_addr, "localhost", register),
+            tunnel.accept()
+        );
+        tasks.spawn(serve_edge(edge?, service_port));
+        let session = session.context("listener closed")??;
         println!(
             "agent {} connected over {} from {}",
             session.identity().node_name,

@@ -20,14 +20,16 @@
 //! # -> Result<(), Box<dyn std::error::Error>> {
 //! use tunnel_core::*;
 //!
-//! // Server: agents connect here (QUIC on UDP and gRPC on TCP, one port number).
+//! // Server: agents connect here (QUIC on UDP and gRPC on TCP, one port number). It completes
+//! // their handshakes while it is asked for them, so accept in a task of its own.
 //! let mut listener = Listener::bind("0.0.0.0:10262".parse()?, server_tls, ListenerConfig::default()).await?;
-//! // Agent: connect out over QUIC, or gRPC when UDP is blocked.
+//! let accepting = tokio::spawn(async move { listener.accept().await });
+//! // Agent (on the edge node): connect out over QUIC, or gRPC when UDP is blocked.
 //! let connector = Connector::new(agent_tls, SessionConfig::default(), TransportChoice::Auto)?;
 //! let agent = connector.connect("203.0.113.7:10262".parse()?, "tunnel.example", proto::Register::default()).await?;
 //!
 //! // The server opens a stream to a port on the agent's node...
-//! let server = listener.accept().await.ok_or("listener closed")??;
+//! let server = accepting.await?.ok_or("listener closed")??;
 //! let target = Target { host: TargetHost::Loopback, port: 8080 };
 //! let opening = tokio::spawn(async move { server.open(&OpenRequest::new(target, 1)).await });
 //! // ...and the agent decides: dial it and accept, or refuse with a typed answer.

@@ -175,7 +175,8 @@ impl Listener {
 
     /// The next agent: a registered session, or one that failed its handshake or registration
     /// (for the caller to log and count; nothing is logged here). `None` once no transport is
-    /// left to listen on.
+    /// left to listen on. QUIC handshakes progress only while this is awaited: call it in a
+    /// loop of its own, not after connecting an agent from the same task.
     pub async fn accept(&mut self) -> Option<Result<ServerSession, HandshakeError>> {
         loop {
             if self.quic.is_none() && self.grpc.is_none() && self.handshakes.is_empty() {
