@@ -258,7 +258,12 @@ impl Link {
     /// Resolves when the driver has ended the transport as well: the close reached the peer,
     /// or the bounded wait for it is over.
     pub(crate) async fn finished(&self) {
-        self.close.finished.cancelled().await;
+        let mut state = self.state.clone();
+        tokio::select! {
+            () = self.close.finished.cancelled() => {}
+            // The driver is gone without a word (aborted, or it panicked).
+            () = async { while state.changed().await.is_ok() {} } => {}
+        }
     }
 
     /// Resolves when the link is closed, with why.
