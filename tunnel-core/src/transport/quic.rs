@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use quinn::VarInt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use tokio::io::AsyncReadExt;
 use tracing::{debug, debug_span, warn};
 
 use super::link::{
@@ -436,14 +435,14 @@ impl ControlChannel for QuicControl {
                 Err(e) if e.is_incomplete() => {}
                 Err(e) => return Err(CloseReason::local(CloseCause::Protocol).with_source(e)),
             }
-            // Cancel-safe: bytes land in the buffer only when the read completes.
-            match self.recv.read_buf(&mut self.buf).await {
-                Ok(0) => {
+            // Cancel-safe (quinn's word): a chunk is taken only when the read completes.
+            match self.recv.read_chunk(MAX_CONTROL_LEN, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
                     return Err(CloseReason::remote(CloseCause::Protocol)
                         .with_detail("control stream ended"));
                 }
-                Ok(_) => {}
-                Err(e) => return Err(io_reason(e)),
+                Err(e) => return Err(read_reason(e)),
             }
         }
     }
@@ -466,35 +465,6 @@ impl ControlChannel for QuicControl {
             black_holes = stats.path.black_holes_detected,
             "quic link ended"
         );
-    }
-}
-
-/// A read error of a quinn stream, through its `io::Error` form (which keeps quinn's error
-/// as the inner error).
-fn io_reason(e: std::io::Error) -> CloseReason {
-    match e
-        .into_inner()
-        .map(|inner| inner.downcast::<quinn::ReadError>())
-    {
-        Some(Ok(read)) => read_reason(*read),
-        Some(Err(other)) => CloseReason::local(CloseCause::Transport).with_source(Boxed(other)),
-        None => CloseReason::local(CloseCause::Transport),
-    }
-}
-
-/// A boxed error as a sized one, to keep it as a source.
-#[derive(Debug)]
-struct Boxed(Box<dyn std::error::Error + Send + Sync>);
-
-impl std::fmt::Display for Boxed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for Boxed {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
     }
 }
 
