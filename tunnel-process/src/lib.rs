@@ -9,6 +9,7 @@
 //! * [`signal`]: the future that resolves when the process is asked to stop.
 //! * [`drain`]: the end of a run: let work finish within a deadline, then cut the rest.
 //! * [`telemetry`]: the logging subscriber and the Prometheus recorder, for `main` only.
+//! * [`throttle`]: a token bucket for the log lines a peer can cause (refused streams).
 //!
 //! Nothing here runs on import: only [`telemetry`] installs process-wide state, and only when
 //! `main` calls it.
@@ -21,5 +22,6 @@ pub mod files;
 pub mod meta;
 pub mod signal;
 pub mod telemetry;
+pub mod throttle;
 
 pub use error::ConfigError;
