@@ -56,6 +56,9 @@ pub enum ConnectError {
         #[source]
         source: SessionError,
     },
+    /// A short attempt, made while recovering a lost link, ran out of time.
+    #[error("no session within {0:?} (short attempt while the lost link is recovered)")]
+    Attempt(std::time::Duration),
 }
 
 impl ConnectError {
@@ -67,6 +70,9 @@ impl ConnectError {
                 tunnel_core::CloseReason::local(tunnel_core::CloseCause::Transport)
             }
             Self::Connect { source, .. } => source.reason(),
+            Self::Attempt(_) => {
+                tunnel_core::CloseReason::local(tunnel_core::CloseCause::HandshakeTimeout)
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -126,6 +126,25 @@ struct Links {
     /// Every stream's task, and every retired session's, so that shutdown drains them.
     streams: JoinSet<()>,
     reconnect: Reconnect,
+    /// Sessions whose link is not closed on our side: the one served and those retiring.
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts a session in [`Links::live`] while it is held; goes with the session to its
+/// retirement.
+struct LiveSession(Arc<AtomicUsize>);
+
+impl LiveSession {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::AcqRel);
+        Self(live.clone())
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What happens after a session.
@@ -175,6 +194,9 @@ impl Links {
             },
             node_ips: loaded.dial_ips.iter().map(ToString::to_string).collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            // Tells the server that a session from before this process is dead.
+            instance_id: rand::random::<u64>() | 1,
+            live_sessions: 0,
         };
         info!(
             node = %loaded.identity.node_name,
@@ -207,7 +229,18 @@ impl Links {
             ready,
             streams: JoinSet::new(),
             reconnect,
+            live: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// What we register with now: the claims, and how many sessions this process still serves
+    /// (none: the server may reset what it still holds of ours at once).
+    fn claims(&self) -> proto::Register {
+        let live = self.live.load(Ordering::Acquire);
+        proto::Register {
+            live_sessions: u32::try_from(live).unwrap_or(u32::MAX),
+            ..self.register.clone()
+        }
     }
 
     /// The meta endpoints (`/healthz`, `/readyz`, `/metrics`), unless `--meta-port` is 0.
@@ -242,12 +275,27 @@ impl Links {
                             () = shutdown.as_mut() => return,
                         }
                     }
+                    let claims = self.claims();
+                    let started = tokio::time::Instant::now();
+                    let connect = async {
+                        match self.reconnect.attempt_timeout() {
+                            Some(limit) => {
+                                tokio::time::timeout(limit, self.server.connect(&claims))
+                                    .await
+                                    .unwrap_or(Err(ConnectError::Attempt(limit)))
+                            }
+                            None => self.server.connect(&claims).await,
+                        }
+                    };
                     let attempt = tokio::select! {
-                        r = self.server.connect(&self.register) => r,
+                        r = connect => r,
                         () = shutdown.as_mut() => return,
                     };
                     match attempt {
-                        Ok(session) => Next::Serve(session),
+                        Ok(session) => {
+                            self.reconnect.connected(started.elapsed());
+                            Next::Serve(session)
+                        }
                         Err(e) => Next::Connect(Some(self.connect_failed(&e))),
                     }
                 }
@@ -285,6 +333,7 @@ impl Links {
         shutdown: &mut Shutdown<'_, F>,
     ) -> Next {
         self.connected(&session);
+        let live = LiveSession::new(&self.live);
         let transport = session.transport().as_str();
         let up = metrics::gauge!("edge_tunnel_agent_session_up", "transport" => transport);
         up.set(1.0);
@@ -292,7 +341,7 @@ impl Links {
         let span = info_span!("session", server.addr = %session.remote_addr(), transport);
         let quic_return = QuicReturn {
             server: &self.server,
-            register: &self.register,
+            register: self.claims(),
         };
         let end = serve_session(
             &self.shared,
@@ -314,7 +363,12 @@ impl Links {
                 );
                 metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => QUIC_RETURN)
                     .increment(1);
-                retire(&mut self.streams, &self.shared, session, Retirement::Moved);
+                retire(
+                    &mut self.streams,
+                    &self.shared,
+                    (session, live),
+                    Retirement::Moved,
+                );
                 Next::Serve(*newer)
             }
             SessionEnd::Shutdown => {
@@ -322,12 +376,14 @@ impl Links {
                 retire(
                     &mut self.streams,
                     &self.shared,
-                    session,
+                    (session, live),
                     Retirement::ShuttingDown,
                 );
                 Next::Stop
             }
             SessionEnd::Lost(reason) => {
+                // Our side of the link is closed: the server may reset what it holds of it.
+                drop(live);
                 self.disconnected();
                 metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => reason.cause.as_str())
                     .increment(1);
@@ -337,7 +393,7 @@ impl Links {
                     %reason,
                     "session lost; reconnecting"
                 );
-                Next::Connect(self.reconnect.ended(false, unit))
+                Next::Connect(self.reconnect.ended(reason.cause, false, unit))
             }
             SessionEnd::Draining(reason) => {
                 self.disconnected();
@@ -348,16 +404,15 @@ impl Links {
                 retire(
                     &mut self.streams,
                     &self.shared,
-                    session,
+                    (session, live),
                     Retirement::ServerLeaving,
                 );
-                Next::Connect(self.reconnect.ended(true, unit))
+                Next::Connect(self.reconnect.ended(reason.cause, true, unit))
             }
         }
     }
 
     fn connected(&mut self, session: &AgentSession) {
-        self.reconnect.connected();
         metrics::counter!(
             "edge_tunnel_agent_connects_total",
             "result" => "ok",
@@ -406,7 +461,8 @@ enum SessionEnd {
 /// What serving over gRPC needs to try QUIC again (the QUIC return).
 struct QuicReturn<'a> {
     server: &'a ServerConnector,
-    register: &'a proto::Register,
+    /// Our claims, counting the gRPC session as live: the server retires it gently.
+    register: proto::Register,
 }
 
 type Attempt<'a> = Pin<Box<dyn Future<Output = Result<AgentSession, ConnectError>> + Send + 'a>>;
@@ -418,8 +474,8 @@ impl<'a> QuicReturn<'a> {
     }
 
     fn attempt(&self) -> Attempt<'a> {
-        let (server, register) = (self.server, self.register);
-        Box::pin(async move { server.connect_over(TransportChoice::Quic, register).await })
+        let (server, register) = (self.server, self.register.clone());
+        Box::pin(async move { server.connect_over(TransportChoice::Quic, &register).await })
     }
 }
 
@@ -460,7 +516,7 @@ enum Retirement {
 fn retire(
     streams: &mut JoinSet<()>,
     shared: &Arc<Shared>,
-    session: Arc<AgentSession>,
+    (session, live): (Arc<AgentSession>, LiveSession),
     why: Retirement,
 ) {
     let drain = shared.config.drain_timeout;
@@ -511,6 +567,7 @@ fn retire(
             // The streams of a closed link end with it; the close itself must reach the server
             // before the process may exit.
             while open.join_next().await.is_some() {}
+            drop(live);
             session.finished().await;
         }
         .in_current_span(),

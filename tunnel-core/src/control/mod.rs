@@ -9,8 +9,13 @@
 //! agent:  AwaitRegistered --Registered--> Active --GoAway(any side)--> Draining
 //! server: AwaitRegister --Register--> AwaitAccept --accept_registration--> Active --> Draining
 //! ```
-//! Once active, each side pings every `ping_interval` and declares the peer dead when the
-//! matching pong has not come back within `ping_timeout`.
+//! Once active, the server pings when it has heard nothing from the agent for `ping_interval`,
+//! and declares the agent dead when nothing comes back within `ping_timeout`: anything heard
+//! proves the peer alive, so a busy control channel carries no pings at all and an idle one one
+//! ping and one pong per interval. The agent, which expects those pings, pings only after a
+//! longer silence. A stream open left without an answer asks for a [`Control::probe`]: a ping
+//! at once, with a deadline of a few round trips, so that a dead link is found in about a
+//! second while clients wait on it rather than at the next ping.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -19,22 +24,36 @@ use crate::error::CloseCause;
 use crate::proto::{self, control::Msg};
 
 /// Liveness and handshake timing.
+///
+/// At the defaults a silent agent is found dead 9 s after it was last heard at most (5 s of
+/// silence, then 4 s for the pong), and within about 1.5 s once a stream open waits on it
+/// (0.5 s, then a probe with a 1 s deadline on a short-RTT link).
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// Time between pings once registered. Default 15 s.
+    /// Server: silence (nothing received) after which it pings. The agent pings after
+    /// `ping_interval + ping_timeout` of silence, since it expects the server's pings.
+    /// Default 5 s.
     pub ping_interval: Duration,
-    /// Time allowed for the pong. Default 10 s.
+    /// Time allowed for the answer to a ping. Default 4 s.
     pub ping_timeout: Duration,
     /// Time allowed from link up to completed registration. Default 10 s.
     pub register_timeout: Duration,
+    /// A stream open without an answer after this long (or four round trips, if longer)
+    /// probes the link. Default 500 ms.
+    pub probe_after: Duration,
+    /// Least time a probe's answer gets; three times the round trip plus four deviations when
+    /// that is longer, `ping_timeout` at most. Default 1 s.
+    pub probe_timeout: Duration,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
-            ping_interval: Duration::from_secs(15),
-            ping_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(4),
             register_timeout: Duration::from_secs(10),
+            probe_after: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -83,7 +102,9 @@ pub enum ControlError {
     #[error("registration timed out")]
     RegisterTimeout,
     /// No pong within the ping timeout.
-    #[error("ping {seq} not answered within the timeout")]
+    #[error(
+        "nothing heard from the peer in time (ping {seq} unanswered): the link is dead or cut off"
+    )]
     PingTimeout {
         /// The unanswered ping.
         seq: u64,
@@ -120,6 +141,35 @@ impl State {
 /// Bound on queued outgoing messages: a well-behaved peer never gets us past a handful.
 const MAX_OUTBOX: usize = 64;
 
+/// A ping waiting for its answer, or for anything from the peer.
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    seq: u64,
+    deadline: Instant,
+}
+
+/// Round-trip estimate from pings and their pongs, as TCP keeps it (RFC 6298).
+#[derive(Debug, Clone, Copy)]
+struct Rtt {
+    smoothed: Duration,
+    variation: Duration,
+}
+
+impl Rtt {
+    fn sample(previous: Option<Self>, sample: Duration) -> Self {
+        match previous {
+            None => Self {
+                smoothed: sample,
+                variation: sample / 2,
+            },
+            Some(p) => Self {
+                variation: (p.variation * 3 + p.smoothed.abs_diff(sample)) / 4,
+                smoothed: (p.smoothed * 7 + sample) / 8,
+            },
+        }
+    }
+}
+
 /// One side of the control channel.
 #[derive(Debug)]
 pub struct Control {
@@ -128,8 +178,12 @@ pub struct Control {
     state: State,
     outbox: VecDeque<proto::Control>,
     events: VecDeque<Event>,
-    next_ping: Option<Instant>,
-    outstanding: Option<(u64, Instant)>,
+    /// When a message from the peer last arrived (registration counts).
+    last_heard: Instant,
+    /// When our last ping left.
+    last_ping: Option<(u64, Instant)>,
+    outstanding: Option<Outstanding>,
+    rtt: Option<Rtt>,
     seq: u64,
 }
 
@@ -150,7 +204,7 @@ impl Control {
     /// The agent's side; `register` is queued for sending at once.
     pub fn agent(now: Instant, config: ControlConfig, register: proto::Register) -> Self {
         let deadline = now + config.register_timeout;
-        let mut c = Self::new(config, State::AwaitRegistered { deadline });
+        let mut c = Self::new(now, config, State::AwaitRegistered { deadline });
         c.agent = true;
         c.outbox.push_back(wrap(Msg::Register(register)));
         c
@@ -159,18 +213,20 @@ impl Control {
     /// The server's side, waiting for the agent's Register.
     pub fn server(now: Instant, config: ControlConfig) -> Self {
         let deadline = now + config.register_timeout;
-        Self::new(config, State::AwaitRegister { deadline })
+        Self::new(now, config, State::AwaitRegister { deadline })
     }
 
-    fn new(config: ControlConfig, state: State) -> Self {
+    fn new(now: Instant, config: ControlConfig, state: State) -> Self {
         Self {
             agent: false,
             config,
             state,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-            next_ping: None,
+            last_heard: now,
+            last_ping: None,
             outstanding: None,
+            rtt: None,
             seq: 0,
         }
     }
@@ -192,6 +248,9 @@ impl Control {
         msg: proto::Control,
     ) -> Result<(), ControlError> {
         let msg = msg.msg.ok_or(ControlError::Empty)?;
+        // Anything from the peer proves it alive, whatever it is.
+        self.last_heard = now;
+        self.outstanding = None;
         let unexpected = |m: &Msg, s: State| ControlError::Unexpected {
             message: msg_name(m),
             state: s.name(),
@@ -220,9 +279,13 @@ impl Control {
                     .push_back(wrap(Msg::Pong(proto::Pong { seq: p.seq })));
             }
             (State::Active | State::Draining, Msg::Pong(p)) => {
-                // A pong for an older ping is late but harmless.
-                if self.outstanding.is_some_and(|(seq, _)| seq == p.seq) {
-                    self.outstanding = None;
+                // A pong for an older ping is late but harmless; only our last ping's answer
+                // is a round-trip sample.
+                if let Some((seq, sent)) = self.last_ping
+                    && seq == p.seq
+                {
+                    self.rtt = Some(Rtt::sample(self.rtt, now.saturating_duration_since(sent)));
+                    self.last_ping = None;
                 }
             }
             // A request may cross a go-away on the wire; it was sent while the link was open,
@@ -309,7 +372,76 @@ impl Control {
 
     fn activate(&mut self, now: Instant) {
         self.state = State::Active;
-        self.next_ping = Some(now + self.config.ping_interval);
+        self.last_heard = now;
+        if !self.agent {
+            // A first round trip at once: probes need the link's RTT from the start.
+            self.ping(now, now + self.config.ping_timeout);
+        }
+    }
+
+    fn ping(&mut self, now: Instant, deadline: Instant) {
+        self.seq += 1;
+        self.outbox
+            .push_back(wrap(Msg::Ping(proto::Ping { seq: self.seq })));
+        self.last_ping = Some((self.seq, now));
+        self.outstanding = Some(Outstanding {
+            seq: self.seq,
+            deadline,
+        });
+    }
+
+    /// How long this side stays silent before it pings: the server pings on its interval,
+    /// the agent only when the server's pings stopped coming.
+    fn silence(&self) -> Duration {
+        if self.agent {
+            self.config.ping_interval + self.config.ping_timeout
+        } else {
+            self.config.ping_interval
+        }
+    }
+
+    /// When the next ping is due: after `silence` without hearing from the peer or pinging it.
+    fn next_ping(&self) -> Option<Instant> {
+        if !matches!(self.state, State::Active | State::Draining) || self.outstanding.is_some() {
+            return None;
+        }
+        let last = match self.last_ping {
+            Some((_, sent)) => sent.max(self.last_heard),
+            None => self.last_heard,
+        };
+        Some(last + self.silence())
+    }
+
+    /// The smoothed round trip of the control channel, once a ping has been answered.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt.map(|r| r.smoothed)
+    }
+
+    /// The deadline a probe gets: a few round trips on this link, within
+    /// `[probe_timeout, ping_timeout]`; `ping_timeout` while the round trip is unknown.
+    fn probe_timeout(&self) -> Duration {
+        let ceiling = self.config.ping_timeout.max(self.config.probe_timeout);
+        match self.rtt {
+            Some(r) => {
+                ((r.smoothed + r.variation * 4) * 3).clamp(self.config.probe_timeout, ceiling)
+            }
+            None => ceiling,
+        }
+    }
+
+    /// A stream open begun at `since` has had no answer: unless the peer was heard from since
+    /// then (it is alive; the open is slow for its own reasons), make sure a ping is out with
+    /// a deadline of a few round trips. At most one ping is out at a time: probes from many
+    /// waiting opens share it.
+    pub fn probe(&mut self, now: Instant, since: Instant) {
+        if !matches!(self.state, State::Active | State::Draining) || self.last_heard >= since {
+            return;
+        }
+        let deadline = now + self.probe_timeout();
+        match &mut self.outstanding {
+            Some(out) => out.deadline = out.deadline.min(deadline),
+            None => self.ping(now, deadline),
+        }
     }
 
     /// The next instant at which [`Control::handle_timeout`] must be called.
@@ -320,10 +452,14 @@ impl Control {
             | State::AwaitRegistered { deadline } => Some(deadline),
             State::Active | State::Draining => None,
         };
-        [register, self.next_ping, self.outstanding.map(|(_, d)| d)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            register,
+            self.next_ping(),
+            self.outstanding.map(|o| o.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Acts on every deadline that has passed by `now`.
@@ -338,21 +474,15 @@ impl Control {
             }
             _ => {}
         }
-        if let Some((seq, deadline)) = self.outstanding
-            && now >= deadline
+        if let Some(out) = self.outstanding
+            && now >= out.deadline
         {
-            return Err(ControlError::PingTimeout { seq });
+            return Err(ControlError::PingTimeout { seq: out.seq });
         }
-        if let Some(at) = self.next_ping
+        if let Some(at) = self.next_ping()
             && now >= at
         {
-            self.seq += 1;
-            self.outbox
-                .push_back(wrap(Msg::Ping(proto::Ping { seq: self.seq })));
-            if self.outstanding.is_none() {
-                self.outstanding = Some((self.seq, now + self.config.ping_timeout));
-            }
-            self.next_ping = Some(now + self.config.ping_interval);
+            self.ping(now, now + self.config.ping_timeout);
         }
         Ok(())
     }
@@ -427,40 +557,161 @@ mod tests {
         (agent, server)
     }
 
+    /// Moves both machines to the earlier of their deadlines and shuttles what they send.
+    fn step(now: &mut Instant, agent: &mut Control, server: &mut Control) {
+        *now = agent
+            .poll_timeout()
+            .into_iter()
+            .chain(server.poll_timeout())
+            .min()
+            .unwrap();
+        agent.handle_timeout(*now).unwrap();
+        server.handle_timeout(*now).unwrap();
+        drive(*now, agent, server).unwrap();
+    }
+
     #[test]
-    fn pings_keep_a_live_pair_up() {
-        let mut now = Instant::now();
-        let (mut agent, mut server) = registered_pair(now);
+    fn an_idle_pair_carries_one_server_ping_per_interval() {
+        let start = Instant::now();
+        let (mut agent, mut server) = registered_pair(start);
+        // The server's first ping, at registration, measured the round trip.
+        assert_eq!(server.seq, 1);
+        assert_eq!(server.rtt(), Some(Duration::ZERO));
+        let mut now = start;
         for _ in 0..10 {
-            now = agent
-                .poll_timeout()
-                .unwrap()
-                .min(server.poll_timeout().unwrap());
-            agent.handle_timeout(now).unwrap();
-            server.handle_timeout(now).unwrap();
-            drive(now, &mut agent, &mut server).unwrap();
+            step(&mut now, &mut agent, &mut server);
         }
-        assert_eq!(agent.seq, 10);
+        assert_eq!(now, start + Duration::from_secs(50));
+        assert_eq!(server.seq, 11);
+        // The agent hears the server's pings and so never needs one of its own.
+        assert_eq!(agent.seq, 0);
         assert!(agent.outstanding.is_none() && server.outstanding.is_none());
     }
 
     #[test]
-    fn silent_peer_is_declared_dead_after_interval_plus_timeout() {
+    fn traffic_from_the_peer_postpones_the_ping() {
+        let start = Instant::now();
+        let (mut agent, mut server) = registered_pair(start);
+        let first = server.poll_timeout().unwrap();
+        assert_eq!(first, start + Duration::from_secs(5));
+        // A go-away from the agent at 4 s is news from it: no ping before 9 s.
+        agent.go_away(CloseCause::Shutdown, Duration::from_secs(1));
+        drive(start + Duration::from_secs(4), &mut agent, &mut server).unwrap();
+        assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn silent_agent_is_declared_dead_after_interval_plus_timeout() {
+        let start = Instant::now();
+        let (_agent, mut server) = registered_pair(start);
+        let ping_at = server.poll_timeout().unwrap();
+        assert_eq!(ping_at, start + Duration::from_secs(5));
+        server.handle_timeout(ping_at).unwrap();
+        assert!(matches!(
+            server.poll_transmit().and_then(|m| m.msg),
+            Some(Msg::Ping(_))
+        ));
+        let dead_at = server.poll_timeout().unwrap();
+        assert_eq!(dead_at, start + Duration::from_secs(9));
+        assert_eq!(
+            server.handle_timeout(dead_at),
+            Err(ControlError::PingTimeout { seq: 2 })
+        );
+    }
+
+    #[test]
+    fn agent_pings_only_when_the_server_falls_silent() {
         let start = Instant::now();
         let (mut agent, _server) = registered_pair(start);
         let ping_at = agent.poll_timeout().unwrap();
-        assert_eq!(ping_at, start + Duration::from_secs(15));
+        assert_eq!(ping_at, start + Duration::from_secs(9));
         agent.handle_timeout(ping_at).unwrap();
-        assert!(matches!(
-            agent.poll_transmit().and_then(|m| m.msg),
-            Some(Msg::Ping(_))
-        ));
         let dead_at = agent.poll_timeout().unwrap();
-        assert_eq!(dead_at, start + Duration::from_secs(25));
+        assert_eq!(dead_at, start + Duration::from_secs(13));
         assert_eq!(
             agent.handle_timeout(dead_at),
             Err(ControlError::PingTimeout { seq: 1 })
         );
+    }
+
+    #[test]
+    fn a_probe_finds_a_silent_peer_within_a_few_round_trips() {
+        let start = Instant::now();
+        let (mut agent, mut server) = registered_pair(start);
+        // A 100 ms round trip at the next ping.
+        let mut now = start + Duration::from_secs(5);
+        server.handle_timeout(now).unwrap();
+        let ping = server.poll_transmit().unwrap();
+        agent.handle_message(now, ping).unwrap();
+        now += Duration::from_millis(100);
+        server
+            .handle_message(now, agent.poll_transmit().unwrap())
+            .unwrap();
+        let rtt = server.rtt().unwrap();
+        assert!(
+            rtt > Duration::ZERO && rtt < Duration::from_millis(100),
+            "{rtt:?}"
+        );
+        // An open begun at 6 s waits; the agent has been heard at 5.1 s only.
+        let since = start + Duration::from_secs(6);
+        now = since + Duration::from_millis(500);
+        server.probe(now, since);
+        assert!(matches!(
+            server.poll_transmit().and_then(|m| m.msg),
+            Some(Msg::Ping(_))
+        ));
+        // The floor, 1 s, for a short round trip; far before the regular 4 s.
+        let dead_at = server.poll_timeout().unwrap();
+        assert_eq!(dead_at, now + Duration::from_secs(1));
+        assert!(matches!(
+            server.handle_timeout(dead_at),
+            Err(ControlError::PingTimeout { .. })
+        ));
+    }
+
+    #[test]
+    fn probes_share_one_ping_and_spare_a_peer_heard_since_the_open_began() {
+        let start = Instant::now();
+        let (_agent, mut server) = registered_pair(start);
+        // The agent answered the registration ping at `start`: an open begun then is slow for
+        // its own reasons.
+        server.probe(start + Duration::from_secs(1), start);
+        assert!(server.poll_transmit().is_none());
+        assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(5)));
+        // A younger open probes: one ping, with the 1 s floor as its deadline.
+        server.probe(
+            start + Duration::from_secs(2),
+            start + Duration::from_secs(1),
+        );
+        assert!(matches!(
+            server.poll_transmit().and_then(|m| m.msg),
+            Some(Msg::Ping(_))
+        ));
+        assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(3)));
+        // Another waiting open shares that ping and keeps the earlier deadline.
+        server.probe(
+            start + Duration::from_millis(2500),
+            start + Duration::from_secs(2),
+        );
+        assert!(server.poll_transmit().is_none());
+        assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_long_round_trip_gives_probes_longer() {
+        let start = Instant::now();
+        let mut server = Control::server(start, ControlConfig::default());
+        server.state = State::Active;
+        server.rtt = Some(Rtt {
+            smoothed: Duration::from_millis(600),
+            variation: Duration::from_millis(50),
+        });
+        assert_eq!(server.probe_timeout(), Duration::from_millis(2400));
+        server.rtt = Some(Rtt {
+            smoothed: Duration::from_secs(2),
+            variation: Duration::ZERO,
+        });
+        assert_eq!(server.probe_timeout(), Duration::from_secs(4));
     }
 
     #[test]
@@ -508,11 +759,9 @@ mod tests {
             })
         );
         assert!(agent.is_draining() && server.is_draining());
-        now += Duration::from_secs(15);
-        agent.handle_timeout(now).unwrap();
-        server.handle_timeout(now).unwrap();
-        drive(now, &mut agent, &mut server).unwrap();
-        assert!(agent.outstanding.is_none());
+        step(&mut now, &mut agent, &mut server);
+        step(&mut now, &mut agent, &mut server);
+        assert!(agent.outstanding.is_none() && server.outstanding.is_none());
     }
 
     #[test]

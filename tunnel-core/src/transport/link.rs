@@ -16,6 +16,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -141,16 +142,20 @@ pub(crate) enum Command {
     Request(proto::StreamRequest),
     /// Server side, gRPC: withdraw a request.
     Cancel(u64),
+    /// Server side: an open begun at this instant waits for its answer; probe a silent link.
+    Probe(std::time::Instant),
 }
 
-/// A handle's request to close the link (the first cause wins), and the driver's word that the
-/// link is gone.
+/// What the handles and the driver share: a handle's request to close the link (the first
+/// cause wins), the driver's word that the link is gone, and the round trip it measured.
 #[derive(Debug, Default)]
 struct CloseRequest {
     cause: OnceLock<CloseCause>,
     requested: CancellationToken,
     /// Cancelled when the driver has ended the transport too.
     finished: CancellationToken,
+    /// The control channel's smoothed round trip in microseconds; 0 while unknown.
+    rtt_micros: AtomicU64,
 }
 
 /// A task aborted when its owner is dropped.
@@ -225,6 +230,20 @@ impl Link {
     pub(crate) fn close(&self, cause: CloseCause) {
         let _ = self.close.cause.set(cause);
         self.close.requested.cancel();
+    }
+
+    /// Asks the driver to probe the link for an open begun at `since` that has no answer yet.
+    pub(crate) fn probe(&self, since: std::time::Instant) {
+        // A full queue holds commands enough to keep the driver busy; a probe it misses is
+        // covered by the probes of the other waiting opens and by the regular pings.
+        let _ = self.commands.try_send(Command::Probe(since));
+    }
+
+    /// How long an open waits for its answer before it probes the link: four round trips,
+    /// `floor` at least.
+    pub(crate) fn probe_after(&self, floor: Duration) -> Duration {
+        let rtt = Duration::from_micros(self.close.rtt_micros.load(Ordering::Relaxed));
+        (rtt * 4).max(floor)
     }
 
     pub(crate) fn current(&self) -> LinkState {
@@ -460,6 +479,10 @@ async fn serve<C: ControlChannel>(
                 }
             }
         }
+        if let Some(rtt) = control.rtt() {
+            let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+            close.rtt_micros.store(micros, Ordering::Relaxed);
+        }
         let deadline = control.poll_timeout();
         tokio::select! {
             m = channel.recv() => control.handle_message(now(), m?)?,
@@ -471,6 +494,7 @@ async fn serve<C: ControlChannel>(
                 }
                 Some(Command::Request(request)) => control.request_stream(request)?,
                 Some(Command::Cancel(id)) => control.cancel_stream(id),
+                Some(Command::Probe(since)) => control.probe(now(), since),
                 // The handles are gone; the task is about to be aborted anyway.
                 None => return Err(CloseReason::local(CloseCause::Shutdown)),
             },

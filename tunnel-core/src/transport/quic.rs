@@ -544,6 +544,10 @@ impl Opener for QuicOpener {
                 Ok(()) => Ok(Box::new(stream) as Box<dyn StreamIo>),
                 // A refusal ends the stream from the agent's side already.
                 Err(e @ OpenError::Refused { .. }) => Err(e),
+                // The link went while we waited: say why, as the driver knows it.
+                Err(_) if self.conn.close_reason().is_some() => {
+                    Err(OpenError::LinkClosed(link.closed().await))
+                }
                 Err(e) => {
                     stream.abort();
                     Err(e)

@@ -125,7 +125,20 @@ impl ServerSession {
         let guard = StreamCount::try_new(&self.shared.link.streams, limit as usize)
             .ok_or(OpenError::Busy(limit))?;
         let _pending = PendingOpen::new(self.transport());
-        let io = self.shared.opener.open(&self.shared.link, request).await?;
+        let link = &self.shared.link;
+        let since = super::link::now();
+        let mut opening = self.shared.opener.open(link, request);
+        let probe_after = link.probe_after(self.shared.config.control.probe_after);
+        // An answer that is slow to come may mean a dead link: have it probed, so that a
+        // dead one is closed (and this open failed) in a few round trips, not at the next
+        // ping or at the open timeout.
+        let io = tokio::select! {
+            io = &mut opening => io,
+            () = tokio::time::sleep(probe_after) => {
+                link.probe(since);
+                opening.await
+            }
+        }?;
         Ok(TunnelStream::new(io, guard))
     }
 
