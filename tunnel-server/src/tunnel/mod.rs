@@ -120,7 +120,7 @@ async fn serve_link(
         session.finished().await;
         reason
     };
-    let ((), reason) = tokio::join!(retire(replaced, drain), serve);
+    let ((), reason) = tokio::join!(retire(replaced, &session, drain), serve);
     let initiator = match reason.initiator {
         Initiator::Local => "server",
         Initiator::Remote => "agent",
@@ -141,12 +141,27 @@ async fn serve_link(
     );
 }
 
-/// Retires the session a newer one of the same node replaced (a reconnect, or `auto` moving
-/// from gRPC back to QUIC): it gets no new streams, its open ones may finish within `drain`,
-/// then it is closed. A session with nothing open closes at once.
-async fn retire(old: Option<ServerSession>, drain: Duration) {
+/// Whether `new` proves the session it replaces dead: it comes from another agent process (a
+/// restart, a crash), or from the same one with no other session left (it lost the old link
+/// and said so). Older agents send no instance id: their predecessors are retired gently.
+fn predecessor_dead(old: &ServerSession, new: &ServerSession) -> bool {
+    let (old, new) = (old.claims(), new.claims());
+    new.instance_id != 0 && (old.instance_id != new.instance_id || new.live_sessions == 0)
+}
+
+/// Ends the session a newer one of the same node replaced. A dead one (see
+/// [`predecessor_dead`]) is closed at once: its streams are reset, and the opens waiting on it
+/// fail now and move to the new session. A live one (a reconnect of a running agent, or `auto`
+/// moving from gRPC back to QUIC) is retired: it gets no new streams, its open ones may finish
+/// within `drain`, then it is closed. A session with nothing open closes at once.
+async fn retire(old: Option<ServerSession>, new: &ServerSession, drain: Duration) {
     let Some(old) = old else { return };
     let node = &old.identity().node_name;
+    if predecessor_dead(&old, new) {
+        info!(agent.id = %node, old.session = old.id(), old.transport = %old.transport(), open = old.open_streams(), "agent restarted or lost its link; closing its previous session and resetting its streams");
+        old.close(CloseCause::Replaced);
+        return;
+    }
     info!(agent.id = %node, old.session = old.id(), old.transport = %old.transport(), open = old.open_streams(), "agent reconnected; retiring its previous session");
     old.go_away(CloseCause::Replaced, drain);
     if tokio::time::timeout(drain, old.idle()).await.is_err() {
