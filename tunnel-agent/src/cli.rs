@@ -89,3 +89,23 @@ impl Cli {
         }
     }
 }
+
+/// The `tunnel-agent` program: flags, logging, metrics, then the agent until SIGTERM or
+/// Ctrl-C. Kept here so that test harnesses run the very same program as a child process.
+pub fn main() -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::Parser;
+    use tunnel_process::{signal, telemetry};
+
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log.log_format)?;
+    let mut config = cli.into_config();
+    config.validate().context("invalid configuration")?;
+    config.metrics = Some(telemetry::install_recorder()?);
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async {
+        crate::run(config, signal::shutdown_signal())
+            .await
+            .context("tunnel agent")
+    })
+}
