@@ -171,6 +171,9 @@ fn status_reason(status: Status) -> CloseReason {
         };
         return reason.with_source(status);
     }
+    if let Some(lost) = connection_lost(&status) {
+        return CloseReason::remote(CloseCause::Transport).with_source(lost);
+    }
     let cause = match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => CloseCause::Refused,
         Code::InvalidArgument
@@ -190,6 +193,41 @@ fn status_reason(status: Status) -> CloseReason {
         | Code::Unavailable => CloseCause::Transport,
     };
     CloseReason::remote(cause).with_source(status)
+}
+
+/// The connection under a call ended under it: said in words an operator reads, not as the h2
+/// error that carried it.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionLost {
+    #[error("the connection ended without a goodbye (the peer died, or the path was cut)")]
+    Ended,
+    #[error("connection reset by the peer")]
+    Reset,
+    #[error("connection error: {0}")]
+    Other(String),
+}
+
+/// The I/O failure under `status`, if that is what ended the call.
+fn connection_lost(status: &Status) -> Option<ConnectionLost> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = cause {
+        // h2 keeps its I/O error to itself (no `source`).
+        let io = error.downcast_ref::<std::io::Error>().or_else(|| {
+            error
+                .downcast_ref::<h2::Error>()
+                .and_then(h2::Error::get_io)
+        });
+        if let Some(io) = io {
+            use std::io::ErrorKind as K;
+            return Some(match io.kind() {
+                K::UnexpectedEof => ConnectionLost::Ended,
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => ConnectionLost::Reset,
+                _ => ConnectionLost::Other(io.to_string()),
+            });
+        }
+        cause = error.source();
+    }
+    None
 }
 
 type Cancels = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
@@ -241,5 +279,34 @@ impl Requests {
 
     fn clear(&self) {
         self.lock().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_io(kind: std::io::ErrorKind) -> Status {
+        let mut status = Status::unknown("h2 protocol error: error reading a body from connection");
+        status.set_source(Arc::new(std::io::Error::from(kind)));
+        status
+    }
+
+    #[test]
+    fn a_dead_peer_reads_as_a_lost_connection_not_an_h2_error() {
+        let reason = status_reason(with_io(std::io::ErrorKind::UnexpectedEof));
+        assert_eq!(reason.cause, CloseCause::Transport);
+        assert_eq!(
+            reason.to_string(),
+            "transport error by the peer: the connection ended without a goodbye (the peer died, or the path was cut)"
+        );
+        let reason = status_reason(with_io(std::io::ErrorKind::ConnectionReset));
+        assert!(
+            reason.to_string().ends_with("connection reset by the peer"),
+            "{reason}"
+        );
+        // Without an I/O error underneath, the status speaks for itself.
+        let reason = status_reason(Status::internal("bad frame"));
+        assert_eq!(reason.cause, CloseCause::Protocol);
     }
 }
