@@ -433,14 +433,21 @@ impl Control {
     /// then (it is alive; the open is slow for its own reasons), make sure a ping is out with
     /// a deadline of a few round trips. At most one ping is out at a time: probes from many
     /// waiting opens share it.
-    pub fn probe(&mut self, now: Instant, since: Instant) {
+    /// Returns whether a ping was sent for it.
+    pub fn probe(&mut self, now: Instant, since: Instant) -> bool {
         if !matches!(self.state, State::Active | State::Draining) || self.last_heard >= since {
-            return;
+            return false;
         }
         let deadline = now + self.probe_timeout();
         match &mut self.outstanding {
-            Some(out) => out.deadline = out.deadline.min(deadline),
-            None => self.ping(now, deadline),
+            Some(out) => {
+                out.deadline = out.deadline.min(deadline);
+                false
+            }
+            None => {
+                self.ping(now, deadline);
+                true
+            }
         }
     }
 
@@ -655,7 +662,7 @@ mod tests {
         // An open begun at 6 s waits; the agent has been heard at 5.1 s only.
         let since = start + Duration::from_secs(6);
         now = since + Duration::from_millis(500);
-        server.probe(now, since);
+        assert!(server.probe(now, since));
         assert!(matches!(
             server.poll_transmit().and_then(|m| m.msg),
             Some(Msg::Ping(_))
@@ -675,7 +682,7 @@ mod tests {
         let (_agent, mut server) = registered_pair(start);
         // The agent answered the registration ping at `start`: an open begun then is slow for
         // its own reasons.
-        server.probe(start + Duration::from_secs(1), start);
+        assert!(!server.probe(start + Duration::from_secs(1), start));
         assert!(server.poll_transmit().is_none());
         assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(5)));
         // A younger open probes: one ping, with the 1 s floor as its deadline.
@@ -689,10 +696,10 @@ mod tests {
         ));
         assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(3)));
         // Another waiting open shares that ping and keeps the earlier deadline.
-        server.probe(
+        assert!(!server.probe(
             start + Duration::from_millis(2500),
             start + Duration::from_secs(2),
-        );
+        ));
         assert!(server.poll_transmit().is_none());
         assert_eq!(server.poll_timeout(), Some(start + Duration::from_secs(3)));
     }

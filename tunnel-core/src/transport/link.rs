@@ -494,7 +494,11 @@ async fn serve<C: ControlChannel>(
                 }
                 Some(Command::Request(request)) => control.request_stream(request)?,
                 Some(Command::Cancel(id)) => control.cancel_stream(id),
-                Some(Command::Probe(since)) => control.probe(now(), since),
+                Some(Command::Probe(since)) => {
+                    if control.probe(now(), since) {
+                        metrics::counter!("edge_tunnel_server_link_probes_total").increment(1);
+                    }
+                }
                 // The handles are gone; the task is about to be aborted anyway.
                 None => return Err(CloseReason::local(CloseCause::Shutdown)),
             },
