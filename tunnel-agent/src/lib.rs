@@ -387,13 +387,17 @@ impl Links {
                 self.disconnected();
                 metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => reason.cause.as_str())
                     .increment(1);
+                let delay = self.reconnect.ended(reason.cause, false, unit);
                 warn!(
                     cause = %reason.cause.as_str(),
                     closed_by = closed_by(reason.initiator),
                     %reason,
+                    retry_in = ?delay.unwrap_or_default(),
+                    // Short attempts while a link that worked is recovered.
+                    attempt_timeout = ?self.reconnect.attempt_timeout(),
                     "session lost; reconnecting"
                 );
-                Next::Connect(self.reconnect.ended(reason.cause, false, unit))
+                Next::Connect(delay)
             }
             SessionEnd::Draining(reason) => {
                 self.disconnected();
