@@ -237,6 +237,24 @@ impl TestCluster {
         String::from_utf8_lossy(&body).into_owned()
     }
 
+    /// Scrapes the server's metrics until `ok` holds of them, for at most 10 s (a liveness
+    /// bound, not a timing assertion); returns the text that satisfied it. Panics with `what`
+    /// and the last text otherwise.
+    pub async fn scrape_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = self.scrape().await;
+            if ok(&text) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} did not happen; metrics:\n{text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the server (with its drain) and starts a new one on the same ports; agents
     /// reconnect on their own.
     pub async fn restart(&mut self) {

@@ -2,12 +2,13 @@
 //! copy. Forbidden targets are refused before any dial.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, debug_span, info};
+use tracing::{Instrument, debug, debug_span, warn};
 use tunnel_core::copy::copy_bidirectional;
-use tunnel_core::{IncomingStream, Refusal, RequestedStream, TunnelStream};
+use tunnel_core::{IncomingStream, OpenRequest, Refusal, RequestedStream, TunnelStream};
+use tunnel_process::throttle::LogThrottle;
 
 use crate::Shared;
 
@@ -37,7 +38,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
         Ok(r) => r,
         Err(e) => {
             count("bad_header");
-            info!(error = %e, "stream with a bad header reset");
+            if let Some(suppressed) = refusal_log().admit() {
+                warn!(
+                    result = "bad_header",
+                    suppressed = (suppressed > 0).then_some(suppressed),
+                    error = %e,
+                    "stream with a bad header reset"
+                );
+            }
             return;
         }
     };
@@ -48,7 +56,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             Ok(addr) => addr,
             Err(denied) => {
                 count("forbidden");
-                info!(reason = %denied, "refused a forbidden target");
+                refused(&request, Refusal::Forbidden, &denied);
                 return refuse(requested, Refusal::Forbidden, &denied.to_string()).await;
             }
         };
@@ -56,6 +64,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             Ok(tcp) => tcp,
             Err(Undialed::Withdrawn) => return,
             Err(Undialed::Failed(refusal, detail)) => {
+                refused(&request, refusal, &detail);
                 return refuse(requested, refusal, &detail).await;
             }
         };
@@ -73,6 +82,30 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
     }
     .instrument(span)
     .await;
+}
+
+/// The bucket of the refused-stream lines: one for the agent process, as its log is one (a
+/// server that asks again and again for a forbidden port must not flood the node's log).
+fn refusal_log() -> &'static LogThrottle {
+    static THROTTLE: OnceLock<LogThrottle> = OnceLock::new();
+    THROTTLE.get_or_init(LogThrottle::default)
+}
+
+/// One line at the default level for a stream the agent refused or could not dial: target,
+/// port, why; throttled, with the count of lines dropped before it.
+fn refused(request: &OpenRequest, refusal: Refusal, detail: &dyn std::fmt::Display) {
+    let Some(suppressed) = refusal_log().admit() else {
+        return;
+    };
+    warn!(
+        target = %request.target,
+        port = request.target.port,
+        trace.id = request.trace_id,
+        result = refusal.as_str(),
+        suppressed = (suppressed > 0).then_some(suppressed),
+        error = %detail,
+        "refused a stream"
+    );
 }
 
 fn count(result: &'static str) {
@@ -119,7 +152,6 @@ async fn dial(
         Ok(Err(e)) => {
             let refusal = Refusal::from_io(&e);
             count(refusal.as_str());
-            debug!(%addr, error = %e, "dial failed");
             Err(Undialed::Failed(refusal, format!("dial {addr}: {e}")))
         }
         Err(_) => {

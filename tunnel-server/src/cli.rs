@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// Seconds open streams may run on after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_seconds: u64,
+    /// Longest pause, in seconds, between two pieces of a plain HTTP request's body on the
+    /// HTTP front; past it the client gets 408. Upgrades and CONNECT tunnels are not affected.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_body_timeout_seconds: u64,
     /// Most proxied connections one agent may carry at once (QUIC streams, or HTTP/2 streams
     /// of its gRPC link). Each can hold up to a 2 MiB window; the agent's whole link is capped
     /// at 16 MiB.
@@ -141,6 +145,7 @@ impl ServeArgs {
             kubelet_port: self.kubelet_port,
             kubelet_read_only_port: self.kubelet_read_only_port,
             drain_timeout: Duration::from_secs(self.drain_timeout_seconds),
+            request_body_timeout: Duration::from_secs(self.request_body_timeout_seconds),
             transports: self.transports,
             session: tunnel_core::SessionConfig {
                 max_streams: self.max_concurrent_streams,

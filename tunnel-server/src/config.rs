@@ -45,6 +45,11 @@ pub struct ServerConfig {
     pub copy: CopyConfig,
     /// Time a client has to send its ClientHello or request head. Default 10 s.
     pub sniff_timeout: Duration,
+    /// Longest pause between two pieces of a plain HTTP request's body (not an upgrade's, not
+    /// a CONNECT tunnel's): past it the client gets 408 and the node's stream is reset, so
+    /// that a slow sender cannot hold one of the node's streams for the copy's idle timeout.
+    /// Default 60 s.
+    pub request_body_timeout: Duration,
     /// Most client connections per front at once; more wait in the kernel's backlog.
     /// Default 10,000 (each costs two copy buffers, 64 KiB, while moving data).
     pub max_front_connections: usize,
@@ -75,6 +80,7 @@ impl Default for ServerConfig {
             session: SessionConfig::default(),
             copy: CopyConfig::default(),
             sniff_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(60),
             max_front_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             metrics: None,
@@ -99,6 +105,12 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 what: "kubelet port",
                 why: "must not be 0".into(),
+            });
+        }
+        if self.request_body_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                what: "request body timeout",
+                why: "must be more than 0".into(),
             });
         }
         if self.max_front_connections == 0 {

@@ -17,13 +17,16 @@ use hyper::server::conn::http1 as server;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
+use tunnel_core::route::AuthorityError;
 use tunnel_core::sniff::SniffError;
 use tunnel_core::sniff::http::{RequestForm, RequestTarget, request_target};
 use tunnel_core::{NodeRef, TunnelStream};
 
-use super::{Admission, DELIVERY_TIMEOUT, Front, FrontCount, Fronts};
+use super::http_io::{ClientIo, Cut, RequestBody, UpstreamBody, UpstreamIo, stalled};
+use super::{Admission, Front, FrontCount, Fronts, Refused};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -34,7 +37,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// port (hyper serves one request at a time per HTTP/1 connection).
 struct Upstream {
     key: (NodeRef, u16),
-    sender: client::SendRequest<Incoming>,
+    sender: client::SendRequest<RequestBody>,
+    /// Set, the tunnel stream resets when hyper's client lets go of it.
+    cut: Cut,
     _guard: FrontCount,
 }
 
@@ -43,6 +48,8 @@ struct ClientConn {
     fronts: Arc<Fronts>,
     upstream: Mutex<Option<Upstream>>,
     admission: Admission,
+    /// Set, the client connection resets when hyper lets go of it.
+    cut: Cut,
 }
 
 pub(crate) async fn handle(
@@ -52,16 +59,20 @@ pub(crate) async fn handle(
     admission: Admission,
 ) {
     let span = info_span!("http_front", peer.addr = %peer);
-    let mut cut = admission.cut.clone();
+    let mut drained = admission.cut.clone();
     async move {
+        let cut = Cut::default();
         // The tunnels and upgrades its requests start go to the front's own tasks: this
         // handler ends with its HTTP connection, and its memory with it.
+        let serve = serve_requests(fronts, ClientIo::new(tcp, cut.clone()), admission);
+        let mut serve = std::pin::pin!(serve);
         tokio::select! {
-            r = serve_requests(fronts, tcp, admission) => if let Err(e) = r {
+            r = serve.as_mut() => if let Err(e) = r {
                 debug!(error = %e, "HTTP front connection ended with an error");
             },
-            // The drain is over.
-            () = crate::stopped(&mut cut) => {}
+            // The drain is over: what is still in flight is cut (the connection goes with
+            // `serve`, after the flag is set).
+            () = crate::stopped(&mut drained) => cut.set(),
         }
     }
     .instrument(span)
@@ -71,7 +82,7 @@ pub(crate) async fn handle(
 /// Serves requests until the client connection ends.
 async fn serve_requests(
     fronts: Arc<Fronts>,
-    tcp: TcpStream,
+    io: ClientIo,
     admission: Admission,
 ) -> hyper::Result<()> {
     let mut stop = admission.stop.clone();
@@ -79,6 +90,7 @@ async fn serve_requests(
         fronts,
         upstream: Mutex::new(None),
         admission,
+        cut: io.cut().clone(),
     });
     let service = service_fn(move |req| {
         let shared = shared.clone();
@@ -87,7 +99,7 @@ async fn serve_requests(
     let conn = server::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
@@ -112,9 +124,17 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     resp
 }
 
-fn bad_request(front: Front, why: &str) -> Response<Body> {
+fn bad_request(conn: &ClientConn, front: Front, why: &BadRequest) -> Response<Body> {
     metrics::counter!("edge_tunnel_server_streams_total", "front" => front.as_str(), "result" => "bad_request")
         .increment(1);
+    Refused {
+        front,
+        node: None,
+        port: None,
+        result: "bad_request",
+        status: Some(400),
+    }
+    .log(&conn.fronts.refusals, why);
     text(StatusCode::BAD_REQUEST, format!("edge-tunnel: {why}"))
 }
 
@@ -128,14 +148,14 @@ async fn route(conn: &ClientConn, mut req: Request<Incoming>) -> Response<Body> 
     };
     let (target, host) = match addressee(&conn.fronts, &req) {
         Ok(t) => t,
-        Err(e) => return bad_request(front, &e.to_string()),
+        Err(e) => return bad_request(conn, front, &e),
     };
     let key = (target.node, target.port);
     if target.form == RequestForm::Connect {
         return open_tunnel(conn, front, &key, req).await;
     }
     if let Err(e) = to_origin_form(&mut req, target.form, host.is_some()) {
-        return bad_request(front, &e.to_string());
+        return bad_request(conn, front, &e);
     }
     let up = match checkout(conn, front, &key).await {
         Ok(u) => u,
@@ -144,17 +164,32 @@ async fn route(conn: &ClientConn, mut req: Request<Incoming>) -> Response<Body> 
     exchange(conn, up, req).await
 }
 
-/// Why a request names no target we can serve (a 400).
+/// How much of a client's bad value goes back into the answer.
+const ECHO_LIMIT: usize = 64;
+
+/// A client's value for an answer: lossy UTF-8, at most [`ECHO_LIMIT`] characters.
+fn echo(value: &[u8]) -> String {
+    String::from_utf8_lossy(value)
+        .chars()
+        .take(ECHO_LIMIT)
+        .collect()
+}
+
+/// Why a request names no target we can serve (a 400). Each message says what to send instead.
 #[derive(Debug, thiserror::Error)]
 enum BadRequest {
-    #[error("several Host headers")]
+    #[error("several Host headers: send one, naming the node (Host: NODE[:PORT])")]
     SeveralHosts,
-    #[error("Host header is not text")]
-    HostNotText,
-    #[error(transparent)]
+    #[error("Host is not a valid DNS name: {0:?}")]
+    HostNotValid(String),
+    #[error(
+        "cannot tell the node from the request ({0}): name it in the Host header (Host: NODE[:PORT]), in an absolute URL (http://NODE:PORT/path) or as CONNECT NODE:PORT"
+    )]
     Target(#[from] SniffError),
-    #[error("request target")]
-    Path,
+    #[error(
+        "cannot rewrite the request target {0:?} to a path: send /path, or http://NODE:PORT/path"
+    )]
+    Path(String),
 }
 
 /// Where a request goes, and its Host header.
@@ -165,7 +200,11 @@ fn addressee(
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(BadRequest::SeveralHosts),
-        (Some(h), None) => Some(h.to_str().map_err(|_| BadRequest::HostNotText)?.to_owned()),
+        (Some(h), None) => Some(
+            h.to_str()
+                .map_err(|_| BadRequest::HostNotValid(echo(h.as_bytes())))?
+                .to_owned(),
+        ),
         (None, _) => None,
     };
     let uri = req.uri().to_string();
@@ -174,8 +213,14 @@ fn addressee(
         &uri,
         host.as_deref(),
         fronts.config.kubelet_read_only_port,
-    )?;
-    Ok((target, host))
+    );
+    match (target, &host) {
+        // An origin-form request names its node in Host alone: say it is Host that is wrong.
+        (Err(SniffError::Authority(AuthorityError::Host(_))), Some(h)) if uri.starts_with('/') => {
+            Err(BadRequest::HostNotValid(echo(h.as_bytes())))
+        }
+        (target, _) => Ok((target?, host)),
+    }
 }
 
 /// Answers CONNECT once the stream is open; the bytes after the answer are the tunnel's.
@@ -187,7 +232,7 @@ async fn open_tunnel(
 ) -> Response<Body> {
     let (mut stream, guard) = match conn.fronts.open(front, &key.0, key.1).await {
         Ok(s) => s,
-        Err(e) => return open_failure(&e),
+        Err(e) => return open_failure(conn, front, key, &e),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let held = (guard, conn.admission.permit.clone());
@@ -197,11 +242,7 @@ async fn open_tunnel(
         .spawn(async move {
             let _held = held;
             match on_upgrade.await {
-                Ok(upgraded) => {
-                    fronts
-                        .proxy(&mut TokioIo::new(upgraded), &mut stream, &[])
-                        .await;
-                }
+                Ok(upgraded) => relay(&fronts, upgraded, &mut stream, Bytes::new()).await,
                 Err(e) => {
                     debug!(error = %e, "CONNECT upgrade failed");
                     stream.abort();
@@ -210,6 +251,29 @@ async fn open_tunnel(
         })
         .await;
     Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
+}
+
+/// Copies between an upgraded client connection and a tunnel stream, on the client's own
+/// socket taken back from hyper (hyper's buffers and upgrade state go; what it had read past
+/// the head goes first to the stream, `to_client` first to the client). The client's
+/// connection resets unless the copy ended whole: a cut stream, a failed write, or the drain's
+/// end (which drops this future) never reach it as a FIN.
+async fn relay(fronts: &Fronts, client: Upgraded, stream: &mut TunnelStream, to_client: Bytes) {
+    let Ok(parts) = client.downcast::<TokioIo<ClientIo>>() else {
+        // hyper hands back the IO type it serves; nothing else can come here.
+        warn!("upgraded connection of an unexpected type; closing it");
+        stream.abort();
+        return;
+    };
+    let mut client = parts.io.into_inner();
+    client.cut().set();
+    if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
+        stream.abort();
+        return;
+    }
+    if fronts.proxy(&mut client, stream, &parts.read_buf).await {
+        client.cut().clear();
+    }
 }
 
 /// Rewrites an absolute-form request to origin-form, so that Host names the node for the
@@ -228,7 +292,7 @@ fn to_origin_form(
             .to_owned();
         match path.parse() {
             Ok(p) => *req.uri_mut() = p,
-            Err(_) => return Err(BadRequest::Path),
+            Err(_) => return Err(BadRequest::Path(echo(path.as_bytes()))),
         }
         if !has_host && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             req.headers_mut().insert(header::HOST, a);
@@ -265,24 +329,13 @@ async fn checkout(
 
 /// Sends the request upstream. An upgraded exchange (exec, attach, port-forward) takes the
 /// upstream connection over; any other leaves it cached for the next request.
-async fn exchange(
-    conn: &ClientConn,
-    mut up: Upstream,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+async fn exchange(conn: &ClientConn, mut up: Upstream, req: Request<Incoming>) -> Response<Body> {
+    let timeout = conn.fronts.config.request_body_timeout;
+    let mut req = req.map(|body| RequestBody::new(body, timeout, up.cut.clone()));
     let client_upgrade = hyper::upgrade::on(&mut req);
     let mut resp = match up.sender.send_request(req).await {
         Ok(r) => r,
-        Err(e) => {
-            debug!(error = %e, "upstream request failed");
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "edge-tunnel: node {}: upstream connection failed: {e}",
-                    up.key.0
-                ),
-            );
-        }
+        Err(e) => return upstream_failure(conn, &up.key, &e),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -302,37 +355,60 @@ async fn exchange(
     } else {
         *conn.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(up);
     }
-    resp.map(BodyExt::boxed)
+    let cut = conn.cut.clone();
+    resp.map(|body| UpstreamBody::new(body, cut).boxed())
 }
 
-/// Copies between the two sides of an upgraded exchange, both now speaking its protocol.
+/// The answer to a request whose upstream exchange failed before its response: 408 when the
+/// client's body stalled (the stream was reset), else 502.
+fn upstream_failure(conn: &ClientConn, key: &(NodeRef, u16), e: &hyper::Error) -> Response<Body> {
+    let (status, result, msg) = match stalled(e) {
+        Some(t) => (
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "edge-tunnel: the request body stalled (no data for {}s): send it without pauses that long",
+                t.as_secs()
+            ),
+        ),
+        None => (
+            StatusCode::BAD_GATEWAY,
+            "upstream_failed",
+            format!(
+                "edge-tunnel: node {}: the connection to port {} broke before its answer ({e}); retry",
+                key.0, key.1
+            ),
+        ),
+    };
+    Refused {
+        front: Front::Http,
+        node: Some(&key.0),
+        port: Some(key.1),
+        result,
+        status: Some(status.as_u16()),
+    }
+    .log(&conn.fronts.refusals, e);
+    let mut resp = text(status, msg);
+    if status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body may still come; it has nowhere to go.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Copies between the two sides of an upgraded exchange, both now speaking its protocol: the
+/// client's socket and the tunnel stream, each taken back from hyper.
 async fn splice(fronts: &Fronts, client_io: Upgraded, upstream_io: Upgraded) {
-    let mut client_io = TokioIo::new(client_io);
-    let mut upstream_io = TokioIo::new(upstream_io);
-    let result = tunnel_core::copy::copy_bidirectional(
-        &mut client_io,
-        &mut upstream_io,
-        &fronts.config.copy,
-    )
-    .await;
-    // Back to the tunnel stream under hyper's upgrade: wait for delivery after a clean end,
-    // reset it after a failure.
-    let stream = upstream_io
-        .into_inner()
-        .downcast::<TokioIo<TunnelStream>>()
-        .ok()
-        .map(|parts| parts.io.into_inner());
-    match (result, stream) {
-        (Ok(_), Some(stream)) => {
-            stream.delivered(DELIVERY_TIMEOUT).await;
+    match upstream_io.downcast::<TokioIo<UpstreamIo>>() {
+        Ok(parts) => {
+            let mut upstream = parts.io.into_inner();
+            relay(fronts, client_io, &mut upstream.stream, parts.read_buf).await;
         }
-        (Err(e), stream) => {
-            debug!(error = %e, "upgraded connection ended with an error");
-            if let Some(mut stream) = stream {
-                stream.abort();
-            }
+        Err(_) => {
+            // hyper hands back the IO type it was given; nothing else can come here.
+            warn!("upgraded upstream of an unexpected type; closing the exchange");
         }
-        (Ok(_), None) => {}
     }
 }
 
@@ -345,16 +421,12 @@ async fn connect(
         .fronts
         .open(front, &key.0, key.1)
         .await
-        .map_err(|e| open_failure(&e))?;
+        .map_err(|e| open_failure(conn, front, key, &e))?;
+    let cut = Cut::default();
     let (sender, driver) = client::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(UpstreamIo::new(stream, cut.clone())))
         .await
-        .map_err(|e| {
-            text(
-                StatusCode::BAD_GATEWAY,
-                format!("edge-tunnel: node {}: {e}", key.0),
-            )
-        })?;
+        .map_err(|e| upstream_failure(conn, key, &e))?;
     // The driver ends with the stream, when the sender is dropped, or at an upgrade.
     conn.admission
         .spawner
@@ -367,12 +439,25 @@ async fn connect(
     Ok(Upstream {
         key: key.clone(),
         sender,
+        cut,
         _guard: guard,
     })
 }
 
-fn open_failure(e: &super::OpenFailure) -> Response<Body> {
+fn open_failure(
+    conn: &ClientConn,
+    front: Front,
+    key: &(NodeRef, u16),
+    e: &super::OpenFailure,
+) -> Response<Body> {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    debug!(error = %e, status = status.as_u16(), "open failed");
-    text(status, format!("edge-tunnel: {e}"))
+    Refused {
+        front,
+        node: Some(&key.0),
+        port: Some(key.1),
+        result: e.result(),
+        status: Some(status.as_u16()),
+    }
+    .log(&conn.fronts.refusals, e);
+    text(status, format!("edge-tunnel: {e}: {}", e.hint()))
 }

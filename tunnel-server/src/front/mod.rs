@@ -2,6 +2,7 @@
 //! and copy bytes. Each failure maps to an error the client can read.
 
 pub(crate) mod http;
+mod http_io;
 pub(crate) mod sni;
 
 use std::future::Future;
@@ -17,7 +18,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
 use tunnel_core::copy::copy_bidirectional;
-use tunnel_core::{NodeRef, OpenError, OpenRequest, Refusal, Target, TunnelStream};
+use tunnel_core::{
+    NodeRef, OpenError, OpenRequest, Refusal, ServerSession, Target, TargetHost, TunnelStream,
+};
+use tunnel_process::throttle::LogThrottle;
 
 use crate::config::ServerConfig;
 use crate::registry::Registry;
@@ -127,6 +131,65 @@ impl OpenFailure {
             Self::Open { .. } => 502,
         }
     }
+
+    /// What the client (or the operator it asks) can do about it, for the one-line answer.
+    pub(crate) fn hint(&self) -> &'static str {
+        match self {
+            Self::NoAgent(NodeRef::Name(_)) => {
+                "check that edge-tunnel-agent runs on that node and is connected (its log says why not)"
+            }
+            Self::NoAgent(NodeRef::Ip(_)) => {
+                "no connected agent has this IP in its certificate; name the node instead, or check its agent"
+            }
+            Self::Open { source, .. } => match source {
+                OpenError::Refused { refusal, .. } => match refusal {
+                    Refusal::Forbidden => {
+                        "the agent does not allow this port; add it to the agent's --allowed-ports"
+                    }
+                    Refusal::Refused => "nothing listens on that port of the node",
+                    Refusal::Timeout => {
+                        "the node's port did not answer; check that its service runs"
+                    }
+                    _ => "the agent could not reach that port of the node",
+                },
+                OpenError::Busy(_) => "too many streams to this node at once; retry later",
+                OpenError::Timeout(_) => "the agent is slow or its link is down; retry",
+                _ => "the agent's link went away; retry",
+            },
+        }
+    }
+}
+
+/// One line at the default level for a stream a front refused or could not open: node, front,
+/// why, status (HTTP), target port. Rate-limited (one bucket per server, [`LogThrottle`]'s
+/// defaults), the next line written carries `suppressed=N`, the lines dropped before it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused<'a> {
+    pub(crate) front: Front,
+    pub(crate) node: Option<&'a NodeRef>,
+    pub(crate) port: Option<u16>,
+    /// The `result` label of the streams counter.
+    pub(crate) result: &'static str,
+    pub(crate) status: Option<u16>,
+}
+
+impl Refused<'_> {
+    /// Writes the line through `throttle`, with `error` as its cause.
+    pub(crate) fn log(self, throttle: &LogThrottle, error: &dyn std::fmt::Display) {
+        let Some(suppressed) = throttle.admit() else {
+            return;
+        };
+        warn!(
+            front = self.front.as_str(),
+            node = self.node.map(tracing::field::display),
+            port = self.port,
+            result = self.result,
+            status = self.status,
+            suppressed = (suppressed > 0).then_some(suppressed),
+            error = %error,
+            "client stream refused"
+        );
+    }
 }
 
 /// Resolves when the client has closed or reset its connection. For use while the client is
@@ -145,6 +208,8 @@ pub(crate) async fn client_gone(tcp: &TcpStream) {
 pub(crate) struct Fronts {
     pub(crate) registry: Arc<Registry>,
     pub(crate) config: Arc<ServerConfig>,
+    /// Bounds the refused-stream lines of every front together (see [`Refused`]).
+    pub(crate) refusals: LogThrottle,
     open_streams: AtomicUsize,
     idle: Notify,
 }
@@ -154,12 +219,14 @@ impl Fronts {
         Self {
             registry,
             config,
+            refusals: LogThrottle::default(),
             open_streams: AtomicUsize::new(0),
             idle: Notify::new(),
         }
     }
 
-    /// Opens a stream to `port` on `node`, counting the outcome.
+    /// Opens a stream to `port` on `node`, counting the outcome. Dropped before it completes
+    /// (the client left), the open is withdrawn and counted as `client_gone`.
     pub(crate) async fn open(
         self: &Arc<Self>,
         front: Front,
@@ -167,20 +234,9 @@ impl Fronts {
         port: u16,
     ) -> Result<(TunnelStream, FrontCount), OpenFailure> {
         let started = Instant::now();
-        let result = match self.registry.lookup(node) {
-            None => Err(OpenFailure::NoAgent(node.clone())),
-            Some((session, host)) => {
-                let request = OpenRequest::new(Target { host, port }, session.next_trace_id());
-                debug!(agent.id = %session.identity().node_name, target = %request.target, trace.id = request.trace_id, "opening stream");
-                session
-                    .open(&request)
-                    .await
-                    .map_err(|source| OpenFailure::Open {
-                        node: node.clone(),
-                        source,
-                    })
-            }
-        };
+        let pending = PendingOpen { front, done: false };
+        let result = self.open_on_node(node, port).await;
+        pending.finish();
         let label = match &result {
             Ok(_) => "ok",
             Err(e) => e.result(),
@@ -198,6 +254,29 @@ impl Fronts {
                     .increment(1);
                 Err(e)
             }
+        }
+    }
+
+    /// Opens on the node's session; when that session ends while the open waits and the node
+    /// has a new one already (its agent restarted, or moved to another transport), once more
+    /// on the new one, so that the client gets its answer rather than a 503.
+    async fn open_on_node(&self, node: &NodeRef, port: u16) -> Result<TunnelStream, OpenFailure> {
+        let failed = |source| OpenFailure::Open {
+            node: node.clone(),
+            source,
+        };
+        let Some((session, host)) = self.registry.lookup(node) else {
+            return Err(OpenFailure::NoAgent(node.clone()));
+        };
+        match open_on(&session, host, port).await {
+            Err(OpenError::LinkClosed(reason)) => match self.registry.lookup(node) {
+                Some((next, host)) if next.id() != session.id() => {
+                    debug!(%node, %reason, session.id = next.id(), "session closed while opening; opening on its successor");
+                    open_on(&next, host, port).await.map_err(failed)
+                }
+                _ => Err(failed(OpenError::LinkClosed(reason))),
+            },
+            other => other.map_err(failed),
         }
     }
 
@@ -250,6 +329,43 @@ impl Fronts {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+async fn open_on(
+    session: &ServerSession,
+    host: TargetHost,
+    port: u16,
+) -> Result<TunnelStream, OpenError> {
+    let request = OpenRequest::new(Target { host, port }, session.next_trace_id());
+    debug!(agent.id = %session.identity().node_name, session.id = session.id(), target = %request.target, trace.id = request.trace_id, "opening stream");
+    session.open(&request).await
+}
+
+/// An open in progress: dropped before [`finish`](Self::finish), its client left first (hyper
+/// drops a request's future when its client closes; the TLS front drops the open when its
+/// client does).
+struct PendingOpen {
+    front: Front,
+    done: bool,
+}
+
+impl PendingOpen {
+    fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for PendingOpen {
+    fn drop(&mut self) {
+        if !self.done {
+            metrics::counter!("edge_tunnel_server_streams_total", "front" => self.front.as_str(), "result" => "client_gone")
+                .increment(1);
+            debug!(
+                front = self.front.as_str(),
+                "client left before the agent answered"
+            );
         }
     }
 }

@@ -4,15 +4,34 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info_span};
 use tunnel_core::route::{NodeRef, parse_host};
 use tunnel_core::sniff::{SniffError, sni};
 
-use super::{Admission, Front, Fronts};
+use super::{Admission, Front, Fronts, OpenFailure, Refused};
+
+/// How long a refused client gets to read our alert and close, and how much it may send
+/// meanwhile (dropped). Closing with unread bytes would reset the connection, and a reset
+/// can reach the client before the alert does.
+const ALERT_LINGER: Duration = Duration::from_secs(1);
+const ALERT_LINGER_BYTES: usize = 64 * 1024;
+
+/// The fatal alerts the front sends before closing a connection it cannot serve (RFC 8446
+/// §6.2), so that the client reports why rather than a bare EOF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alert {
+    /// A ClientHello we cannot parse (or no TLS at all).
+    DecodeError = 50,
+    /// The open failed: the agent refused or could not dial, timed out, or its link went.
+    InternalError = 80,
+    /// No SNI, an SNI that is not a node name, or a node without an agent here.
+    UnrecognizedName = 112,
+}
 
 pub(crate) async fn handle(
     fronts: Arc<Fronts>,
@@ -27,12 +46,20 @@ pub(crate) async fn handle(
             tokio::time::timeout(fronts.config.sniff_timeout, read_sni(&mut tcp, &mut hello)).await;
         let node = match sniffed {
             Ok(Ok(node)) => node,
+            Ok(Err(SniError::Io(e))) => {
+                // Gone before its ClientHello (a port probe, a health check): not a refusal.
+                count_bad_request();
+                debug!(error = %e, "client left before its ClientHello");
+                return;
+            }
             Ok(Err(e)) => {
-                reject(&e.to_string());
+                reject(&fronts, &e);
+                send_alert(tcp, e.alert()).await;
                 return;
             }
             Err(_) => {
-                reject("no ClientHello within the sniff timeout");
+                // Nothing to answer: the client has not spoken TLS yet.
+                reject(&fronts, &"no ClientHello within the sniff timeout");
                 return;
             }
         };
@@ -40,19 +67,26 @@ pub(crate) async fn handle(
         let port = fronts.config.kubelet_port;
         let opened = tokio::select! {
             opened = fronts.open(Front::Tls, &node, port) => opened,
-            // Dropping the open withdraws it: the agent stops dialing for a client that left.
-            () = super::client_gone(&tcp) => {
-                metrics::counter!("edge_tunnel_server_streams_total", "front" => "tls", "result" => "client_gone")
-                    .increment(1);
-                debug!("client left before the agent answered");
-                return;
-            }
+            // Dropping the open withdraws it (and counts the client as gone): the agent stops
+            // dialing for a client that left.
+            () = super::client_gone(&tcp) => return,
         };
         let (mut stream, _guard) = match opened {
             Ok(s) => s,
             Err(e) => {
-                // No readable error on a passthrough connection: close it, log and count.
-                info!(error = %e, "closing TLS connection");
+                Refused {
+                    front: Front::Tls,
+                    node: Some(&node),
+                    port: Some(port),
+                    result: e.result(),
+                    status: None,
+                }
+                .log(&fronts.refusals, &e);
+                let alert = match e {
+                    OpenFailure::NoAgent(_) => Alert::UnrecognizedName,
+                    OpenFailure::Open { .. } => Alert::InternalError,
+                };
+                send_alert(tcp, alert).await;
                 return;
             }
         };
@@ -74,22 +108,64 @@ pub(crate) async fn handle(
     .await;
 }
 
-fn reject(why: &str) {
+fn count_bad_request() {
     metrics::counter!("edge_tunnel_server_streams_total", "front" => "tls", "result" => "bad_request")
         .increment(1);
-    debug!(reason = why, "TLS front rejected a connection");
+}
+
+fn reject(fronts: &Fronts, why: &dyn std::fmt::Display) {
+    count_bad_request();
+    Refused {
+        front: Front::Tls,
+        node: None,
+        port: None,
+        result: "bad_request",
+        status: None,
+    }
+    .log(&fronts.refusals, why);
+}
+
+/// Sends `alert` as a plaintext record, as a server does before its ServerHello, then closes
+/// gently: our side first, then reading (bounded in time and bytes) until the client closes.
+async fn send_alert(mut tcp: TcpStream, alert: Alert) {
+    // Content type 21 (alert), legacy version TLS 1.2, length 2, level 2 (fatal).
+    let record = [21, 3, 3, 0, 2, 2, alert as u8];
+    if tcp.write_all(&record).await.is_err() || tcp.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = ALERT_LINGER_BYTES;
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(ALERT_LINGER, drain).await;
 }
 
 #[derive(Debug, thiserror::Error)]
 enum SniError {
     #[error("client hello: {0}")]
     Sniff(#[from] SniffError),
-    #[error("client hello without SNI: the TLS front needs the node name")]
+    #[error("client hello without SNI: the TLS front needs the node name as the server name")]
     NoSni,
-    #[error("SNI is not a node name: {0}")]
+    #[error("SNI is not a node name: {0:?}")]
     NotANode(String),
     #[error("read: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl SniError {
+    /// The alert that tells the client why.
+    fn alert(&self) -> Alert {
+        match self {
+            Self::NoSni | Self::NotANode(_) => Alert::UnrecognizedName,
+            Self::Sniff(_) | Self::Io(_) => Alert::DecodeError,
+        }
+    }
 }
 
 /// Reads until the ClientHello is complete; the bytes stay in `buf` to be forwarded.
