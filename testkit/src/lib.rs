@@ -7,6 +7,7 @@
 pub mod client;
 pub mod cluster;
 pub mod kubelet;
+pub mod logs;
 pub mod pki;
 pub mod target;
 
