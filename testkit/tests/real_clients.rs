@@ -96,7 +96,7 @@ async fn curl_through_the_http_front_as_a_proxy() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         text,
-        "edge-tunnel: no agent connected for node node-zz\n\n503"
+        "edge-tunnel: no agent connected for node node-zz: check that edge-tunnel-agent runs on that node and is connected (its log says why not)\n\n503"
     );
 }
 

@@ -309,7 +309,10 @@ async fn unknown_node_gets_503_within_a_second_and_tls_front_closes(transport: T
     );
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let body = String::from_utf8(body.to_vec()).unwrap();
-    assert_eq!(body, "edge-tunnel: no agent connected for node node-zz\n");
+    assert_eq!(
+        body,
+        "edge-tunnel: no agent connected for node node-zz: check that edge-tunnel-agent runs on that node and is connected (its log says why not)\n"
+    );
     // The connection stays usable for the next request.
     let (status, _) = client::get(&mut sender, "node-a", "/healthz")
         .await
