@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
-use tunnel_core::{NodeRef, TransportChoice};
+use tunnel_core::{LinkState, NodeRef, TransportChoice};
 
 /// Starts the agent program for `node` as a child process (killed when dropped).
 fn agent_process(cluster: &TestCluster, node: &str, transport: TransportChoice) -> Child {
@@ -179,6 +179,40 @@ async fn a_restarted_agent_ends_the_old_streams_at_once(transport: TransportChoi
     assert_eq!(status, 200);
 }
 
+/// A second agent process for a node whose first one still runs (a DaemonSet update with a
+/// surge, two agents with one certificate): the first answers the server's check, so its
+/// session is retired, not cut, and its open stream goes on.
+async fn a_live_predecessor_is_retired_not_cut(transport: TransportChoice) {
+    let (cluster, _kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |_| {}).await;
+    let _first = agent_process(&cluster, "node-a", transport);
+    let old = registered(&cluster, "node-a", None).await;
+    let (old_session, _) = cluster
+        .registry
+        .lookup(&NodeRef::Name("node-a".into()))
+        .unwrap();
+    let (mut tunnel, _tls) = open_streams(&cluster, &_kubelet).await;
+    get_pods(&mut tunnel, "node-a").await;
+
+    let _second = agent_process(&cluster, "node-a", transport);
+    registered(&cluster, "node-a", Some(old)).await;
+    // The check answered: go-away, and the old session drains.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(old_session.state(), LinkState::Draining(_)) {
+            assert!(
+                !old_session.state().is_closed(),
+                "{:?}",
+                old_session.state()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the old session is retired");
+    // Its stream still serves.
+    get_pods(&mut tunnel, "node-a").await;
+    assert!(!old_session.state().is_closed());
+}
+
 async fn kill(mut agent: Child) {
     agent.kill().await.expect("SIGKILL");
 }
@@ -197,4 +231,7 @@ async fn open_streams(
     (tunnel, tls)
 }
 
-conformance!(a_restarted_agent_ends_the_old_streams_at_once);
+conformance!(
+    a_restarted_agent_ends_the_old_streams_at_once,
+    a_live_predecessor_is_retired_not_cut
+);

@@ -435,10 +435,20 @@ impl Control {
     /// waiting opens share it.
     /// Returns whether a ping was sent for it.
     pub fn probe(&mut self, now: Instant, since: Instant) -> bool {
-        if !matches!(self.state, State::Active | State::Draining) || self.last_heard >= since {
+        if self.last_heard >= since {
             return false;
         }
-        let deadline = now + self.probe_timeout();
+        self.check(now, self.probe_timeout())
+    }
+
+    /// Makes sure a ping is out whose answer (or anything else from the peer) must come within
+    /// `timeout`, or the link is dead. Returns whether a ping was sent for it (a ping already
+    /// out only has its deadline brought forward).
+    pub fn check(&mut self, now: Instant, timeout: Duration) -> bool {
+        if !matches!(self.state, State::Active | State::Draining) {
+            return false;
+        }
+        let deadline = now + timeout;
         match &mut self.outstanding {
             Some(out) => {
                 out.deadline = out.deadline.min(deadline);

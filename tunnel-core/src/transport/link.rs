@@ -144,11 +144,13 @@ pub(crate) enum Command {
     Cancel(u64),
     /// Server side: an open begun at this instant waits for its answer; probe a silent link.
     Probe(std::time::Instant),
+    /// Server side: the peer must be heard from within this time, or the link is dead.
+    Check(Duration),
 }
 
 /// What the handles and the driver share: a handle's request to close the link (the first
 /// cause wins), the driver's word that the link is gone, and the round trip it measured.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct CloseRequest {
     cause: OnceLock<CloseCause>,
     requested: CancellationToken,
@@ -156,6 +158,20 @@ struct CloseRequest {
     finished: CancellationToken,
     /// The control channel's smoothed round trip in microseconds; 0 while unknown.
     rtt_micros: AtomicU64,
+    /// Bumped by the driver for every message heard from the peer.
+    heard: watch::Sender<u64>,
+}
+
+impl Default for CloseRequest {
+    fn default() -> Self {
+        Self {
+            cause: OnceLock::new(),
+            requested: CancellationToken::new(),
+            finished: CancellationToken::new(),
+            rtt_micros: AtomicU64::new(0),
+            heard: watch::Sender::new(0),
+        }
+    }
 }
 
 /// A task aborted when its owner is dropped.
@@ -242,8 +258,31 @@ impl Link {
     /// How long an open waits for its answer before it probes the link: four round trips,
     /// `floor` at least.
     pub(crate) fn probe_after(&self, floor: Duration) -> Duration {
-        let rtt = Duration::from_micros(self.close.rtt_micros.load(Ordering::Relaxed));
-        (rtt * 4).max(floor)
+        (self.rtt().unwrap_or_default() * 4).max(floor)
+    }
+
+    /// The control channel's smoothed round trip, once measured.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        match self.close.rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    /// Whether the peer is heard from within `timeout`: a ping goes out at once (or the one
+    /// out gets that deadline). If nothing comes, the driver closes the link, for a ping
+    /// deadline, and this says false.
+    pub(crate) async fn check_alive(&self, timeout: Duration) -> bool {
+        let mut heard = self.close.heard.subscribe();
+        heard.mark_unchanged();
+        if self.commands.send(Command::Check(timeout)).await.is_err() {
+            return false;
+        }
+        tokio::select! {
+            // The sender lives in `self`.
+            _ = heard.changed() => true,
+            _ = self.closed() => false,
+        }
     }
 
     pub(crate) fn current(&self) -> LinkState {
@@ -485,7 +524,10 @@ async fn serve<C: ControlChannel>(
         }
         let deadline = control.poll_timeout();
         tokio::select! {
-            m = channel.recv() => control.handle_message(now(), m?)?,
+            m = channel.recv() => {
+                control.handle_message(now(), m?)?;
+                close.heard.send_modify(|n| *n = n.wrapping_add(1));
+            }
             () = sleep_until(deadline) => control.handle_timeout(now())?,
             cmd = commands.recv() => match cmd {
                 Some(Command::GoAway { cause, drain }) => {
@@ -494,6 +536,9 @@ async fn serve<C: ControlChannel>(
                 }
                 Some(Command::Request(request)) => control.request_stream(request)?,
                 Some(Command::Cancel(id)) => control.cancel_stream(id),
+                Some(Command::Check(timeout)) => {
+                    control.check(now(), timeout);
+                }
                 Some(Command::Probe(since)) => {
                     if control.probe(now(), since) {
                         metrics::counter!("edge_tunnel_server_link_probes_total").increment(1);

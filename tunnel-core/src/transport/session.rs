@@ -147,6 +147,20 @@ impl ServerSession {
         self.shared.link.open_streams()
     }
 
+    /// The control channel's smoothed round trip, once a ping has been answered (the first
+    /// goes out at registration).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.shared.link.rtt()
+    }
+
+    /// Whether the agent answers within `timeout`. A ping goes out at once; if nothing comes
+    /// back in time, the link is closed (cause `ping_deadline`, streams reset) and this
+    /// returns false. For a session whose agent may have died: a restart's new session
+    /// checks the one it replaces.
+    pub async fn check_alive(&self, timeout: Duration) -> bool {
+        self.shared.link.check_alive(timeout).await
+    }
+
     /// Resolves when no stream is open on this link (at once if none is), or when it closes.
     pub async fn idle(&self) {
         self.shared.link.idle().await;

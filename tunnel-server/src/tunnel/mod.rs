@@ -141,23 +141,54 @@ async fn serve_link(
     );
 }
 
-/// Whether `new` proves the session it replaces dead: it comes from another agent process (a
-/// restart, a crash), or from the same one with no other session left (it lost the old link
-/// and said so). Older agents send no instance id: their predecessors are retired gently.
-fn predecessor_dead(old: &ServerSession, new: &ServerSession) -> bool {
-    let (old, new) = (old.claims(), new.claims());
-    new.instance_id != 0 && (old.instance_id != new.instance_id || new.live_sessions == 0)
+/// What a new session says of the one it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Predecessor {
+    /// The same agent process, which says it holds no other session: it lost the old link.
+    Dead,
+    /// Another agent process: a restart or a crash, unless the old one still answers (a
+    /// DaemonSet surge, two agents with one certificate).
+    Check,
+    /// The same process, still serving the old link (the QUIC return), or an agent too old to
+    /// say.
+    Live,
 }
 
-/// Ends the session a newer one of the same node replaced. A dead one (see
-/// [`predecessor_dead`]) is closed at once: its streams are reset, and the opens waiting on it
-/// fail now and move to the new session. A live one (a reconnect of a running agent, or `auto`
-/// moving from gRPC back to QUIC) is retired: it gets no new streams, its open ones may finish
-/// within `drain`, then it is closed. A session with nothing open closes at once.
+fn predecessor(old: &ServerSession, new: &ServerSession) -> Predecessor {
+    let (old, new) = (old.claims(), new.claims());
+    if new.instance_id == 0 {
+        Predecessor::Live
+    } else if old.instance_id != new.instance_id {
+        Predecessor::Check
+    } else if new.live_sessions == 0 {
+        Predecessor::Dead
+    } else {
+        Predecessor::Live
+    }
+}
+
+/// The least time the old session of a restarted agent gets to answer; four round trips of
+/// its link when longer. A wrong verdict costs nothing that trusting the restart would not.
+const RESTART_CHECK: Duration = Duration::from_millis(250);
+
+/// Ends the session a newer one of the same node replaced. A dead one is closed at once (its
+/// streams reset; the opens waiting on it fail now and move to the new session): the agent
+/// said it lost that link, or it comes from another process and the old link does not answer
+/// a ping within a few round trips. A live one is retired: it gets no new streams, its open
+/// ones may finish within `drain`, then it is closed. A session with nothing open closes at
+/// once.
 async fn retire(old: Option<ServerSession>, new: &ServerSession, drain: Duration) {
     let Some(old) = old else { return };
     let node = &old.identity().node_name;
-    if predecessor_dead(&old, new) {
+    let dead = match predecessor(&old, new) {
+        Predecessor::Dead => true,
+        Predecessor::Check => {
+            let within = (old.rtt().unwrap_or_default() * 4).max(RESTART_CHECK);
+            !old.check_alive(within).await
+        }
+        Predecessor::Live => false,
+    };
+    if dead {
         info!(agent.id = %node, old.session = old.id(), old.transport = %old.transport(), open = old.open_streams(), "agent restarted or lost its link; closing its previous session and resetting its streams");
         old.close(CloseCause::Replaced);
         return;
