@@ -355,43 +355,9 @@ edge_tunnel_testkit::conformance!(
     a_host_client_that_leaves_before_the_answer_counts_as_client_gone,
     an_open_waiting_on_a_replaced_session_moves_to_the_new_one,
     a_stalled_request_body_gets_408_and_frees_the_stream,
+    a_cut_connect_tunnel_resets_its_client,
+    a_cut_exec_resets_its_client,
 );
-
-/// The cuts that reach the front as a clean end of the tunnel stream over gRPC: an agent's
-/// abort closes its request stream as a finish would, and the server's side of a closed link
-/// reads as ended. Over gRPC these wait on tunnel-core (`transport/grpc/stream.rs`); a Host
-/// client is reset over both, since its cut response is incomplete whatever ends it.
-mod cut {
-    use super::*;
-
-    mod quic {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn a_cut_connect_tunnel_resets_its_client() {
-            super::super::a_cut_connect_tunnel_resets_its_client(super::TransportChoice::Quic)
-                .await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn a_cut_exec_resets_its_client() {
-            super::super::a_cut_exec_resets_its_client(super::TransportChoice::Quic).await;
-        }
-    }
-
-    mod grpc {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        #[ignore = "tunnel-core: a gRPC stream's abort and its link's close read as a clean end"]
-        async fn a_cut_connect_tunnel_resets_its_client() {
-            super::super::a_cut_connect_tunnel_resets_its_client(super::TransportChoice::Grpc)
-                .await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        #[ignore = "tunnel-core: a gRPC stream's abort and its link's close read as a clean end"]
-        async fn a_cut_exec_resets_its_client() {
-            super::super::a_cut_exec_resets_its_client(super::TransportChoice::Grpc).await;
-        }
-    }
-}
 
 /// Not a transport matter: the front answers before any stream opens.
 #[tokio::test]

@@ -181,6 +181,7 @@ async fn stream_call(client: &mut TunnelClient<Channel>, id: Option<&str>) -> to
             result: proto::OpenResult::Ok.into(),
             detail: String::new(),
         }),
+        reset: false,
     };
     let mut request = tonic::Request::new(tokio_stream::iter(vec![answer]));
     if let Some(id) = id {
@@ -269,6 +270,7 @@ async fn an_answer_without_a_reply_fails_the_open_as_a_protocol_error_and_is_cou
         let mut request = tonic::Request::new(tokio_stream::iter(vec![proto::Chunk {
             data: bytes::Bytes::from_static(b"no answer"),
             reply: None,
+            reset: false,
         }]));
         request
             .metadata_mut()

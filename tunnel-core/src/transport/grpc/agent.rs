@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,7 +12,7 @@ use tokio_util::sync::{CancellationToken, PollSender};
 use tonic::Request;
 
 use super::service::tunnel_client::TunnelClient;
-use super::stream::{AgentCalls, GrpcStream, Outbound, RequestTicket};
+use super::stream::{Abort, AgentCalls, GrpcStream, Outbound, RequestChunks, RequestTicket};
 use super::{
     ALPN_H2, CHUNKS_IN_FLIGHT, GrpcControl, MAX_OUTSTANDING_REQUESTS, Out, Requests, STREAM_ID_KEY,
     status_reason,
@@ -286,11 +285,12 @@ async fn answer(
 ) -> Result<GrpcStream, SessionError> {
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     tx.try_send(proto::Chunk {
-        data: Bytes::new(),
         reply: Some(reply),
+        ..proto::Chunk::default()
     })
     .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-    let mut request = Request::new(ReceiverStream::new(rx));
+    let abort = Arc::new(Abort::default());
+    let mut request = Request::new(RequestChunks::new(rx, abort.clone()));
     let id = tonic::metadata::MetadataValue::from(stream_id);
     request.metadata_mut().insert(STREAM_ID_KEY, id);
     let inbound = calls
@@ -303,7 +303,7 @@ async fn answer(
     Ok(GrpcStream::new(
         stream_id,
         inbound,
-        Outbound::Request(PollSender::new(tx)),
+        Outbound::Request(PollSender::new(tx), abort),
         &calls.closed,
     ))
 }

@@ -63,8 +63,10 @@ struct GrpcControl {
     send_timeout: Duration,
     /// Agent side: where the server's stream requests go.
     requests: Option<Requests>,
-    /// Cancelled when the link ends, the driver aborted included: the link's `Stream` calls
-    /// end with it (they share an HTTP/2 connection that may outlive the link).
+    /// Cancelled when the link ends (at the start of `finish`, or when the driver is dropped):
+    /// the link's `Stream` calls end with it (they share an HTTP/2 connection that may
+    /// outlive the link), as cut streams.
+    closed: CancellationToken,
     _closed: DropGuard,
 }
 
@@ -86,6 +88,7 @@ impl GrpcControl {
             out: Some(out),
             send_timeout,
             requests,
+            closed: closed.clone(),
             _closed: closed.clone().drop_guard(),
         }
     }
@@ -143,6 +146,9 @@ impl ControlChannel for GrpcControl {
     }
 
     async fn finish(&mut self, reason: &CloseReason) {
+        // The link's streams are cut now, before the peer can react to our end: a peer that
+        // ends its halves of them cleanly must not make them look finished.
+        self.closed.cancel();
         // Ending our half lets the peer's driver end too.
         self.out = None;
         if reason.initiator == Initiator::Local {

@@ -2,13 +2,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::PoisonError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, PollSender, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
@@ -23,7 +24,8 @@ use crate::transport::stream::StreamIo;
 #[derive(Debug)]
 pub(crate) struct GrpcStream {
     pub(crate) id: u64,
-    inbound: Streaming<proto::Chunk>,
+    /// `None` once an aborted agent-side call handed it to its request half ([`Abort`]).
+    inbound: Option<Streaming<proto::Chunk>>,
     pub(super) pending: Bytes,
     outbound: Outbound,
     read_done: bool,
@@ -46,8 +48,99 @@ pub(crate) struct AgentCalls {
 pub(super) enum Outbound {
     /// Server side: the response stream of the `Stream` call.
     Response(PollSender<Result<proto::Chunk, Status>>),
-    /// Agent side: the request stream of the `Stream` call.
-    Request(PollSender<proto::Chunk>),
+    /// Agent side: the request stream of the `Stream` call, and how to abort it.
+    Request(PollSender<proto::Chunk>, Arc<Abort>),
+}
+
+/// How an agent-side stream aborts its call: the request half sends a `reset` chunk, then
+/// waits (a second at most) for the server to end its half before it ends its own, so that
+/// the call ends without an HTTP/2 reset. A reset would do harm: h2 drops data frames still
+/// queued when a stream is reset (the `reset` chunk among them), and a server reads a
+/// cancelled request body as a clean end (hyper turns RST_STREAM(CANCEL) into end of stream).
+#[derive(Debug, Default)]
+pub(super) struct Abort {
+    requested: AtomicBool,
+    /// The stream's response half, handed over at the abort.
+    inbound: Mutex<Option<Box<Streaming<proto::Chunk>>>>,
+}
+
+/// How long an aborted call waits for the server's end before it ends its own half anyway
+/// (an older server does not know the `reset` chunk and ends nothing).
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+enum Chunks {
+    Open,
+    /// The `reset` chunk is out; the server's half is read to its end, and discarded.
+    Aborting {
+        inbound: Option<Box<Streaming<proto::Chunk>>>,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    },
+    Ended,
+}
+
+/// The agent's half of a `Stream` call: the chunks the stream writes, then its end; or, once
+/// aborted, a `reset` chunk and the end. The abort is checked on every poll: an abort while
+/// the queue is full (the call is polled again as soon as it can send) takes effect then,
+/// ahead of the chunks still queued.
+#[derive(Debug)]
+pub(super) struct RequestChunks {
+    rx: mpsc::Receiver<proto::Chunk>,
+    abort: Arc<Abort>,
+    state: Chunks,
+}
+
+impl RequestChunks {
+    pub(super) fn new(rx: mpsc::Receiver<proto::Chunk>, abort: Arc<Abort>) -> Self {
+        Self {
+            rx,
+            abort,
+            state: Chunks::Open,
+        }
+    }
+}
+
+impl Stream for RequestChunks {
+    type Item = proto::Chunk;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match &mut this.state {
+            Chunks::Ended => Poll::Ready(None),
+            Chunks::Open if this.abort.requested.load(Ordering::Acquire) => {
+                let inbound = this
+                    .abort
+                    .inbound
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                this.state = Chunks::Aborting {
+                    inbound,
+                    deadline: Box::pin(tokio::time::sleep(ABORT_WAIT)),
+                };
+                Poll::Ready(Some(proto::Chunk {
+                    reset: true,
+                    ..proto::Chunk::default()
+                }))
+            }
+            Chunks::Open => this.rx.poll_recv(cx),
+            Chunks::Aborting { inbound, deadline } => {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    this.state = Chunks::Ended;
+                    return Poll::Ready(None);
+                }
+                while let Some(half) = inbound {
+                    match Pin::new(&mut **half).poll_next(cx) {
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(_)) | None) => *inbound = None,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                this.state = Chunks::Ended;
+                Poll::Ready(None)
+            }
+        }
+    }
 }
 
 impl GrpcStream {
@@ -59,7 +152,7 @@ impl GrpcStream {
     ) -> Self {
         Self {
             id,
-            inbound,
+            inbound: Some(inbound),
             pending: Bytes::new(),
             outbound,
             read_done: false,
@@ -94,7 +187,19 @@ impl GrpcStream {
                 }
                 tx.close();
             }
-            Outbound::Request(tx) => tx.close(),
+            Outbound::Request(tx, abort) => {
+                if let Some(inbound) = self.inbound.take() {
+                    *abort.inbound.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(Box::new(inbound));
+                }
+                abort.requested.store(true, Ordering::Release);
+                // Wakes the call if it waits for a chunk; a full queue means it is about to
+                // be polled anyway.
+                if let Some(sender) = tx.get_ref() {
+                    let _ = sender.try_send(proto::Chunk::default());
+                }
+                tx.close();
+            }
         }
     }
 
@@ -108,7 +213,20 @@ impl GrpcStream {
             if self.read_done {
                 return Poll::Ready(Ok(()));
             }
-            match Pin::new(&mut self.inbound).poll_next(cx) {
+            let Some(inbound) = self.inbound.as_mut() else {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "stream aborted",
+                )));
+            };
+            match Pin::new(inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) if chunk.reset => {
+                    self.abort_outbound();
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "the agent reset the stream",
+                    )));
+                }
                 Poll::Ready(Some(Ok(chunk))) => self.pending = chunk.data,
                 Poll::Ready(Some(Err(status))) => {
                     return Poll::Ready(Err(std::io::Error::new(
@@ -116,7 +234,11 @@ impl GrpcStream {
                         status.message().to_owned(),
                     )));
                 }
-                Poll::Ready(None) => self.read_done = true,
+                // The call ended with the link: a cut, however cleanly the peer ended its half.
+                Poll::Ready(None) => {
+                    self.check_link(cx, false)?;
+                    self.read_done = true;
+                }
                 // Everything that arrived has been read; only now may a closed link end the
                 // stream, so that a retired link's last bytes are not thrown away.
                 Poll::Pending => {
@@ -133,7 +255,7 @@ impl GrpcStream {
         // Reserve first: a chunk copied before a full queue would be copied again on the retry.
         let reserved = match &mut self.outbound {
             Outbound::Response(tx) => tx.poll_reserve(cx).map(|r| r.is_ok()),
-            Outbound::Request(tx) => tx.poll_reserve(cx).map(|r| r.is_ok()),
+            Outbound::Request(tx, _) => tx.poll_reserve(cx).map(|r| r.is_ok()),
         };
         if reserved.is_pending() {
             self.check_link(cx, true)?;
@@ -144,11 +266,11 @@ impl GrpcStream {
         }
         let chunk = proto::Chunk {
             data: Bytes::copy_from_slice(buf),
-            reply: None,
+            ..proto::Chunk::default()
         };
         let sent = match &mut self.outbound {
             Outbound::Response(tx) => tx.send_item(Ok(chunk)).is_ok(),
-            Outbound::Request(tx) => tx.send_item(chunk).is_ok(),
+            Outbound::Request(tx, _) => tx.send_item(chunk).is_ok(),
         };
         if !sent {
             return Poll::Ready(Err(closed()));
@@ -159,7 +281,7 @@ impl GrpcStream {
     pub(crate) fn shutdown(&mut self) {
         match &mut self.outbound {
             Outbound::Response(tx) => tx.close(),
-            Outbound::Request(tx) => tx.close(),
+            Outbound::Request(tx, _) => tx.close(),
         }
     }
 }
