@@ -2,13 +2,12 @@
 //! copy. Forbidden targets are refused before any dial.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span, warn};
 use tunnel_core::copy::copy_bidirectional;
 use tunnel_core::{IncomingStream, OpenRequest, Refusal, RequestedStream, TunnelStream};
-use tunnel_process::throttle::LogThrottle;
 
 use crate::Shared;
 
@@ -38,7 +37,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
         Ok(r) => r,
         Err(e) => {
             count("bad_header");
-            if let Some(suppressed) = refusal_log().admit() {
+            if let Some(suppressed) = shared.refusals.admit() {
                 warn!(
                     result = "bad_header",
                     suppressed = (suppressed > 0).then_some(suppressed),
@@ -56,7 +55,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             Ok(addr) => addr,
             Err(denied) => {
                 count("forbidden");
-                refused(&request, Refusal::Forbidden, &denied);
+                refused(&shared, &request, Refusal::Forbidden, &denied);
                 return refuse(requested, Refusal::Forbidden, &denied.to_string()).await;
             }
         };
@@ -64,7 +63,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
             Ok(tcp) => tcp,
             Err(Undialed::Withdrawn) => return,
             Err(Undialed::Failed(refusal, detail)) => {
-                refused(&request, refusal, &detail);
+                refused(&shared, &request, refusal, &detail);
                 return refuse(requested, refusal, &detail).await;
             }
         };
@@ -84,17 +83,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
     .await;
 }
 
-/// The bucket of the refused-stream lines: one for the agent process, as its log is one (a
-/// server that asks again and again for a forbidden port must not flood the node's log).
-fn refusal_log() -> &'static LogThrottle {
-    static THROTTLE: OnceLock<LogThrottle> = OnceLock::new();
-    THROTTLE.get_or_init(LogThrottle::default)
-}
-
 /// One line at the default level for a stream the agent refused or could not dial: target,
 /// port, why; throttled, with the count of lines dropped before it.
-fn refused(request: &OpenRequest, refusal: Refusal, detail: &dyn std::fmt::Display) {
-    let Some(suppressed) = refusal_log().admit() else {
+fn refused(
+    shared: &Shared,
+    request: &OpenRequest,
+    refusal: Refusal,
+    detail: &dyn std::fmt::Display,
+) {
+    let Some(suppressed) = shared.refusals.admit() else {
         return;
     };
     warn!(

@@ -75,6 +75,9 @@ pub enum AgentError {
 pub(crate) struct Shared {
     pub(crate) config: AgentConfig,
     pub(crate) allowlist: Allowlist,
+    /// Bounds the agent's refused-stream lines: a server that asks again and again for a
+    /// forbidden port must not flood the node's log.
+    pub(crate) refusals: tunnel_process::throttle::LogThrottle,
 }
 
 /// An agent ready to run.
@@ -221,6 +224,7 @@ impl Links {
                     config.allowed_ports.clone(),
                     config.localhost_proxy_ports.clone(),
                 ),
+                refusals: tunnel_process::throttle::LogThrottle::default(),
                 config,
             }),
             server,

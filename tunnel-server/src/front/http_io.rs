@@ -161,8 +161,12 @@ pub(crate) enum RequestBodyError {
 pub(crate) struct RequestBody {
     inner: Incoming,
     timeout: Duration,
-    /// Armed at the first wait, re-armed by each frame.
+    /// Armed at the first wait for the client, re-armed at the first wait after each frame.
     idle: Option<Pin<Box<Sleep>>>,
+    /// A frame went out since the timer was armed: the next wait starts it afresh. Counted
+    /// from the wait, not from the frame, so that time spent with the upstream not taking
+    /// the body (its flow control) never counts as the client's stall.
+    rearm: bool,
     upstream: Cut,
 }
 
@@ -172,6 +176,7 @@ impl RequestBody {
             inner,
             timeout,
             idle: None,
+            rearm: false,
             upstream,
         }
     }
@@ -188,9 +193,7 @@ impl Body for RequestBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(idle) = &mut this.idle {
-                    idle.as_mut().reset(Instant::now() + this.timeout);
-                }
+                this.rearm = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -203,6 +206,9 @@ impl Body for RequestBody {
                 let idle = this
                     .idle
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if std::mem::take(&mut this.rearm) {
+                    idle.as_mut().reset(Instant::now() + timeout);
+                }
                 ready!(idle.as_mut().poll(cx));
                 // Set before hyper's client sees the error and drops the stream.
                 this.upstream.set();
