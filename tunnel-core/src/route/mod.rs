@@ -64,10 +64,10 @@ pub enum AuthorityError {
     #[error("empty host")]
     Empty,
     /// The port is not a number in 1..=65535.
-    #[error("invalid port {0:?}")]
+    #[error("invalid port {0:?}: a number from 1 to 65535")]
     Port(String),
     /// The host is neither an IP literal nor a DNS name (RFC 1123 labels, at most 253 bytes).
-    #[error("invalid host name {0:?}")]
+    #[error("{0:?} is not a valid DNS name or IP")]
     Host(String),
 }
 

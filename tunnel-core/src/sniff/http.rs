@@ -114,9 +114,10 @@ pub fn parse_request_head(src: &[u8], default_port: u16) -> Result<RequestHead, 
         .filter(|h| h.name.eq_ignore_ascii_case("host"));
     let host = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(SniffError::Malformed("several Host headers")),
-        (Some(h), None) => {
-            Some(std::str::from_utf8(h.value).map_err(|_| SniffError::Malformed("Host header"))?)
-        }
+        (Some(h), None) => Some(
+            std::str::from_utf8(h.value)
+                .map_err(|_| SniffError::Malformed("Host header is not text"))?,
+        ),
         (None, _) => None,
     };
     let method = req.method.ok_or(SniffError::Malformed("method"))?;
