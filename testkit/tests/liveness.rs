@@ -133,6 +133,7 @@ async fn a_restarted_agent_ends_the_old_streams_at_once(transport: TransportChoi
             .unwrap_or_else(|_| panic!("the {what} of the dead agent is still open"))
             .unwrap();
         let late = at.saturating_duration_since(registered_at);
+        eprintln!("figure: {transport:?} {what} reset {late:?} after the new registration");
         assert!(
             late <= Duration::from_secs(1),
             "the {what} ended {late:?} after the new session registered"
@@ -168,6 +169,7 @@ async fn a_restarted_agent_ends_the_old_streams_at_once(transport: TransportChoi
         .await
         .expect("an answer")
         .unwrap();
+    eprintln!("figure: {transport:?} request sent 0.3 s after the kill: {status} in {took:?}");
     assert!(matches!(status, 200 | 503), "status {status}");
     assert!(
         took <= Duration::from_secs(3),

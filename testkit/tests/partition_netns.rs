@@ -62,6 +62,9 @@ async fn in_namespace(name: &str) {
         .expect("run the test inside the namespace");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    for line in text.lines().filter(|l| l.starts_with("figure:")) {
+        eprintln!("{line}");
+    }
     assert!(out.status.success(), "inside the namespace:\n{text}");
     assert!(
         text.contains("1 passed"),
@@ -139,11 +142,16 @@ async fn partitioned(transport: TransportChoice) {
     )
     .await
     .unwrap_or_else(|_| panic!("node-a still registered {:?} after the cut", cut.elapsed()));
+    eprintln!(
+        "figure: {transport:?} idle agent dropped {:?} after the cut",
+        cut.elapsed()
+    );
     for (i, task) in requests.into_iter().enumerate() {
         let (status, took) = tokio::time::timeout(Duration::from_secs(30), task)
             .await
             .expect("an answer")
             .unwrap();
+        eprintln!("figure: {transport:?} request {i} during the cut: {status} in {took:?}");
         assert_eq!(status, 503, "request {i}");
         assert!(
             took <= Duration::from_secs(3),
@@ -170,6 +178,10 @@ async fn partitioned(transport: TransportChoice) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    eprintln!(
+        "figure: {transport:?} both nodes serving {:?} after the heal",
+        healed.elapsed()
+    );
     assert!(
         healed.elapsed() <= Duration::from_secs(5),
         "serving again only {:?} after the heal",
