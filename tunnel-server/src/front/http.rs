@@ -266,12 +266,17 @@ async fn relay(fronts: &Fronts, client: Upgraded, stream: &mut TunnelStream, to_
         return;
     };
     let mut client = parts.io.into_inner();
+    // What hyper had read past the head is usually nothing; copied out, so that hyper's read
+    // buffers (kilobytes each) are not held for the life of a tunnel that may idle for hours.
+    let to_stream = parts.read_buf.to_vec();
+    drop(parts.read_buf);
     client.cut().set();
     if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
         stream.abort();
         return;
     }
-    if fronts.proxy(&mut client, stream, &parts.read_buf).await {
+    drop(to_client);
+    if fronts.proxy(&mut client, stream, &to_stream).await {
         client.cut().clear();
     }
 }
