@@ -176,3 +176,21 @@ pub async fn echo_exact<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, data: &[u8])
     assert_eq!(got.len(), data.len(), "echoed length");
     assert!(got == data, "echoed bytes differ");
 }
+
+/// One GET for `path` with `Host: host` through the HTTP front at `front`, on a new
+/// connection: its status and how long the answer took (30 s at most).
+pub async fn timed_get(front: SocketAddr, host: &str, path: &str) -> (u16, std::time::Duration) {
+    let started = tokio::time::Instant::now();
+    let tcp = TcpStream::connect(front)
+        .await
+        .expect("connect to the front");
+    let mut sender = http1(tcp).await.expect("HTTP/1 handshake");
+    let (status, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        get(&mut sender, host, path),
+    )
+    .await
+    .expect("an answer, whatever it is")
+    .expect("a well-formed answer");
+    (status.as_u16(), started.elapsed())
+}

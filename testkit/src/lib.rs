@@ -8,6 +8,7 @@ pub mod client;
 pub mod cluster;
 pub mod kubelet;
 pub mod logs;
+pub mod netns;
 pub mod pki;
 pub mod target;
 

@@ -9,76 +9,28 @@
 use std::time::Duration;
 
 use edge_tunnel_testkit::client::{self, Upgrade, pattern};
-use edge_tunnel_testkit::{TestCluster, metric_value};
+use edge_tunnel_testkit::{TestCluster, metric_value, netns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 use tunnel_agent::Backoff;
 use tunnel_core::TransportChoice;
 use tunnel_core::{NodeRef, TransportKind};
 
-/// Set in the copy of this test that runs inside the namespace.
-const INSIDE: &str = "EDGE_TUNNEL_TEST_IN_NETNS";
 const TEST: &str = "auto_runs_over_grpc_while_udp_is_dropped_and_moves_back_to_quic";
-
-async fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{program} not runnable ({e}); .ci/run installs it"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed (this test needs root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Deletes the namespace however the test ends.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_runs_over_grpc_while_udp_is_dropped_and_moves_back_to_quic() {
-    if std::env::var_os(INSIDE).is_some() {
+    if netns::inside() {
         inside().await;
-        return;
+    } else {
+        netns::in_namespace(TEST).await;
     }
-    let ns = Netns(format!("edge-tunnel-test-{}", std::process::id()));
-    run("ip", &["netns", "add", &ns.0]).await;
-    run(
-        "ip",
-        &["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"],
-    )
-    .await;
-    let exe = std::env::current_exe().expect("test binary");
-    let exe = exe.to_str().expect("utf-8 path");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, exe, "--exact", TEST, "--nocapture"])
-        .env(INSIDE, "1")
-        .output()
-        .await
-        .expect("run the test inside the namespace");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "inside the namespace:\n{text}");
-    assert!(
-        text.contains("1 passed"),
-        "the inner test did not run:\n{text}"
-    );
 }
 
 /// Runs in the namespace: its loopback is ours alone.
 async fn inside() {
     let udp = |op| ["-w", "5", op, "INPUT", "-p", "udp", "-j", "DROP"];
-    run("iptables", &udp("-A")).await;
+    netns::run("iptables", &udp("-A")).await;
 
     let (cluster, kubelet) = TestCluster::with_kubelet(&[("node-a", &[])], |_| {}).await;
     let mut config = cluster.agent_config("node-a");
@@ -110,7 +62,7 @@ async fn inside() {
     assert!(back == hello, "echo over gRPC");
 
     // UDP is back: the agent's next QUIC attempt succeeds and takes over.
-    run("iptables", &udp("-D")).await;
+    netns::run("iptables", &udp("-D")).await;
     tokio::time::timeout(
         Duration::from_secs(30),
         cluster.registry.wait_for_new("node-a", old.id()),

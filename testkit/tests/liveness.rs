@@ -92,21 +92,6 @@ fn watch_end<IO: AsyncRead + Unpin + Send + 'static>(
     })
 }
 
-/// One GET through the HTTP front, by Host: its status and how long it took.
-async fn timed_get(cluster: &TestCluster, host: &str) -> (u16, Duration) {
-    let started = Instant::now();
-    let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
-    let mut sender = client::http1(tcp).await.unwrap();
-    let (status, _) = tokio::time::timeout(
-        Duration::from_secs(20),
-        client::get(&mut sender, host, "/pods"),
-    )
-    .await
-    .expect("an answer, whatever it is")
-    .unwrap();
-    (status.as_u16(), started.elapsed())
-}
-
 /// An agent killed and restarted: its old streams end within a second of the new session's
 /// registration (no request needed to find the old link dead), and a request sent in between
 /// gets its answer within 3 s.
@@ -153,15 +138,8 @@ async fn a_restarted_agent_ends_the_old_streams_at_once(transport: TransportChoi
     tokio::time::sleep(Duration::from_millis(300)).await;
     let host = format!("node-a:{}", kubelet.http_addr.port());
     let request = {
-        let cluster_addr = cluster.insecure_addr;
-        let host = host.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let tcp = TcpStream::connect(cluster_addr).await.unwrap();
-            let mut sender = client::http1(tcp).await.unwrap();
-            let (status, _) = client::get(&mut sender, &host, "/pods").await.unwrap();
-            (status.as_u16(), started.elapsed())
-        })
+        let (front, host) = (cluster.insecure_addr, host.clone());
+        tokio::spawn(async move { client::timed_get(front, &host, "/pods").await })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
     let _third = agent_process(&cluster, "node-a", transport);
@@ -177,7 +155,7 @@ async fn a_restarted_agent_ends_the_old_streams_at_once(transport: TransportChoi
     );
     // And the node serves through the restarted agent.
     registered(&cluster, "node-a", Some(new)).await;
-    let (status, _) = timed_get(&cluster, &host).await;
+    let (status, _) = client::timed_get(cluster.insecure_addr, &host, "/pods").await;
     assert_eq!(status, 200);
 }
 

@@ -10,66 +10,16 @@
 
 use std::time::Duration;
 
-use edge_tunnel_testkit::{TestCluster, client};
-use tokio::net::TcpStream;
-use tokio::process::Command;
+use edge_tunnel_testkit::{TestCluster, client, netns};
 use tokio::time::Instant;
 use tunnel_core::TransportChoice;
 
-/// Set in the copy of a test that runs inside the namespace.
-const INSIDE: &str = "EDGE_TUNNEL_TEST_IN_NETNS";
-
-async fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{program} not runnable ({e}); .ci/run installs it"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed (this test needs root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Deletes the namespace however the test ends.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-/// Runs test `name` of this binary again inside a new namespace, and checks that it passed.
-async fn in_namespace(name: &str) {
-    let ns = Netns(format!("edge-tunnel-part-{}", std::process::id()));
-    run("ip", &["netns", "add", &ns.0]).await;
-    run(
-        "ip",
-        &["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"],
-    )
-    .await;
-    let exe = std::env::current_exe().expect("test binary");
-    let exe = exe.to_str().expect("utf-8 path");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, exe, "--exact", name, "--nocapture"])
-        .env(INSIDE, "1")
-        .output()
-        .await
-        .expect("run the test inside the namespace");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+/// Runs test `name` inside its own namespace and passes on the figures it printed.
+async fn outside(name: &str) {
+    let text = netns::in_namespace(name).await;
     for line in text.lines().filter(|l| l.starts_with("figure:")) {
         eprintln!("{line}");
     }
-    assert!(out.status.success(), "inside the namespace:\n{text}");
-    assert!(
-        text.contains("1 passed"),
-        "the inner test did not run:\n{text}"
-    );
 }
 
 /// The iptables rules that cut the tunnel port both ways (`op`: -A adds, -D removes).
@@ -80,24 +30,9 @@ async fn partition(op: &str, port: u16) {
             let args = [
                 "-w", "5", op, "INPUT", "-p", proto, side, &port, "-j", "DROP",
             ];
-            run("iptables", &args).await;
+            netns::run("iptables", &args).await;
         }
     }
-}
-
-/// One GET through the HTTP front: its status and how long the answer took.
-async fn timed_get(cluster: &TestCluster, host: &str) -> (u16, Duration) {
-    let started = Instant::now();
-    let tcp = TcpStream::connect(cluster.insecure_addr).await.unwrap();
-    let mut sender = client::http1(tcp).await.unwrap();
-    let (status, _) = tokio::time::timeout(
-        Duration::from_secs(30),
-        client::get(&mut sender, host, "/pods"),
-    )
-    .await
-    .expect("an answer, whatever it is")
-    .unwrap();
-    (status.as_u16(), started.elapsed())
 }
 
 /// Runs in the namespace: node-a stays idle through the partition, node-b gets a request every
@@ -114,7 +49,12 @@ async fn partitioned(transport: TransportChoice) {
         .await;
     let host = |node: &str| format!("{node}:{}", kubelet.http_addr.port());
     for node in ["node-a", "node-b"] {
-        assert_eq!(timed_get(&cluster, &host(node)).await.0, 200);
+        assert_eq!(
+            client::timed_get(cluster.insecure_addr, &host(node), "/pods")
+                .await
+                .0,
+            200
+        );
     }
 
     partition("-A", cluster.tunnel_addr.port()).await;
@@ -126,11 +66,7 @@ async fn partitioned(transport: TransportChoice) {
             let (addr, host) = (cluster.insecure_addr, host("node-b"));
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until(cut + Duration::from_millis(500 + i * 1000)).await;
-                let started = Instant::now();
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                let mut sender = client::http1(tcp).await.unwrap();
-                let (status, _) = client::get(&mut sender, &host, "/pods").await.unwrap();
-                (status.as_u16(), started.elapsed())
+                client::timed_get(addr, &host, "/pods").await
             }));
         }
         tasks
@@ -166,7 +102,7 @@ async fn partitioned(transport: TransportChoice) {
     let healed = Instant::now();
     for node in ["node-a", "node-b"] {
         loop {
-            let (status, _) = timed_get(&cluster, &host(node)).await;
+            let (status, _) = client::timed_get(cluster.insecure_addr, &host(node), "/pods").await;
             if status == 200 {
                 break;
             }
@@ -191,18 +127,18 @@ async fn partitioned(transport: TransportChoice) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_partition_costs_seconds_not_timeouts() {
-    if std::env::var_os(INSIDE).is_some() {
+    if netns::inside() {
         partitioned(TransportChoice::Quic).await;
     } else {
-        in_namespace("quic_partition_costs_seconds_not_timeouts").await;
+        outside("quic_partition_costs_seconds_not_timeouts").await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_partition_costs_seconds_not_timeouts() {
-    if std::env::var_os(INSIDE).is_some() {
+    if netns::inside() {
         partitioned(TransportChoice::Grpc).await;
     } else {
-        in_namespace("grpc_partition_costs_seconds_not_timeouts").await;
+        outside("grpc_partition_costs_seconds_not_timeouts").await;
     }
 }
