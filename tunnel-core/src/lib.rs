@@ -69,7 +69,8 @@ pub use error::{
     CloseCause, CloseReason, ConfigError, Initiator, OpenError, Refusal, SessionError,
 };
 pub use proto::OpenRequest;
-pub use route::{NodeRef, PortSet, Target, TargetHost};
+
+pub use route::{NodeRef, PortConfig, PortPolicy, PortSet, Target, TargetHost};
 pub use tls::{AgentIdentity, Identity};
 pub use transport::{
     AgentSession, BindError, Connector, GrpcListener, HandshakeError, IncomingStream, LinkState,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::CloseCause;
 use crate::proto::{self, control::Msg};
+use crate::route;
 
 /// Liveness and handshake timing.
 ///
@@ -70,6 +71,9 @@ pub enum Event {
     StreamRequested(proto::StreamRequest),
     /// Agent side, gRPC transport: the server's client is gone; withdraw this stream request.
     StreamCancelled(u64),
+    /// Agent side: the server's port policy changed (the one in force at registration comes
+    /// with [`Event::Registered`]).
+    PortPolicy(route::PortPolicy),
     /// The peer accepts no new streams.
     GoAway {
         /// Why.
@@ -115,6 +119,9 @@ pub enum ControlError {
     /// An empty control message.
     #[error("empty control message")]
     Empty,
+    /// A message whose content is out of range.
+    #[error("invalid control message: {0}")]
+    Invalid(&'static str),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +204,7 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::StreamRequest(_) => "stream-request",
         Msg::StreamCancel(_) => "stream-cancel",
         Msg::Close(_) => "close",
+        Msg::PortPolicy(_) => "port-policy",
     }
 }
 
@@ -296,6 +304,12 @@ impl Control {
             (State::Active | State::Draining, Msg::StreamCancel(c)) if self.agent => {
                 self.events.push_back(Event::StreamCancelled(c.stream_id));
             }
+            (State::Active | State::Draining, Msg::PortPolicy(p)) if self.agent => {
+                let policy = p
+                    .to_policy()
+                    .map_err(|_| ControlError::Invalid("port policy with a port out of range"))?;
+                self.events.push_back(Event::PortPolicy(policy));
+            }
             (State::Active | State::Draining, Msg::GoAway(g)) => {
                 self.state = State::Draining;
                 self.events.push_back(Event::GoAway {
@@ -324,6 +338,22 @@ impl Control {
         self.outbox.push_back(wrap(Msg::Registered(registered)));
         self.activate(now);
         Ok(())
+    }
+
+    /// Server side: tells the agent its new port policy (only to an agent that announced
+    /// [`proto::Capability::PortPolicy`]). Dropped before registration completes: the
+    /// registration carries the policy of its own time.
+    pub fn push_port_policy(&mut self, policy: &route::PortPolicy) {
+        if self.agent || !matches!(self.state, State::Active | State::Draining) {
+            return;
+        }
+        // A policy queued but not yet sent is stale now: only the latest counts.
+        self.outbox
+            .retain(|m| !matches!(m.msg, Some(Msg::PortPolicy(_))));
+        self.outbox
+            .push_back(wrap(Msg::PortPolicy(proto::PortPolicy::from_policy(
+                policy,
+            ))));
     }
 
     /// Server side, gRPC transport: asks the agent for a stream. Also while draining: an
@@ -563,6 +593,7 @@ mod tests {
                 proto::Registered {
                     node_name: "from-cert".into(),
                     server_id: "s1".into(),
+                    ports: None,
                 },
             )
             .unwrap();
@@ -760,6 +791,45 @@ mod tests {
             agent.handle_message(now, proto::Control { msg: None }),
             Err(ControlError::Empty)
         );
+    }
+
+    #[test]
+    fn port_policies_reach_the_agent_latest_first_and_bad_ones_close() {
+        let now = Instant::now();
+        let policy = |ports: &[u16]| route::PortPolicy {
+            node: route::PortSet::new(ports.iter().copied()),
+            loopback: route::PortSet::new([10250]),
+        };
+        // Before registration there is nothing to push to.
+        let mut early = Control::server(now, ControlConfig::default());
+        early.push_port_policy(&policy(&[1]));
+        assert_eq!(early.poll_transmit(), None);
+
+        let (mut agent, mut server) = registered_pair(now);
+        server.push_port_policy(&policy(&[9100]));
+        server.push_port_policy(&policy(&[9100, 9051]));
+        drive(now, &mut agent, &mut server).unwrap();
+        assert_eq!(
+            agent.poll_event(),
+            Some(Event::PortPolicy(policy(&[9051, 9100])))
+        );
+        assert_eq!(agent.poll_event(), None, "the stale policy was never sent");
+
+        // An agent never pushes one, and one with a port out of range is a protocol error.
+        agent.push_port_policy(&policy(&[1]));
+        assert_eq!(agent.poll_transmit(), None);
+        let bad = wrap(Msg::PortPolicy(proto::PortPolicy {
+            node_ports: vec![70_000],
+            loopback_ports: vec![],
+        }));
+        assert!(matches!(
+            agent.handle_message(now, bad.clone()),
+            Err(ControlError::Invalid(_))
+        ));
+        assert!(matches!(
+            server.handle_message(now, bad),
+            Err(ControlError::Unexpected { .. })
+        ));
     }
 
     #[test]

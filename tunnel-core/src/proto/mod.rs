@@ -204,6 +204,35 @@ impl OpenRequest {
     }
 }
 
+impl PortPolicy {
+    /// The wire form of `policy`.
+    pub fn from_policy(policy: &route::PortPolicy) -> Self {
+        Self {
+            node_ports: policy.node.iter().map(u32::from).collect(),
+            loopback_ports: policy.loopback.iter().map(u32::from).collect(),
+        }
+    }
+
+    /// Validates the wire form: every port in 1..=65535.
+    pub fn to_policy(&self) -> Result<route::PortPolicy, DecodeError> {
+        let ports = |list: &[u32]| {
+            list.iter()
+                .map(|p| {
+                    u16::try_from(*p)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or(DecodeError::Invalid("port policy: port out of range"))
+                })
+                .collect::<Result<Vec<u16>, _>>()
+                .map(route::PortSet::new)
+        };
+        Ok(route::PortPolicy {
+            node: ports(&self.node_ports)?,
+            loopback: ports(&self.loopback_ports)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +302,22 @@ mod tests {
                 OpenRequest::from_proto(case),
                 Err(DecodeError::Invalid(_))
             ));
+        }
+    }
+
+    #[test]
+    fn port_policies_round_trip_and_reject_bad_ports() {
+        let policy = route::PortPolicy {
+            node: route::PortSet::new([9100, 10250]),
+            loopback: route::PortSet::new([10255]),
+        };
+        assert_eq!(PortPolicy::from_policy(&policy).to_policy(), Ok(policy));
+        for bad in [0, 65536] {
+            let msg = PortPolicy {
+                node_ports: vec![80, bad],
+                loopback_ports: vec![],
+            };
+            assert!(msg.to_policy().is_err(), "{bad}");
         }
     }
 

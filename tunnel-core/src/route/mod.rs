@@ -1,5 +1,10 @@
 //! Routing vocabulary: where a stream goes ([`Target`]), which node a request names
-//! ([`NodeRef`]), and the port lists of the server's ConfigMap ([`PortSet`]). Pure and table-driven.
+//! ([`NodeRef`]), and the ports of the server's ConfigMap ([`PortSet`], [`config`]). Pure and
+//! table-driven.
+
+pub mod config;
+
+pub use config::{PortConfig, PortPolicy};
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -138,7 +143,7 @@ fn truncate(s: &str) -> String {
 }
 
 /// A set of TCP ports, written in ConfigMaps as `10250, 10255`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PortSet(BTreeSet<u16>);
 
 /// A malformed item in a port list: the ConfigMap key is added by the caller.

@@ -8,12 +8,15 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::grpc::{GrpcConnector, GrpcListener};
+use super::link::Welcome;
 use super::quic::{PendingSession, QuicConnector, QuicListener};
 use super::{
     AgentSession, BindError, HandshakeError, Server, ServerSession, SessionConfig, TransportKind,
 };
 use crate::error::{CloseCause, SessionError};
 use crate::proto;
+use crate::route::PortPolicy;
+use tokio::sync::watch;
 
 /// The transports a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +76,10 @@ pub struct ListenerConfig {
     /// secret (its private key's bytes, say) tells the agents of its predecessor to reconnect
     /// at once instead of after their idle timeout. `None`: a random key.
     pub reset_secret: Option<Vec<u8>>,
+    /// Which ports of its node each agent may dial: told to every agent at registration, and
+    /// every change of it later, to agents that understand policies. `None`: agents follow
+    /// their own flags alone.
+    pub port_policy: Option<watch::Receiver<PortPolicy>>,
 }
 
 impl Default for ListenerConfig {
@@ -82,6 +89,7 @@ impl Default for ListenerConfig {
             server_id: "edge-tunnel-server".into(),
             transports: Transports::default(),
             reset_secret: None,
+            port_policy: None,
         }
     }
 }
@@ -126,11 +134,14 @@ impl Listener {
         for _ in 0..picks {
             let grpc = match want.grpc {
                 true => Some(
-                    GrpcListener::bind(
+                    GrpcListener::bind_welcoming(
                         addr,
                         tls.clone(),
                         config.session.clone(),
-                        &config.server_id,
+                        Welcome {
+                            server_id: config.server_id.as_str().into(),
+                            ports: config.port_policy.clone(),
+                        },
                     )
                     .await?,
                 ),
@@ -233,12 +244,13 @@ fn bind_quic(
     config: &ListenerConfig,
 ) -> Result<QuicListener, BindError> {
     let (session, id) = (config.session.clone(), config.server_id.as_str());
-    match &config.reset_secret {
+    let quic = match &config.reset_secret {
         Some(secret) => {
             QuicListener::bind_with_reset_secret(addr, tls.clone(), session, id, secret)
         }
         None => QuicListener::bind(addr, tls.clone(), session, id),
-    }
+    };
+    quic.map(|q| q.with_port_policy(config.port_policy.clone()))
 }
 
 async fn accept_quic(quic: Option<&QuicListener>) -> Option<PendingSession> {

@@ -30,6 +30,7 @@ use super::stream::StreamIo;
 use crate::control::{Control, ControlError, Event};
 use crate::error::{CloseCause, CloseReason, OpenError, SessionError};
 use crate::proto::{self, OpenRequest};
+use crate::route::PortPolicy;
 use crate::tls::AgentIdentity;
 
 /// A boxed, sendable future: what the transports' stream methods return.
@@ -160,6 +161,9 @@ struct CloseRequest {
     rtt_micros: AtomicU64,
     /// Bumped by the driver for every message heard from the peer.
     heard: watch::Sender<u64>,
+    /// Agent side: the port policy the server sent last; `None` while it sent none (a server
+    /// older than port policies).
+    ports: watch::Sender<Option<PortPolicy>>,
 }
 
 impl Default for CloseRequest {
@@ -170,6 +174,7 @@ impl Default for CloseRequest {
             finished: CancellationToken::new(),
             rtt_micros: AtomicU64::new(0),
             heard: watch::Sender::new(0),
+            ports: watch::Sender::new(None),
         }
     }
 }
@@ -215,17 +220,20 @@ pub(crate) struct Link {
 
 impl Link {
     /// Starts the driver of a registered link. `capacity`: the depth of the command queue.
-    pub(crate) fn spawn<C: ControlChannel>(
+    /// `ports`: server side, the policy whose changes go to the agent.
+    fn spawn<C: ControlChannel>(
         channel: C,
         control: Control,
         capacity: usize,
+        ports: Option<watch::Receiver<PortPolicy>>,
+        close: CloseRequest,
         span: tracing::Span,
     ) -> Self {
         let (commands, rx) = mpsc::channel(capacity);
         let (state_tx, state) = watch::channel(LinkState::Active);
-        let close = Arc::new(CloseRequest::default());
-        let task =
-            tokio::spawn(drive(channel, control, rx, state_tx, close.clone()).instrument(span));
+        let close = Arc::new(close);
+        let driver = drive(channel, control, rx, ports, state_tx, close.clone());
+        let task = tokio::spawn(driver.instrument(span));
         Self {
             commands,
             state,
@@ -259,6 +267,11 @@ impl Link {
     /// `floor` at least.
     pub(crate) fn probe_after(&self, floor: Duration) -> Duration {
         (self.rtt().unwrap_or_default() * 4).max(floor)
+    }
+
+    /// Agent side: the port policy the server sent last (`None`: it sent none).
+    pub(crate) fn port_policy(&self) -> watch::Receiver<Option<PortPolicy>> {
+        self.close.ports.subscribe()
     }
 
     /// The control channel's smoothed round trip, once measured.
@@ -391,9 +404,27 @@ fn unexpected(event: &Event, state: &'static str) -> CloseReason {
         Event::GoAway { .. } => "go-away",
         Event::StreamRequested(_) => "stream-request",
         Event::StreamCancelled(_) => "stream-cancel",
+        Event::PortPolicy(_) => "port-policy",
         Event::Closed { .. } => "close",
     };
     ControlError::Unexpected { message, state }.into()
+}
+
+/// What a server tells every agent at registration: its id, and the port policy (whose later
+/// changes its links pass on).
+#[derive(Debug, Clone)]
+pub(crate) struct Welcome {
+    pub(crate) server_id: Arc<str>,
+    pub(crate) ports: Option<watch::Receiver<PortPolicy>>,
+}
+
+impl Welcome {
+    pub(crate) fn new(server_id: &str) -> Self {
+        Self {
+            server_id: server_id.into(),
+            ports: None,
+        }
+    }
 }
 
 /// Server side: runs the agent's registration on `channel` and starts the link's driver. The
@@ -402,12 +433,17 @@ fn unexpected(event: &Event, state: &'static str) -> CloseReason {
 pub(crate) async fn accept_agent<C: ControlChannel>(
     mut channel: C,
     identity: &AgentIdentity,
-    server_id: &str,
+    welcome: &Welcome,
     config: &SessionConfig,
     capacity: usize,
     span: tracing::Span,
 ) -> Result<(proto::Register, Link), CloseReason> {
     let mut control = Control::server(now(), config.control.clone());
+    // Marked seen here: a change after this point goes out as a message of its own.
+    let mut ports = welcome.ports.clone();
+    let current = ports
+        .as_mut()
+        .map(|p| proto::PortPolicy::from_policy(&p.borrow_and_update()));
     let registration = async {
         let claims = match until_event(&mut channel, &mut control).await? {
             Event::RegisterReceived(r) => r,
@@ -421,14 +457,32 @@ pub(crate) async fn accept_agent<C: ControlChannel>(
         }
         let registered = proto::Registered {
             node_name: identity.node_name.clone(),
-            server_id: server_id.to_owned(),
+            server_id: welcome.server_id.to_string(),
+            ports: current,
         };
         control.accept_registration(now(), registered)?;
         flush(&mut channel, &mut control).await?;
         Ok(claims)
     };
     match registration.instrument(span.clone()).await {
-        Ok(claims) => Ok((claims, Link::spawn(channel, control, capacity, span))),
+        Ok(claims) => {
+            // Only an agent that said it understands them gets policy messages: an older one
+            // would take the unknown message for a protocol violation.
+            let ports = ports.filter(|_| {
+                claims
+                    .capabilities
+                    .contains(&(proto::Capability::PortPolicy as i32))
+            });
+            let link = Link::spawn(
+                channel,
+                control,
+                capacity,
+                ports,
+                CloseRequest::default(),
+                span,
+            );
+            Ok((claims, link))
+        }
         Err(reason) => {
             end(&mut channel, &mut control, &reason).await;
             Err(reason)
@@ -450,8 +504,26 @@ pub(crate) async fn register<C: ControlChannel>(
         }
     };
     match registration.instrument(span.clone()).await {
-        // The agent's commands are go-aways only.
-        Ok(registered) => Ok((registered, Link::spawn(channel, control, 4, span))),
+        Ok(registered) => {
+            let shared = CloseRequest::default();
+            if let Some(ports) = &registered.ports {
+                let policy = match ports.to_policy() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        let reason = ControlError::Invalid(
+                            "registered: port policy with a port out of range",
+                        )
+                        .into();
+                        end(&mut channel, &mut control, &reason).await;
+                        return Err(reason);
+                    }
+                };
+                shared.ports.send_replace(Some(policy));
+            }
+            // The agent's commands are go-aways only.
+            let link = Link::spawn(channel, control, 4, None, shared, span);
+            Ok((registered, link))
+        }
         Err(reason) => {
             end(&mut channel, &mut control, &reason).await;
             Err(reason)
@@ -481,10 +553,15 @@ async fn drive<C: ControlChannel>(
     mut channel: C,
     mut control: Control,
     mut commands: mpsc::Receiver<Command>,
+    mut ports: Option<watch::Receiver<PortPolicy>>,
     state: watch::Sender<LinkState>,
     close: Arc<CloseRequest>,
 ) {
-    let Err(reason) = serve(&mut channel, &mut control, &mut commands, &state, &close).await;
+    let inputs = Inputs {
+        commands: &mut commands,
+        ports: &mut ports,
+    };
+    let Err(reason) = serve(&mut channel, &mut control, inputs, &state, &close).await;
     // Ending: the handles must not abort what follows, and must not route anything more here.
     close.requested.cancel();
     state.send_replace(LinkState::Closed(reason.clone()));
@@ -493,13 +570,33 @@ async fn drive<C: ControlChannel>(
     debug!(%reason, cause = reason.cause.as_str(), "link ended");
 }
 
+/// What a link's driver hears besides its peer: its handles' commands and, on the server,
+/// the port policy whose changes it passes on.
+struct Inputs<'a> {
+    commands: &'a mut mpsc::Receiver<Command>,
+    ports: &'a mut Option<watch::Receiver<PortPolicy>>,
+}
+
+/// Resolves with the new policy when it changes; never when there is none to follow (or its
+/// sender is gone, and with it any change).
+async fn policy_changed(ports: &mut Option<watch::Receiver<PortPolicy>>) -> PortPolicy {
+    if let Some(rx) = ports.as_mut()
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().clone();
+    }
+    *ports = None;
+    std::future::pending().await
+}
+
 async fn serve<C: ControlChannel>(
     channel: &mut C,
     control: &mut Control,
-    commands: &mut mpsc::Receiver<Command>,
+    inputs: Inputs<'_>,
     state: &watch::Sender<LinkState>,
     close: &CloseRequest,
 ) -> Result<Infallible, CloseReason> {
+    let Inputs { commands, ports } = inputs;
     loop {
         flush(channel, control).await?;
         while let Some(ev) = control.poll_event() {
@@ -510,6 +607,10 @@ async fn serve<C: ControlChannel>(
                 }
                 Event::StreamRequested(request) => channel.stream_requested(request)?,
                 Event::StreamCancelled(id) => channel.stream_cancelled(id),
+                Event::PortPolicy(policy) => {
+                    info!(%policy, "the server's port policy changed");
+                    close.ports.send_replace(Some(policy));
+                }
                 Event::Closed { cause, detail } => {
                     return Err(CloseReason::remote(cause).with_detail(&detail));
                 }
@@ -529,6 +630,7 @@ async fn serve<C: ControlChannel>(
                 close.heard.send_modify(|n| *n = n.wrapping_add(1));
             }
             () = sleep_until(deadline) => control.handle_timeout(now())?,
+            policy = policy_changed(ports) => control.push_port_policy(&policy),
             cmd = commands.recv() => match cmd {
                 Some(Command::GoAway { cause, drain }) => {
                     control.go_away(cause, drain);

@@ -13,14 +13,16 @@ use tracing::{debug, debug_span, warn};
 
 use super::link::{
     self, Acceptor, BoxFuture, ControlChannel, Incoming, Link, Opener, Opening, RequestRead,
-    Requested,
+    Requested, Welcome,
 };
 use super::session::{AgentParts, ServerParts, answer_to_result};
 use super::stream::StreamIo;
 use super::{AgentSession, BindError, Server, ServerSession, SessionConfig, TransportKind};
 use crate::error::{CloseCause, CloseReason, ConfigError, OpenError, SessionError};
 use crate::proto::{self, DecodeError, MAX_CONTROL_LEN, MAX_OPEN_LEN, OpenRequest};
+use crate::route::PortPolicy;
 use crate::tls::{ALPN_QUIC, AgentIdentity};
+use tokio::sync::watch;
 
 /// Stream reset code after a local failure (the other leg of the copy failed).
 const RESET_ABORTED: u32 = 1;
@@ -90,7 +92,7 @@ fn endpoint(
 pub struct QuicListener {
     endpoint: quinn::Endpoint,
     config: Arc<SessionConfig>,
-    server_id: Arc<str>,
+    welcome: Welcome,
 }
 
 impl QuicListener {
@@ -156,8 +158,15 @@ impl QuicListener {
         Ok(Self {
             endpoint,
             config: Arc::new(config),
-            server_id: server_id.into(),
+            welcome: Welcome::new(server_id),
         })
+    }
+
+    /// Tells every agent `ports` at registration, and each change of it later (agents that do
+    /// not understand policies are told nothing).
+    pub(crate) fn with_port_policy(mut self, ports: Option<watch::Receiver<PortPolicy>>) -> Self {
+        self.welcome.ports = ports;
+        self
     }
 
     /// The bound address.
@@ -171,7 +180,7 @@ impl QuicListener {
         Some(PendingSession {
             incoming,
             config: self.config.clone(),
-            server_id: self.server_id.clone(),
+            welcome: self.welcome.clone(),
         })
     }
 
@@ -192,7 +201,7 @@ impl QuicListener {
 pub struct PendingSession {
     incoming: quinn::Incoming,
     config: Arc<SessionConfig>,
-    server_id: Arc<str>,
+    welcome: Welcome,
 }
 
 impl PendingSession {
@@ -236,7 +245,7 @@ impl PendingSession {
             };
         // The agent opens only the control stream; the server's commands are go-aways.
         let (claims, link) =
-            link::accept_agent(control, &identity, &self.server_id, &config, 4, span).await?;
+            link::accept_agent(control, &identity, &self.welcome, &config, 4, span).await?;
         let opener = QuicOpener {
             conn,
             timeout: config.open_timeout,

@@ -268,6 +268,14 @@ impl AgentSession {
         self.transport
     }
 
+    /// The ports the server allows this agent to dial, as it last said: `None` while it has
+    /// said nothing (a server without a port policy, or older than them). Changes are sent
+    /// only to an agent whose registration announced [`proto::Capability::PortPolicy`];
+    /// the policy in force at registration comes to every agent.
+    pub fn port_policy(&self) -> tokio::sync::watch::Receiver<Option<crate::PortPolicy>> {
+        self.link.port_policy()
+    }
+
     /// The link's state now.
     pub fn state(&self) -> LinkState {
         self.link.current()

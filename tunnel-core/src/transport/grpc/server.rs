@@ -22,7 +22,7 @@ use super::{ALPN_H2, CHUNKS_IN_FLIGHT, GrpcControl, Out, STREAM_ID_KEY};
 use crate::error::{CloseCause, CloseReason, OpenError, SessionError};
 use crate::proto::{self, OpenRequest};
 use crate::tls::AgentIdentity;
-use crate::transport::link::{self, Command, DriverTask, Link, Opener, Opening};
+use crate::transport::link::{self, Command, DriverTask, Link, Opener, Opening, Welcome};
 use crate::transport::session::{ServerParts, answer_to_result};
 use crate::transport::stream::StreamIo;
 use crate::transport::{BindError, HandshakeError, ServerSession, SessionConfig, TransportKind};
@@ -127,7 +127,7 @@ type Accepted = Result<ServerSession, HandshakeError>;
 
 struct ListenerState {
     config: Arc<SessionConfig>,
-    server_id: String,
+    welcome: Welcome,
     sessions: mpsc::Sender<Accepted>,
     pending: Pending,
     ids: AtomicU64,
@@ -281,7 +281,7 @@ async fn register(
     let accepted = link::accept_agent(
         control,
         &identity,
-        &shared.server_id,
+        &shared.welcome,
         &shared.config,
         capacity,
         span,
@@ -450,9 +450,19 @@ impl GrpcListener {
     /// once per agent (plus the control call), keepalive every `keep_alive`.
     pub async fn bind(
         addr: SocketAddr,
-        mut tls: rustls::ServerConfig,
+        tls: rustls::ServerConfig,
         config: SessionConfig,
         server_id: &str,
+    ) -> Result<Self, BindError> {
+        Self::bind_welcoming(addr, tls, config, Welcome::new(server_id)).await
+    }
+
+    /// As [`bind`](Self::bind), telling agents `welcome` (the server id and port policy).
+    pub(crate) async fn bind_welcoming(
+        addr: SocketAddr,
+        mut tls: rustls::ServerConfig,
+        config: SessionConfig,
+        welcome: Welcome,
     ) -> Result<Self, BindError> {
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -462,7 +472,7 @@ impl GrpcListener {
         let (sessions_tx, sessions) = mpsc::channel(64);
         let shared = Arc::new(ListenerState {
             config: config.clone(),
-            server_id: server_id.to_owned(),
+            welcome,
             sessions: sessions_tx,
             pending: Pending::default(),
             ids: AtomicU64::new(1),
