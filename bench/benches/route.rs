@@ -9,9 +9,10 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tunnel_agent::Allowlist;
+use tunnel_core::route::config::FixedPorts;
 use tunnel_core::route::{self, NodeRef};
 use tunnel_core::sniff::http::{RequestForm, request_target};
-use tunnel_core::{PortSet, Target, TargetHost};
+use tunnel_core::{PortConfig, PortSet, Target, TargetHost};
 
 /// The kubelet's read-only port: the HTTP front's default.
 const DEFAULT_PORT: u16 = 10255;
@@ -85,16 +86,23 @@ fn tls_front(c: &mut Criterion) {
 }
 
 fn agent_allowlist(c: &mut Criterion) {
-    // The ConfigMap's port lists, parsed once at start and on every change.
-    let allowed = "10250, 10255, 9100";
-    let localhost = "10250,10255,10266,10267";
+    // The ConfigMap as operators write it, parsed at start and on every change; the agent
+    // gets its policy and narrows it with its own flags.
+    let cfg = [
+        ("dnat-ports-pair", "9051=10264"),
+        ("http-proxy-ports", "9100"),
+        ("https-proxy-ports", "9052, 8443"),
+        ("localhost-proxy-ports", "10250, 10255, 10266, 10267"),
+    ];
+    let parse = || PortConfig::parse(cfg, FixedPorts::default()).expect("config");
+    let policy = parse().policy();
     let allowlist = Allowlist::new(
         vec![
             "10.20.30.40".parse().expect("ip"),
             "fd00::1e:28".parse().expect("ip"),
         ],
-        allowed.parse::<PortSet>().expect("ports"),
-        localhost.parse::<PortSet>().expect("ports"),
+        Some("9100, 9051".parse::<PortSet>().expect("ports")),
+        None,
     );
     let targets = [
         Target {
@@ -111,17 +119,19 @@ fn agent_allowlist(c: &mut Criterion) {
             port: 9100,
         },
     ];
-    assert!(allowlist.resolve(&targets[1]).is_ok() && allowlist.resolve(&targets[2]).is_err());
+    let pushed = Some(&policy);
+    assert!(
+        allowlist.resolve(&targets[1], pushed).is_ok()
+            && allowlist.resolve(&targets[2], pushed).is_err()
+    );
 
     let mut g = c.benchmark_group("route/agent");
     g.throughput(Throughput::Elements(targets.len() as u64));
     g.bench_function("allowlist_resolve_3", |b| {
-        b.iter(|| black_box(targets).map(|t| allowlist.resolve(&t)))
+        b.iter(|| black_box(targets).map(|t| allowlist.resolve(&t, pushed)))
     });
     g.throughput(Throughput::Elements(1));
-    g.bench_function("portset_parse", |b| {
-        b.iter(|| black_box(localhost).parse::<PortSet>().expect("ports"))
-    });
+    g.bench_function("server_config_parse", |b| b.iter(|| black_box(parse())));
     g.finish();
 }
 

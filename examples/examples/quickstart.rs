@@ -68,8 +68,8 @@ async fn main() -> anyhow::Result<()> {
         tls_private_key_file: Some(key),
         ca_file: Some(pki.tunnel.ca_cert.clone()),
         meta_port: 0,
-        allowed_ports: PortSet::new([kubelet_port, read_only_port]),
-        localhost_proxy_ports: PortSet::new([kubelet_port, read_only_port]),
+        allowed_ports: Some(PortSet::new([kubelet_port, read_only_port])),
+        localhost_proxy_ports: Some(PortSet::new([kubelet_port, read_only_port])),
         metrics: Some(metrics),
         ..AgentConfig::default()
     };

@@ -29,6 +29,8 @@ pub struct TestCluster {
     pub registry: Arc<Registry>,
     /// Ports the test agents serve (dialed on loopback).
     pub ports: PortSet,
+    /// The server's port configuration.
+    served: Arc<tunnel_server::ports::Ports>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
     config: ServerConfig,
@@ -103,9 +105,18 @@ impl TestCluster {
             kubelet_port,
             kubelet_read_only_port: read_only_port,
             metrics: Some(crate::metrics()),
+            // The test services listen on the "node's" loopback.
+            ports: Some(loopback_ports(
+                &PortSet::new([kubelet_port, read_only_port]),
+                kubelet_port,
+                read_only_port,
+            )),
             ..ServerConfig::default()
         };
         tweak(&mut config);
+        if config.config_dir.is_some() {
+            config.ports = None;
+        }
         let server = Server::bind(config.clone()).await.expect("server binds");
         let (tunnel_addr, secure_addr, insecure_addr) = (
             server.tunnel_addr(),
@@ -119,8 +130,10 @@ impl TestCluster {
         config.insecure_port = insecure_addr.port();
         config.meta_port = meta_addr.port();
         let registry = server.registry();
+        let served = server.ports();
         let (tx, task) = spawn_server(server);
         Self {
+            served,
             pki,
             tunnel_addr,
             secure_addr,
@@ -167,8 +180,8 @@ impl TestCluster {
             tls_private_key_file: Some(key),
             ca_file: Some(self.pki.tunnel.ca_cert.clone()),
             meta_port: 0,
-            allowed_ports: self.ports.clone(),
-            localhost_proxy_ports: self.ports.clone(),
+            allowed_ports: Some(self.ports.clone()),
+            localhost_proxy_ports: Some(self.ports.clone()),
             metrics: Some(crate::metrics()),
             ..AgentConfig::default()
         }
@@ -274,9 +287,26 @@ impl TestCluster {
             }
         };
         self.registry = server.registry();
+        self.served = server.ports();
         let (tx, task) = spawn_server(server);
         self.shutdown = Some(tx);
         self.task = Some(task);
+    }
+
+    /// Serves `ports` too (on the node's loopback, as `localhost-proxy-ports`), on the running
+    /// server and on any it restarts as.
+    pub fn serve_ports(&mut self, ports: impl IntoIterator<Item = u16>) {
+        let current = self.served.current();
+        let wanted = current.localhost_proxy_ports().union(&PortSet::new(ports));
+        let config = loopback_ports(
+            &wanted,
+            self.config.kubelet_port,
+            self.config.kubelet_read_only_port,
+        );
+        self.served.set(config.clone());
+        if self.config.config_dir.is_none() {
+            self.config.ports = Some(config);
+        }
     }
 
     /// Stops the server (drain included) and waits for it; the cluster stays for inspection.
@@ -323,4 +353,25 @@ fn spawn_server(server: Server) -> ServerTask {
         let _ = rx.await;
     }));
     (tx, task)
+}
+
+/// A port configuration that serves `ports` on the node's loopback.
+fn loopback_ports(
+    ports: &PortSet,
+    kubelet: u16,
+    kubelet_read_only: u16,
+) -> tunnel_core::PortConfig {
+    let list = ports.to_string();
+    tunnel_core::PortConfig::parse(
+        [(
+            tunnel_core::route::config::LOCALHOST_PROXY_PORTS,
+            list.as_str(),
+        )],
+        tunnel_core::route::config::FixedPorts {
+            kubelet,
+            kubelet_read_only,
+            ..Default::default()
+        },
+    )
+    .expect("a list of ports parses")
 }

@@ -36,7 +36,7 @@ async fn cluster_for(
     let cluster =
         TestCluster::start_with(TestPki::new(&[("node-a", &[])]), port, 10255, tweak).await;
     let mut config = cluster.agent_config_over("node-a", transport);
-    config.allowed_ports = PortSet::new([port]);
+    config.allowed_ports = Some(PortSet::new([port]));
     config.localhost_proxy_ports = config.allowed_ports.clone();
     let (agent, _) = cluster.start_agent(config).await;
     assert_eq!(cluster.transport_of("node-a"), kind_of(transport));

@@ -163,8 +163,8 @@ async fn agent_refuses_forbidden_targets_from_a_hostile_server_without_dialing()
         tls_private_key_file: Some(key),
         ca_file: Some(pki.tunnel.ca_cert.clone()),
         meta_port: 0,
-        allowed_ports: PortSet::new([p_ok]),
-        localhost_proxy_ports: PortSet::default(),
+        allowed_ports: Some(PortSet::new([p_ok])),
+        localhost_proxy_ports: Some(PortSet::default()),
         metrics: Some(edge_tunnel_testkit::metrics()),
         ..Default::default()
     };

@@ -68,7 +68,7 @@ async fn each_refusal_is_one_line_at_the_default_level(transport: TransportChoic
     let forbidden = closed_port().await;
     let cluster = TestCluster::start(TestPki::new(&[("node-a", &[])]), refused, 10255).await;
     let mut config = cluster.agent_config_over("node-a", transport);
-    config.allowed_ports = PortSet::new([refused]);
+    config.allowed_ports = Some(PortSet::new([refused]));
     config.localhost_proxy_ports = config.allowed_ports.clone();
     let (_agent, _) = cluster.start_agent(config).await;
     assert_eq!(cluster.transport_of("node-a"), kind_of(transport));

@@ -32,9 +32,10 @@ async fn eventually(cluster: &TestCluster, what: &str, ok: impl Fn(&str) -> bool
 
 async fn a_stopped_reader_does_not_hold_up_ten_other_streams(transport: TransportChoice) {
     let source = Source::start().await.unwrap();
-    let cluster = TestCluster::start(TestPki::new(&[("node-a", &[])]), 10250, 10255).await;
+    let mut cluster = TestCluster::start(TestPki::new(&[("node-a", &[])]), 10250, 10255).await;
+    cluster.serve_ports([source.addr.port()]);
     let mut config = cluster.agent_config_over("node-a", transport);
-    config.allowed_ports = PortSet::new([source.addr.port()]);
+    config.allowed_ports = Some(PortSet::new([source.addr.port()]));
     config.localhost_proxy_ports = config.allowed_ports.clone();
     let (_agent, _) = cluster.start_agent(config).await;
     assert_eq!(cluster.transport_of("node-a"), kind_of(transport));
@@ -113,7 +114,7 @@ async fn a_client_that_leaves_before_the_answer_leaves_no_dial_behind(transport:
     )
     .await;
     let mut config = cluster.agent_config_over("node-a", transport);
-    config.allowed_ports = PortSet::new([hole.addr.port()]);
+    config.allowed_ports = Some(PortSet::new([hole.addr.port()]));
     config.localhost_proxy_ports = config.allowed_ports.clone();
     // Without the withdrawal, a dial would hang here for 50 s.
     config.dial_timeout = Duration::from_secs(50);

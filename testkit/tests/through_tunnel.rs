@@ -193,12 +193,13 @@ async fn keep_alive_requests_naming_different_nodes_reach_their_own_node(
     let kubelet_b = FakeKubelet::start("node-b", pki.kubelet_tls())
         .await
         .unwrap();
-    let cluster =
+    let mut cluster =
         TestCluster::start(pki, kubelet_a.https_addr.port(), kubelet_a.http_addr.port()).await;
     let (pa, pb) = (kubelet_a.http_addr.port(), kubelet_b.http_addr.port());
+    cluster.serve_ports([pb]);
     let mut config_b = cluster.agent_config_over("node-b", transport);
-    config_b.allowed_ports = tunnel_core::PortSet::new([pb]);
-    config_b.localhost_proxy_ports = tunnel_core::PortSet::new([pb]);
+    config_b.allowed_ports = Some(tunnel_core::PortSet::new([pb]));
+    config_b.localhost_proxy_ports = Some(tunnel_core::PortSet::new([pb]));
     let (_a, _) = cluster
         .start_agent(cluster.agent_config_over("node-a", transport))
         .await;
@@ -340,10 +341,19 @@ async fn unknown_node_gets_503_within_a_second_and_tls_front_closes(transport: T
 }
 
 async fn refusals_map_to_502_and_bad_requests_to_400(transport: TransportChoice) {
-    let s = setup(transport).await;
+    let mut s = setup(transport).await;
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();
-    // A port the agent does not allow: the agent refuses, the client reads why.
+    // A port the server's configuration does not serve: 403 from the server, no agent asked.
+    let (status, body) = client::get(&mut sender, "node-a:22", "/").await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "edge-tunnel: port 22 is not served: add it to http-proxy-ports, https-proxy-ports, dnat-ports-pair or localhost-proxy-ports of ConfigMap edge-tunnel-server-cfg\n"
+    );
+    // Served by the server, but the agent's own flags leave it out: the agent refuses, the
+    // client reads why.
+    s.cluster.serve_ports([22]);
     let (status, body) = client::get(&mut sender, "node-a:22", "/").await.unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(
@@ -356,9 +366,10 @@ async fn refusals_map_to_502_and_bad_requests_to_400(transport: TransportChoice)
         l.local_addr().unwrap().port()
     };
     drop(sender);
+    s.cluster.serve_ports([closed]);
     let mut config = s.cluster.agent_config_over("node-b", transport);
-    config.allowed_ports = tunnel_core::PortSet::new([closed]);
-    config.localhost_proxy_ports = tunnel_core::PortSet::new([closed]);
+    config.allowed_ports = Some(tunnel_core::PortSet::new([closed]));
+    config.localhost_proxy_ports = Some(tunnel_core::PortSet::new([closed]));
     let (_b, _) = s.cluster.start_agent(config).await;
     let tcp = TcpStream::connect(s.cluster.insecure_addr).await.unwrap();
     let mut sender = client::http1(tcp).await.unwrap();

@@ -1,20 +1,30 @@
 //! Which local targets a stream may reach. Pure: the decision is made before any dial.
 //!
 //! The agent dials only its node's own IPs (from its certificate) and loopback, only on allowed
-//! ports. A port in `localhost-proxy-ports` is dialed on 127.0.0.1, whatever host the server
-//! named; a port in `allowed-ports` is dialed on the named node IP (which must be one of ours) or
-//! our first node IP. Anything else is refused as forbidden.
+//! ports. Which ports, and where: the server's port policy when it sent one (its
+//! configuration's ports, the `localhost-proxy-ports` on loopback), narrowed by the agent's own
+//! `--allowed-ports` (node IPs) and `--localhost-proxy-ports` (loopback) when they are given,
+//! never widened. Without a policy (an older server) the flags, or their defaults, decide. A
+//! loopback port is dialed on 127.0.0.1 whatever host the server named; a node port on the
+//! named node IP (which must be one of ours) or our first node IP. Anything else is refused as
+//! forbidden.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use tunnel_core::{PortSet, Target, TargetHost};
+use tunnel_core::{PortPolicy, PortSet, Target, TargetHost};
+
+/// `--allowed-ports` when not given and the server sends no policy.
+pub const DEFAULT_ALLOWED_PORTS: [u16; 2] = [10250, 10255];
+/// `--localhost-proxy-ports` when not given and the server sends no policy.
+pub const DEFAULT_LOCALHOST_PROXY_PORTS: [u16; 4] = [10250, 10255, 10266, 10267];
 
 /// The agent's dial policy.
 #[derive(Debug, Clone)]
 pub struct Allowlist {
     node_ips: Vec<IpAddr>,
-    allowed_ports: PortSet,
-    localhost_ports: PortSet,
+    allowed_ports: Option<PortSet>,
+    localhost_ports: Option<PortSet>,
+    defaults: PortPolicy,
 }
 
 /// Why a target is refused.
@@ -36,23 +46,79 @@ pub enum Denied {
 }
 
 impl Allowlist {
-    /// A policy for a node with `node_ips`.
-    pub fn new(node_ips: Vec<IpAddr>, allowed_ports: PortSet, localhost_ports: PortSet) -> Self {
+    /// A policy for a node with `node_ips`; `allowed_ports` and `localhost_ports` are the
+    /// flags, `None` when not given.
+    pub fn new(
+        node_ips: Vec<IpAddr>,
+        allowed_ports: Option<PortSet>,
+        localhost_ports: Option<PortSet>,
+    ) -> Self {
+        let defaults = PortPolicy {
+            node: allowed_ports
+                .clone()
+                .unwrap_or_else(|| PortSet::new(DEFAULT_ALLOWED_PORTS)),
+            loopback: localhost_ports
+                .clone()
+                .unwrap_or_else(|| PortSet::new(DEFAULT_LOCALHOST_PROXY_PORTS)),
+        };
         Self {
             node_ips,
             allowed_ports,
             localhost_ports,
+            defaults,
         }
     }
 
-    /// The address to dial for `target`, or why not.
-    pub fn resolve(&self, target: &Target) -> Result<SocketAddr, Denied> {
-        let port = target.port;
-        if self.localhost_ports.contains(port) {
-            return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    /// Whether `port` is dialed on loopback (`Some(true)`), on a node IP (`Some(false)`), or
+    /// not at all, under the server's policy `pushed` (`None`: it sent none).
+    fn mode(&self, port: u16, pushed: Option<&PortPolicy>) -> Option<bool> {
+        let narrowed = |flag: &Option<PortSet>| flag.as_ref().is_none_or(|f| f.contains(port));
+        let (loopback, node) = match pushed {
+            None => (
+                self.defaults.loopback.contains(port),
+                self.defaults.node.contains(port),
+            ),
+            Some(p) => (
+                p.loopback.contains(port) && narrowed(&self.localhost_ports),
+                p.node.contains(port) && narrowed(&self.allowed_ports),
+            ),
+        };
+        if loopback {
+            Some(true)
+        } else if node {
+            Some(false)
+        } else {
+            None
         }
-        if !self.allowed_ports.contains(port) {
-            return Err(Denied::Port(port));
+    }
+
+    /// What the agent serves under the server's policy `pushed` (`None`: it sent none).
+    pub fn effective(&self, pushed: Option<&PortPolicy>) -> PortPolicy {
+        let Some(p) = pushed else {
+            return self.defaults.clone();
+        };
+        let ports = p.node.union(&p.loopback);
+        PortPolicy {
+            node: PortSet::new(
+                ports
+                    .iter()
+                    .filter(|q| self.mode(*q, pushed) == Some(false)),
+            ),
+            loopback: PortSet::new(ports.iter().filter(|q| self.mode(*q, pushed) == Some(true))),
+        }
+    }
+
+    /// The address to dial for `target` under the server's policy `pushed`, or why not.
+    pub fn resolve(
+        &self,
+        target: &Target,
+        pushed: Option<&PortPolicy>,
+    ) -> Result<SocketAddr, Denied> {
+        let port = target.port;
+        match self.mode(port, pushed) {
+            Some(true) => return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)),
+            Some(false) => {}
+            None => return Err(Denied::Port(port)),
         }
         let ip = match target.host {
             TargetHost::Node => *self.node_ips.first().ok_or(Denied::NoNodeIp)?,
@@ -71,8 +137,8 @@ mod tests {
     fn policy() -> Allowlist {
         Allowlist::new(
             vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
-            PortSet::new([10250, 10255, 9100]),
-            PortSet::new([10250, 10255, 10266, 10267]),
+            Some(PortSet::new([10250, 10255, 9100])),
+            None,
         )
     }
 
@@ -117,12 +183,71 @@ mod tests {
         ];
         let p = policy();
         for (target, want) in cases {
-            assert_eq!(p.resolve(&target), want, "{target}");
+            assert_eq!(p.resolve(&target, None), want, "{target}");
         }
-        let no_ips = Allowlist::new(vec![], PortSet::new([9100]), PortSet::default());
+        let no_ips = Allowlist::new(vec![], Some(PortSet::new([9100])), Some(PortSet::default()));
         assert_eq!(
-            no_ips.resolve(&t(TargetHost::Node, 9100)),
+            no_ips.resolve(&t(TargetHost::Node, 9100), None),
             Err(Denied::NoNodeIp)
         );
+    }
+
+    #[test]
+    fn the_servers_policy_is_narrowed_by_the_flags_never_widened() {
+        let t = |port| Target {
+            host: TargetHost::Node,
+            port,
+        };
+        let ip = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let pushed = PortPolicy {
+            node: PortSet::new([9100, 9051, 8443]),
+            loopback: PortSet::new([10250, 10255, 8080]),
+        };
+        // No flags: the server decides, beyond the defaults.
+        let open = Allowlist::new(vec!["10.0.0.5".parse().unwrap()], None, None);
+        assert_eq!(
+            open.resolve(&t(9100), Some(&pushed)),
+            Ok(ip("10.0.0.5:9100"))
+        );
+        assert_eq!(
+            open.resolve(&t(8080), Some(&pushed)),
+            Ok(ip("127.0.0.1:8080"))
+        );
+        assert_eq!(
+            open.resolve(&t(10266), Some(&pushed)),
+            Err(Denied::Port(10266))
+        );
+        assert_eq!(open.resolve(&t(9100), None), Err(Denied::Port(9100)));
+        assert_eq!(open.effective(Some(&pushed)), pushed);
+
+        // Flags narrow: 9051 is not in --allowed-ports, 8080 not in --localhost-proxy-ports.
+        let narrow = Allowlist::new(
+            vec!["10.0.0.5".parse().unwrap()],
+            Some(PortSet::new([9100, 8443, 22])),
+            Some(PortSet::new([10250, 10255, 6443])),
+        );
+        assert_eq!(
+            narrow.resolve(&t(9100), Some(&pushed)),
+            Ok(ip("10.0.0.5:9100"))
+        );
+        assert_eq!(
+            narrow.resolve(&t(9051), Some(&pushed)),
+            Err(Denied::Port(9051))
+        );
+        assert_eq!(
+            narrow.resolve(&t(8080), Some(&pushed)),
+            Err(Denied::Port(8080))
+        );
+        // ...and never widen: 22 and 6443 are in the flags, not in the policy.
+        assert_eq!(narrow.resolve(&t(22), Some(&pushed)), Err(Denied::Port(22)));
+        assert_eq!(
+            narrow.resolve(&t(6443), Some(&pushed)),
+            Err(Denied::Port(6443))
+        );
+        let effective = narrow.effective(Some(&pushed));
+        assert_eq!(effective.node.to_string(), "8443,9100");
+        assert_eq!(effective.loopback.to_string(), "10250,10255");
+        // Without a policy, the flags alone.
+        assert_eq!(narrow.resolve(&t(22), None), Ok(ip("10.0.0.5:22")));
     }
 }

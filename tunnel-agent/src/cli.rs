@@ -41,9 +41,10 @@ pub struct Cli {
     /// Port of the meta server (/healthz, /readyz, /metrics); 0 turns it off.
     #[arg(long, default_value_t = 10266)]
     pub meta_port: u16,
-    /// Ports dialed on the node's own IPs.
-    #[arg(long, default_value = "10250,10255")]
-    pub allowed_ports: PortSet,
+    /// Ports dialed on the node's own IPs. The server's port policy decides; this flag narrows
+    /// it (never widens). With a server that sends no policy: this, or 10250,10255.
+    #[arg(long)]
+    pub allowed_ports: Option<PortSet>,
     /// Transport to the server: auto (QUIC, else gRPC over TLS/TCP), quic or grpc.
     #[arg(long, default_value = "auto")]
     pub transport: tunnel_core::TransportChoice,
@@ -56,9 +57,11 @@ pub struct Cli {
     /// server's limit governs.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
-    /// Ports dialed on 127.0.0.1 instead of the node IP.
-    #[arg(long, default_value = "10250,10255,10266,10267")]
-    pub localhost_proxy_ports: PortSet,
+    /// Ports dialed on 127.0.0.1 instead of the node IP. The server's port policy decides;
+    /// this flag narrows it (never widens). With a server that sends no policy: this, or
+    /// 10250,10255,10266,10267.
+    #[arg(long)]
+    pub localhost_proxy_ports: Option<PortSet>,
     /// Logging flags.
     #[command(flatten)]
     pub log: LogArgs,

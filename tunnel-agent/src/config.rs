@@ -68,10 +68,12 @@ pub struct AgentConfig {
     pub meta_bind_address: IpAddr,
     /// Port of the meta server; 0 turns it off. Default 10266.
     pub meta_port: u16,
-    /// Ports the agent dials on the node's own IPs. Default 10250, 10255.
-    pub allowed_ports: PortSet,
-    /// Ports the agent dials on 127.0.0.1 instead. Default 10250, 10255, 10266, 10267.
-    pub localhost_proxy_ports: PortSet,
+    /// Ports the agent may dial on the node's own IPs: narrows the server's port policy.
+    /// `None`: the policy decides (10250, 10255 when the server sends none).
+    pub allowed_ports: Option<PortSet>,
+    /// Ports the agent may dial on 127.0.0.1 instead: narrows the server's policy. `None`:
+    /// the policy decides (10250, 10255, 10266, 10267 when the server sends none).
+    pub localhost_proxy_ports: Option<PortSet>,
     /// Time for a local dial. Shorter than the server's open timeout. Default 5 s.
     pub dial_timeout: Duration,
     /// Link settings (must match the server's view of windows and pings).
@@ -103,8 +105,8 @@ impl Default for AgentConfig {
             ca_file: None,
             meta_bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             meta_port: 10266,
-            allowed_ports: PortSet::new([10250, 10255]),
-            localhost_proxy_ports: PortSet::new([10250, 10255, 10266, 10267]),
+            allowed_ports: None,
+            localhost_proxy_ports: None,
             dial_timeout: Duration::from_secs(5),
             session: SessionConfig::default(),
             copy: CopyConfig::default(),

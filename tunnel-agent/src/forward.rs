@@ -31,8 +31,13 @@ impl Drop for DialInProgress {
     }
 }
 
-/// Serves one incoming stream to its end.
-pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
+/// Serves one incoming stream to its end, under the server's port policy `ports` (`None`: it
+/// sent none).
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    incoming: IncomingStream,
+    ports: Option<tunnel_core::PortPolicy>,
+) {
     let mut requested = match incoming.read_request().await {
         Ok(r) => r,
         Err(e) => {
@@ -51,7 +56,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: IncomingStream) {
     let request = requested.request().clone();
     let span = debug_span!("stream", target = %request.target, trace.id = request.trace_id);
     async move {
-        let addr = match shared.allowlist.resolve(&request.target) {
+        let addr = match shared.allowlist.resolve(&request.target, ports.as_ref()) {
             Ok(addr) => addr,
             Err(denied) => {
                 count("forbidden");

@@ -200,6 +200,7 @@ impl Links {
             // Tells the server that a session from before this process is dead.
             instance_id: rand::random::<u64>() | 1,
             live_sessions: 0,
+            capabilities: vec![proto::Capability::PortPolicy.into()],
         };
         info!(
             node = %loaded.identity.node_name,
@@ -260,6 +261,7 @@ impl Links {
         let state = MetaState {
             ready,
             metrics: config.metrics.clone(),
+            pages: Vec::new(),
         };
         Ok(Some(MetaServer::spawn(listener, state)))
     }
@@ -427,11 +429,15 @@ impl Links {
             "transport" => session.transport().as_str()
         )
         .increment(1);
+        let pushed = session.port_policy().borrow().clone();
+        let serving = self.shared.allowlist.effective(pushed.as_ref());
         info!(
             node = session.node_name(),
             server.id = session.server_id(),
             server.addr = %session.remote_addr(),
             transport = %session.transport(),
+            server.ports = pushed.map(tracing::field::display),
+            serving = %serving,
             "connected"
         );
         self.status.send_replace(AgentStatus::Connected {
@@ -554,7 +560,8 @@ fn retire(
                 tokio::select! {
                     incoming = session.accept() => match incoming {
                         Ok(incoming) => {
-                            open.spawn(forward::serve(shared.clone(), incoming).in_current_span());
+                            let ports = session.port_policy().borrow().clone();
+                            open.spawn(forward::serve(shared.clone(), incoming, ports).in_current_span());
                         }
                         Err(_) => break,
                     },
@@ -625,9 +632,10 @@ async fn serve_session<F: Future<Output = ()>>(
                     // Each stream holds the session, so a draining link lives until its
                     // streams end.
                     let session = session.clone();
+                    let ports = session.port_policy().borrow().clone();
                     streams.spawn(
                         async move {
-                            forward::serve(shared, incoming).await;
+                            forward::serve(shared, incoming, ports).await;
                             drop(session);
                         }
                         .in_current_span(),

@@ -28,6 +28,25 @@ pub struct MetaState {
     pub ready: Arc<AtomicBool>,
     /// The recorder's handle; `None` answers 404 on `/metrics`.
     pub metrics: Option<PrometheusHandle>,
+    /// Read-only JSON pages of the component (the configuration in force, say).
+    pub pages: Vec<MetaPage>,
+}
+
+/// A read-only JSON page: `GET path` answers what `render` says at that moment.
+#[derive(Clone)]
+pub struct MetaPage {
+    /// The path, e.g. `/config`.
+    pub path: &'static str,
+    /// Renders the page.
+    pub render: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
+
+impl std::fmt::Debug for MetaPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaPage")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 fn reply(
@@ -62,7 +81,14 @@ fn answer(state: &MetaState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "no metrics recorder installed\n",
             ),
         },
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        path => match state.pages.iter().find(|p| p.path == path) {
+            Some(page) => {
+                let mut body = serde_json::to_vec_pretty(&(page.render)()).unwrap_or_default();
+                body.push(b'\n');
+                reply(StatusCode::OK, "application/json", body)
+            }
+            None => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        },
     }
 }
 
@@ -147,8 +173,16 @@ mod tests {
             MetaState {
                 ready: ready.clone(),
                 metrics: None,
+                pages: vec![MetaPage {
+                    path: "/config",
+                    render: Arc::new(|| serde_json::json!({"ports": [9100]})),
+                }],
             },
         );
+        let page = get(addr, "/config").await;
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(page.contains("application/json"), "{page}");
+        assert!(page.contains("\"ports\": [\n    9100\n  ]"), "{page}");
 
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
@@ -178,6 +212,7 @@ mod tests {
             MetaState {
                 ready: Arc::new(AtomicBool::new(true)),
                 metrics: Some(handle),
+                pages: Vec::new(),
             },
         );
         let response = get(addr, "/metrics").await;

@@ -121,6 +121,24 @@ pub struct ServeArgs {
     /// HTTP front; past it the client gets 408. Upgrades and CONNECT tunnels are not affected.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_body_timeout_seconds: u64,
+    /// The ConfigMap edge-tunnel-server-cfg mounted as a directory (keys dnat-ports-pair,
+    /// http-proxy-ports, https-proxy-ports, localhost-proxy-ports), followed live.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Seconds an HTTP front client has to send a whole request head (idle keep-alive
+    /// included).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_seconds: u64,
+    /// Unix socket of the egress front (HTTP CONNECT, for kube-apiserver's egress selector).
+    #[arg(long)]
+    pub connect_uds: Option<PathBuf>,
+    /// TCP port of the egress front with mutual TLS (HTTP CONNECT, for kube-apiserver's
+    /// egress selector); needs --connect-client-ca-file.
+    #[arg(long)]
+    pub connect_port: Option<u16>,
+    /// CA bundle (PEM) for the client certificates of --connect-port (kube-apiserver's).
+    #[arg(long)]
+    pub connect_client_ca_file: Option<PathBuf>,
     /// Most proxied connections one agent may carry at once (QUIC streams, or HTTP/2 streams
     /// of its gRPC link). Each can hold up to a 2 MiB window; the agent's whole link is capped
     /// at 16 MiB.
@@ -146,6 +164,11 @@ impl ServeArgs {
             kubelet_read_only_port: self.kubelet_read_only_port,
             drain_timeout: Duration::from_secs(self.drain_timeout_seconds),
             request_body_timeout: Duration::from_secs(self.request_body_timeout_seconds),
+            header_timeout: Duration::from_secs(self.header_timeout_seconds),
+            config_dir: self.config_dir,
+            connect_uds: self.connect_uds,
+            connect_port: self.connect_port,
+            connect_client_ca_file: self.connect_client_ca_file,
             transports: self.transports,
             session: tunnel_core::SessionConfig {
                 max_streams: self.max_concurrent_streams,

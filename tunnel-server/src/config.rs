@@ -43,8 +43,29 @@ pub struct ServerConfig {
     pub session: SessionConfig,
     /// Copy loop settings for proxied connections.
     pub copy: CopyConfig,
-    /// Time a client has to send its ClientHello or request head. Default 10 s.
+    /// Time a client has to send its ClientHello, or its CONNECT head on the egress front.
+    /// Default 10 s.
     pub sniff_timeout: Duration,
+    /// Time a client of the HTTP front has to send a whole request head, the wait on an idle
+    /// keep-alive connection included: a client that trickles its head (a byte every few
+    /// seconds) is closed when it runs out. Default 30 s.
+    pub header_timeout: Duration,
+    /// The ConfigMap `edge-tunnel-server-cfg` mounted as a directory (one file per key),
+    /// followed live. `None`: [`ports`](Self::ports), or the defaults.
+    pub config_dir: Option<PathBuf>,
+    /// The port configuration when there is no `config_dir` (an embedding program's own).
+    /// `None`: the defaults (the kubelet's ports, localhost-proxy-ports 10250, 10255, 10266,
+    /// 10267).
+    pub ports: Option<tunnel_core::PortConfig>,
+    /// A Unix socket where the egress front listens: HTTP CONNECT, as kube-apiserver's
+    /// `EgressSelectorConfiguration` speaks it over `uds`. The socket is made mode 0660.
+    pub connect_uds: Option<PathBuf>,
+    /// A TCP port where the egress front listens with mutual TLS (the server's certificate,
+    /// clients from `connect_client_ca_file`). `None`: off.
+    pub connect_port: Option<u16>,
+    /// CA bundle (PEM) that clients of `connect_port` (kube-apiserver) must chain to. Use a CA
+    /// apart from the agents': an agent's certificate must not open streams to other nodes.
+    pub connect_client_ca_file: Option<PathBuf>,
     /// Longest pause between two pieces of a plain HTTP request's body (not an upgrade's, not
     /// a CONNECT tunnel's): past it the client gets 408 and the node's stream is reset, so
     /// that a slow sender cannot hold one of the node's streams for the copy's idle timeout.
@@ -80,6 +101,12 @@ impl Default for ServerConfig {
             session: SessionConfig::default(),
             copy: CopyConfig::default(),
             sniff_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            config_dir: None,
+            ports: None,
+            connect_uds: None,
+            connect_port: None,
+            connect_client_ca_file: None,
             request_body_timeout: Duration::from_secs(60),
             max_front_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
@@ -105,6 +132,23 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 what: "kubelet port",
                 why: "must not be 0".into(),
+            });
+        }
+        if self.connect_port.is_some() && self.connect_client_ca_file.is_none() {
+            return Err(ConfigError::Missing {
+                flag: "--connect-client-ca-file",
+            });
+        }
+        if self.config_dir.is_some() && self.ports.is_some() {
+            return Err(ConfigError::Invalid {
+                what: "port configuration",
+                why: "from a config directory or given, not both".into(),
+            });
+        }
+        if self.header_timeout.is_zero() || self.sniff_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                what: "header timeout",
+                why: "must be more than 0".into(),
             });
         }
         if self.request_body_timeout.is_zero() {

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 mod front;
 pub mod pki;
+pub mod ports;
 pub mod registry;
 mod tunnel;
 
@@ -25,14 +26,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::net::TcpListener;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
+use tunnel_core::route::config::FixedPorts;
 use tunnel_core::{BindError, CloseCause, Listener, ListenerConfig};
+use tunnel_core::{PortConfig, PortPolicy};
 use tunnel_process::drain;
 use tunnel_process::files::{TlsFiles, TlsPaths};
-use tunnel_process::meta::{MetaServer, MetaState};
+use tunnel_process::meta::{MetaPage, MetaServer, MetaState};
 
 pub use config::{ConfigError, ServerConfig};
 pub use registry::Registry;
@@ -45,6 +51,9 @@ pub enum ServerError {
     /// The configuration is incomplete or its files are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The port configuration (`--config-dir`) cannot be read or is invalid.
+    #[error(transparent)]
+    Ports(#[from] ports::ConfigDirError),
     /// A listener could not be bound.
     #[error("cannot listen on {what} {addr}: {source}")]
     Bind {
@@ -63,10 +72,32 @@ pub enum ServerError {
 pub struct Server {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    ports: Arc<ports::Ports>,
+    /// What the startup read of `--config-dir` found, for its follower to compare with.
+    config_dir: Option<(PathBuf, ports::Snapshot)>,
+    fixed: FixedPorts,
     tunnel: Listener,
     secure: TcpListener,
     insecure: TcpListener,
+    https_proxies: BTreeMap<u16, TcpListener>,
+    egress: Egress,
     meta: Option<TcpListener>,
+}
+
+/// The egress front's listeners, when configured.
+#[derive(Default)]
+struct Egress {
+    unix: Option<(UnixListener, PathBuf)>,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("unix", &self.unix.as_ref().map(|u| &u.1))
+            .field("tls", &self.tls.as_ref().map(|t| t.0.local_addr().ok()))
+            .finish()
+    }
 }
 
 /// Reads the TLS files once and builds the tunnel port's configuration. Returns the key bytes
@@ -106,6 +137,7 @@ async fn bind_tunnel(
     config: &ServerConfig,
     tls: rustls::ServerConfig,
     key: Vec<u8>,
+    policy: watch::Receiver<PortPolicy>,
 ) -> Result<Listener, ServerError> {
     let addr = config.addr(config.tunnel_port);
     let listener = ListenerConfig {
@@ -113,6 +145,7 @@ async fn bind_tunnel(
         server_id: config.server_id.clone(),
         transports: config.transports,
         reset_secret: Some(key),
+        port_policy: Some(policy),
     };
     Listener::bind(addr, tls, listener)
         .await
@@ -134,14 +167,87 @@ async fn bind_tunnel(
         })
 }
 
+/// Binds the egress front's listeners that the configuration asks for.
+async fn bind_egress(config: &ServerConfig) -> Result<Egress, ServerError> {
+    let mut egress = Egress::default();
+    if let Some(path) = &config.connect_uds {
+        let bind_error = |source| ServerError::Bind {
+            what: "--connect-uds",
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        };
+        // A socket left by a process that died is in the way; anything else there is not ours
+        // to remove.
+        if let Ok(meta) = std::fs::symlink_metadata(path)
+            && std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type())
+        {
+            std::fs::remove_file(path).map_err(bind_error)?;
+        }
+        let listener = UnixListener::bind(path).map_err(|source| {
+            ServerError::Config(ConfigError::Invalid {
+                what: "--connect-uds",
+                why: format!("cannot listen on {}: {source}", path.display()),
+            })
+        })?;
+        // kube-apiserver runs as root or in the socket's group.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+            .map_err(bind_error)?;
+        egress.unix = Some((listener, path.clone()));
+    }
+    if let Some(port) = config.connect_port {
+        let files = TlsFiles::load(TlsPaths {
+            cert: config.tls_cert_file.as_deref(),
+            key: config.tls_private_key_file.as_deref(),
+            ca: config.connect_client_ca_file.as_deref(),
+            ca_flag: "--connect-client-ca-file",
+        })
+        .await?;
+        let tls =
+            tunnel_core::tls::server_config(files.identity()?, files.roots()?, &[b"http/1.1"])
+                .map_err(|source| ConfigError::Tls {
+                    flag: "--connect-client-ca-file",
+                    source,
+                })?;
+        let listener = bind_tcp("--connect-port", config.addr(port)).await?;
+        egress.tls = Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))));
+    }
+    Ok(egress)
+}
+
 impl Server {
     /// Loads the TLS files and binds every listener. Port 0 picks a free port (see the
     /// `*_addr` methods).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let (tls, key) = tls_config(&config).await?;
-        let tunnel = bind_tunnel(&config, tls, key).await?;
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
+        let fixed = FixedPorts {
+            http_front: insecure
+                .local_addr()
+                .map_or(config.insecure_port, |a| a.port()),
+            kubelet: config.kubelet_port,
+            kubelet_read_only: config.kubelet_read_only_port,
+        };
+        let (ports, config_dir) = match &config.config_dir {
+            Some(dir) => {
+                let (ports, snapshot) = ports::load(dir, fixed)?;
+                (ports, Some((dir.clone(), snapshot)))
+            }
+            None => {
+                let given = config.ports.clone().unwrap_or(PortConfig::new(fixed));
+                (ports::Ports::new(given, None), None)
+            }
+        };
+        let ports = Arc::new(ports);
+        let tunnel = bind_tunnel(&config, tls, key, ports.policy()).await?;
+        let https_proxies = front::proxies::bind_all(config.bind_address, &ports.current())
+            .await
+            .map_err(|(port, source)| ServerError::Bind {
+                what: "https-proxy-ports",
+                addr: config.addr(port),
+                source,
+            })?;
+        let egress = bind_egress(&config).await?;
         let meta = Some(
             bind_tcp(
                 "--meta-port",
@@ -152,11 +258,30 @@ impl Server {
         Ok(Self {
             config: Arc::new(config),
             registry: Arc::new(Registry::default()),
+            ports,
+            config_dir,
+            fixed,
             tunnel,
             secure,
             insecure,
+            https_proxies,
+            egress,
             meta,
         })
+    }
+
+    /// The port configuration in force (to follow it, or to change it without a config
+    /// directory).
+    pub fn ports(&self) -> Arc<ports::Ports> {
+        self.ports.clone()
+    }
+
+    /// The egress front's mutual-TLS address, when it listens.
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.egress
+            .tls
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The tunnel listeners' address (UDP for QUIC, TCP for gRPC: the same port number).
@@ -193,16 +318,25 @@ impl Server {
         let Self {
             config,
             registry,
+            ports,
+            config_dir,
+            fixed,
             tunnel,
             secure,
             insecure,
+            https_proxies,
+            egress,
             meta,
         } = self;
         // Stop: drain (no new agents or clients). Cut: the drain is over, end what is left.
         let (stop_tx, stop) = watch::channel(false);
         let (cut_tx, cut) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
-        let fronts = Arc::new(front::Fronts::new(registry.clone(), config.clone()));
+        let fronts = Arc::new(front::Fronts::new(
+            registry.clone(),
+            config.clone(),
+            ports.clone(),
+        ));
         info!(
             tunnel = %tunnel.local_addr(),
             quic = config.transports.quic,
@@ -222,20 +356,66 @@ impl Server {
             close,
             config.drain_timeout,
         ));
-        tasks.spawn(front::serve_tcp(
+        let kubelet_port = config.kubelet_port;
+        tasks.spawn(front::serve_front(
             secure,
             fronts.clone(),
             stop.clone(),
+            stop.clone(),
             cut.clone(),
-            front::sni::handle,
+            move |f, tcp, peer, admission| {
+                front::sni::handle(f, tcp, peer, admission, kubelet_port)
+            },
         ));
-        tasks.spawn(front::serve_tcp(
+        tasks.spawn(front::serve_front(
             insecure,
             fronts.clone(),
+            stop.clone(),
             stop.clone(),
             cut.clone(),
             front::http::handle,
         ));
+        tasks.spawn(front::proxies::serve(
+            fronts.clone(),
+            https_proxies,
+            ports.subscribe(),
+            stop.clone(),
+            cut.clone(),
+        ));
+        let uds_path = egress.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((listener, path)) = egress.unix {
+            info!(path = %path.display(), "egress front (CONNECT) listening on a Unix socket");
+            tasks.spawn(front::serve_front(
+                listener,
+                fronts.clone(),
+                stop.clone(),
+                stop.clone(),
+                cut.clone(),
+                front::connect::handle_unix,
+            ));
+        }
+        if let Some((listener, acceptor)) = egress.tls {
+            info!(addr = %Addr(listener.local_addr()), "egress front (CONNECT, mutual TLS) listening");
+            tasks.spawn(front::serve_front(
+                listener,
+                fronts.clone(),
+                stop.clone(),
+                stop.clone(),
+                cut.clone(),
+                move |f, tcp, peer, admission| {
+                    front::connect::handle_tls(f, tcp, peer, admission, acceptor.clone())
+                },
+            ));
+        }
+        if let Some((dir, snapshot)) = config_dir {
+            tasks.spawn(ports::follow(
+                dir,
+                fixed,
+                ports.clone(),
+                snapshot,
+                stop.clone(),
+            ));
+        }
         // The meta server outlives the drain so that probes and scrapes see it.
         let meta = meta.map(|listener| {
             MetaServer::spawn(
@@ -243,6 +423,13 @@ impl Server {
                 MetaState {
                     ready: ready.clone(),
                     metrics: config.metrics.clone(),
+                    pages: vec![MetaPage {
+                        path: "/config",
+                        render: {
+                            let ports = ports.clone();
+                            Arc::new(move || ports.page())
+                        },
+                    }],
                 },
             )
         });
@@ -267,6 +454,9 @@ impl Server {
         // The fronts end their connections' tasks as soon as they hear the cut; nothing is
         // left running when `run` returns.
         drain::join_set(&mut tasks, CUT_GRACE).await;
+        if let Some(path) = uds_path {
+            let _ = std::fs::remove_file(path);
+        }
         if let Some(meta) = meta {
             meta.stop().await;
         }

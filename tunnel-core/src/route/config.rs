@@ -244,6 +244,18 @@ impl PortConfig {
         )
     }
 
+    /// Each key with its value in canonical form (sorted, no spaces): what [`parse`](Self::parse)
+    /// reads back to this configuration.
+    pub fn values(&self) -> [(&'static str, String); 4] {
+        let pairs: Vec<String> = self.dnat.iter().map(|(n, t)| format!("{n}={t}")).collect();
+        [
+            (DNAT_PORTS_PAIR, pairs.join(",")),
+            (HTTP_PROXY_PORTS, self.http.to_string()),
+            (HTTPS_PROXY_PORTS, self.https.to_string()),
+            (LOCALHOST_PROXY_PORTS, self.localhost.to_string()),
+        ]
+    }
+
     /// Every port served.
     pub fn served(&self) -> PortSet {
         self.http_ports()
@@ -266,15 +278,13 @@ impl PortConfig {
 impl fmt::Display for PortConfig {
     /// The configuration in the ConfigMap's own keys, for the log line of every change.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pairs: Vec<String> = self.dnat.iter().map(|(n, t)| format!("{n}={t}")).collect();
-        write!(
-            f,
-            "{DNAT_PORTS_PAIR}={:?} {HTTP_PROXY_PORTS}={:?} {HTTPS_PROXY_PORTS}={:?} {LOCALHOST_PROXY_PORTS}={:?}",
-            pairs.join(","),
-            self.http.to_string(),
-            self.https.to_string(),
-            self.localhost.to_string(),
-        )
+        for (i, (key, value)) in self.values().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{key}={value:?}")?;
+        }
+        Ok(())
     }
 }
 

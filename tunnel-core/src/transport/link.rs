@@ -507,16 +507,12 @@ pub(crate) async fn register<C: ControlChannel>(
         Ok(registered) => {
             let shared = CloseRequest::default();
             if let Some(ports) = &registered.ports {
-                let policy = match ports.to_policy() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        let reason = ControlError::Invalid(
-                            "registered: port policy with a port out of range",
-                        )
-                        .into();
-                        end(&mut channel, &mut control, &reason).await;
-                        return Err(reason);
-                    }
+                let Ok(policy) = ports.to_policy() else {
+                    let reason =
+                        ControlError::Invalid("registered: port policy with a port out of range")
+                            .into();
+                    end(&mut channel, &mut control, &reason).await;
+                    return Err(reason);
                 };
                 shared.ports.send_replace(Some(policy));
             }

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -30,8 +29,8 @@ use super::{Admission, Front, FrontCount, Fronts, Refused};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Time a client has to send a request head on an idle keep-alive connection.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head read (hyper's read buffer): a longer one gets 431.
+pub(crate) const MAX_HEAD: usize = 32 * 1024;
 
 /// The upstream connection of the last request, reused while requests name the same node and
 /// port (hyper serves one request at a time per HTTP/1 connection).
@@ -50,6 +49,8 @@ struct ClientConn {
     admission: Admission,
     /// Set, the client connection resets when hyper lets go of it.
     cut: Cut,
+    /// Where an iptables DNAT redirected the connection from.
+    redirected: Option<SocketAddr>,
 }
 
 pub(crate) async fn handle(
@@ -62,9 +63,15 @@ pub(crate) async fn handle(
     let mut drained = admission.cut.clone();
     async move {
         let cut = Cut::default();
+        let redirected = super::redirected_to(&tcp);
         // The tunnels and upgrades its requests start go to the front's own tasks: this
         // handler ends with its HTTP connection, and its memory with it.
-        let serve = serve_requests(fronts, ClientIo::new(tcp, cut.clone()), admission);
+        let serve = serve_requests(
+            fronts,
+            ClientIo::new(tcp, cut.clone()),
+            admission,
+            redirected,
+        );
         let mut serve = std::pin::pin!(serve);
         tokio::select! {
             r = serve.as_mut() => if let Err(e) = r {
@@ -84,13 +91,16 @@ async fn serve_requests(
     fronts: Arc<Fronts>,
     io: ClientIo,
     admission: Admission,
+    redirected: Option<SocketAddr>,
 ) -> hyper::Result<()> {
     let mut stop = admission.stop.clone();
+    let header_timeout = fronts.config.header_timeout;
     let shared = Arc::new(ClientConn {
         fronts,
         upstream: Mutex::new(None),
         admission,
         cut: io.cut().clone(),
+        redirected,
     });
     let service = service_fn(move |req| {
         let shared = shared.clone();
@@ -98,7 +108,8 @@ async fn serve_requests(
     });
     let conn = server::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
@@ -146,10 +157,16 @@ async fn route(conn: &ClientConn, mut req: Request<Incoming>) -> Response<Body> 
     } else {
         Front::Http
     };
-    let (target, host) = match addressee(&conn.fronts, &req) {
+    let (mut target, host) = match addressee(&conn.fronts, &req) {
         Ok(t) => t,
         Err(e) => return bad_request(conn, front, &e),
     };
+    // A connection that came through an iptables DNAT goes where it was headed, whatever
+    // its requests say.
+    if let Some(original) = conn.redirected {
+        target.node = NodeRef::Ip(original.ip());
+        target.port = original.port();
+    }
     let key = (target.node, target.port);
     if target.form == RequestForm::Connect {
         return open_tunnel(conn, front, &key, req).await;

@@ -1,8 +1,10 @@
 //! The public listeners: find the node a client wants, open a stream on that node's session,
 //! and copy bytes. Each failure maps to an error the client can read.
 
+pub(crate) mod connect;
 pub(crate) mod http;
 mod http_io;
+pub(crate) mod proxies;
 pub(crate) mod sni;
 
 use std::future::Future;
@@ -24,6 +26,7 @@ use tunnel_core::{
 use tunnel_process::throttle::LogThrottle;
 
 use crate::config::ServerConfig;
+use crate::ports::Ports;
 use crate::registry::Registry;
 
 /// How long a finished stream waits for the agent to acknowledge its last bytes.
@@ -82,6 +85,7 @@ pub(crate) enum Front {
     Tls,
     Http,
     Connect,
+    Egress,
 }
 
 impl Front {
@@ -90,6 +94,7 @@ impl Front {
             Self::Tls => "tls",
             Self::Http => "http",
             Self::Connect => "connect",
+            Self::Egress => "egress",
         }
     }
 }
@@ -97,6 +102,8 @@ impl Front {
 /// Why a stream could not be opened for a client.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum OpenFailure {
+    #[error("port {0} is not served")]
+    NotServed(u16),
     #[error("no agent connected for node {0}")]
     NoAgent(NodeRef),
     #[error("node {node}: {source}")]
@@ -111,6 +118,7 @@ impl OpenFailure {
     /// The `result` label of the streams counter.
     pub(crate) fn result(&self) -> &'static str {
         match self {
+            Self::NotServed(_) => "port_not_served",
             Self::NoAgent(_) => "no_agent",
             Self::Open { source, .. } if !source.is_refusal() => match source {
                 OpenError::Timeout(_) => "timeout",
@@ -121,10 +129,12 @@ impl OpenFailure {
         }
     }
 
-    /// The HTTP status that tells a client what happened: no agent 503, agent could not reach
-    /// the target 502, the agent's dial timed out 504.
+    /// The HTTP status that tells a client what happened: a port the configuration does not
+    /// serve 403, no agent 503, agent could not reach the target 502, the agent's dial timed
+    /// out 504.
     pub(crate) fn status(&self) -> u16 {
         match self {
+            Self::NotServed(_) => 403,
             Self::NoAgent(_) => 503,
             Self::Open { source, .. } if source.refusal() == Refusal::Timeout => 504,
             Self::Open { source, .. } if !source.is_refusal() => 503,
@@ -135,6 +145,9 @@ impl OpenFailure {
     /// What the client (or the operator it asks) can do about it, for the one-line answer.
     pub(crate) fn hint(&self) -> &'static str {
         match self {
+            Self::NotServed(_) => {
+                "add it to http-proxy-ports, https-proxy-ports, dnat-ports-pair or localhost-proxy-ports of ConfigMap edge-tunnel-server-cfg"
+            }
             Self::NoAgent(NodeRef::Name(_)) => {
                 "check that edge-tunnel-agent runs on that node and is connected (its log says why not)"
             }
@@ -144,7 +157,7 @@ impl OpenFailure {
             Self::Open { source, .. } => match source {
                 OpenError::Refused { refusal, .. } => match refusal {
                     Refusal::Forbidden => {
-                        "the agent does not allow this port; add it to the agent's --allowed-ports"
+                        "the agent does not allow this port: its --allowed-ports or --localhost-proxy-ports leave it out, or it predates the server's port policy"
                     }
                     Refusal::Refused => "nothing listens on that port of the node",
                     Refusal::Timeout => {
@@ -208,6 +221,8 @@ pub(crate) async fn client_gone(tcp: &TcpStream) {
 pub(crate) struct Fronts {
     pub(crate) registry: Arc<Registry>,
     pub(crate) config: Arc<ServerConfig>,
+    /// The port configuration in force.
+    pub(crate) ports: Arc<Ports>,
     /// Bounds the refused-stream lines of every front together (see [`Refused`]).
     pub(crate) refusals: LogThrottle,
     open_streams: AtomicUsize,
@@ -215,10 +230,15 @@ pub(crate) struct Fronts {
 }
 
 impl Fronts {
-    pub(crate) fn new(registry: Arc<Registry>, config: Arc<ServerConfig>) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        config: Arc<ServerConfig>,
+        ports: Arc<Ports>,
+    ) -> Self {
         Self {
             registry,
             config,
+            ports,
             refusals: LogThrottle::default(),
             open_streams: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -261,6 +281,10 @@ impl Fronts {
     /// has a new one already (its agent restarted, or moved to another transport), once more
     /// on the new one, so that the client gets its answer rather than a 503.
     async fn open_on_node(&self, node: &NodeRef, port: u16) -> Result<TunnelStream, OpenFailure> {
+        // Refused here, before any agent hears of it.
+        if !self.ports.current().serves(port) {
+            return Err(OpenFailure::NotServed(port));
+        }
         let failed = |source| OpenFailure::Open {
             node: node.clone(),
             source,
@@ -396,16 +420,65 @@ impl Drop for FrontCount {
     }
 }
 
-/// Accepts TCP clients until `stop` turns true, at most `max_front_connections` at once, and
-/// serves each with `handler`; then waits for the open ones to finish.
-pub(crate) async fn serve_tcp<F, Fut>(
-    listener: TcpListener,
+/// A listener of a front: TCP, or a Unix socket for the egress front.
+pub(crate) trait FrontListener: Send + 'static {
+    /// A client connection.
+    type Io: Send + 'static;
+    /// Who the client is, for its span.
+    type Peer: Send + 'static;
+    /// The next client.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Self::Peer)>> + Send;
+}
+
+impl FrontListener for TcpListener {
+    type Io = TcpStream;
+    type Peer = SocketAddr;
+
+    async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, peer) = Self::accept(self).await?;
+        // Interactive traffic (exec, logs) must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, peer))
+    }
+}
+
+impl FrontListener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Peer = &'static str;
+
+    async fn accept(&self) -> std::io::Result<(tokio::net::UnixStream, &'static str)> {
+        let (unix, _) = Self::accept(self).await?;
+        Ok((unix, "unix"))
+    }
+}
+
+/// Where a connection that reached us through an iptables DNAT (or REDIRECT) was headed:
+/// its original destination, when that differs from the address it reached.
+pub(crate) fn redirected_to(tcp: &TcpStream) -> Option<SocketAddr> {
+    let local = tcp.local_addr().ok()?;
+    let sock = socket2::SockRef::from(tcp);
+    let original = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    let original = original.ok()?.as_socket()?;
+    (original != local).then_some(original)
+}
+
+/// Accepts clients until `stop` or `closed` turns true, at most `max_front_connections` at
+/// once, and serves each with `handler`; then waits for the open ones to finish. `stop` is the
+/// server's drain (its connections hear it too); `closed`, this listener's own end (a port
+/// taken out of the configuration), which leaves its connections to finish.
+pub(crate) async fn serve_front<L, F, Fut>(
+    listener: L,
     fronts: Arc<Fronts>,
     mut stop: watch::Receiver<bool>,
+    mut closed: watch::Receiver<bool>,
     cut: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Arc<Fronts>, TcpStream, SocketAddr, Admission) -> Fut,
+    L: FrontListener,
+    F: Fn(Arc<Fronts>, L::Io, L::Peer, Admission) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(fronts.config.max_front_connections));
@@ -429,12 +502,11 @@ pub(crate) async fn serve_tcp<F, Fut>(
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             () = crate::stopped(&mut stop) => break,
+            () = crate::stopped(&mut closed) => break,
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    // Interactive traffic (exec, logs) must not wait for Nagle.
-                    let _ = tcp.set_nodelay(true);
                     let admission = Admission {
                         permit: Arc::new(permit),
                         stop: stop.clone(),
@@ -454,6 +526,7 @@ pub(crate) async fn serve_tcp<F, Fut>(
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = crate::stopped(&mut stop) => break,
+            () = crate::stopped(&mut closed) => break,
         }
     }
     drop(listener);

@@ -27,44 +27,40 @@ const ALERT_LINGER_BYTES: usize = 64 * 1024;
 enum Alert {
     /// A ClientHello we cannot parse (or no TLS at all).
     DecodeError = 50,
+    /// A port the configuration does not serve (after a reload removed it, or through a DNAT).
+    AccessDenied = 49,
     /// The open failed: the agent refused or could not dial, timed out, or its link went.
     InternalError = 80,
     /// No SNI, an SNI that is not a node name, or a node without an agent here.
     UnrecognizedName = 112,
 }
 
+/// Serves one client of a TLS front: the kubelet's (`port` 10250) or an https-proxy port's
+/// own listener. A connection that came through an iptables DNAT goes where it was headed:
+/// the node whose agent's certificate has that IP, and that port; the SNI is not needed.
 pub(crate) async fn handle(
     fronts: Arc<Fronts>,
     mut tcp: TcpStream,
     peer: SocketAddr,
     admission: Admission,
+    port: u16,
 ) {
-    let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty);
+    let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty, port);
     async move {
         let mut hello = BytesMut::with_capacity(2048);
-        let sniffed =
-            tokio::time::timeout(fronts.config.sniff_timeout, read_sni(&mut tcp, &mut hello)).await;
-        let node = match sniffed {
-            Ok(Ok(node)) => node,
-            Ok(Err(SniError::Io(e))) => {
-                // Gone before its ClientHello (a port probe, a health check): not a refusal.
-                count_bad_request();
-                debug!(error = %e, "client left before its ClientHello");
-                return;
-            }
-            Ok(Err(e)) => {
-                reject(&fronts, &e);
-                send_alert(tcp, e.alert()).await;
-                return;
-            }
-            Err(_) => {
-                // Nothing to answer: the client has not spoken TLS yet.
-                reject(&fronts, &"no ClientHello within the sniff timeout");
-                return;
-            }
+        let (node, port) = match super::redirected_to(&tcp) {
+            Some(original) => (NodeRef::Ip(original.ip()), original.port()),
+            None => match sniff(&fronts, &mut tcp, &mut hello).await {
+                Ok(node) => (node, port),
+                Err(alert) => {
+                    if let Some(alert) = alert {
+                        send_alert(tcp, alert).await;
+                    }
+                    return;
+                }
+            },
         };
         tracing::Span::current().record("node", tracing::field::display(&node));
-        let port = fronts.config.kubelet_port;
         let opened = tokio::select! {
             opened = fronts.open(Front::Tls, &node, port) => opened,
             // Dropping the open withdraws it (and counts the client as gone): the agent stops
@@ -84,6 +80,7 @@ pub(crate) async fn handle(
                 .log(&fronts.refusals, &e);
                 let alert = match e {
                     OpenFailure::NoAgent(_) => Alert::UnrecognizedName,
+                    OpenFailure::NotServed(_) => Alert::AccessDenied,
                     OpenFailure::Open { .. } => Alert::InternalError,
                 };
                 send_alert(tcp, alert).await;
@@ -106,6 +103,33 @@ pub(crate) async fn handle(
     }
     .instrument(span)
     .await;
+}
+
+/// Reads the ClientHello's SNI within the sniff timeout. Failures are logged and counted
+/// here; the error is the alert to send (none for a client that left or never spoke TLS).
+async fn sniff(
+    fronts: &Fronts,
+    tcp: &mut TcpStream,
+    hello: &mut BytesMut,
+) -> Result<NodeRef, Option<Alert>> {
+    match tokio::time::timeout(fronts.config.sniff_timeout, read_sni(tcp, hello)).await {
+        Ok(Ok(node)) => Ok(node),
+        Ok(Err(SniError::Io(e))) => {
+            // Gone before its ClientHello (a port probe, a health check): not a refusal.
+            count_bad_request();
+            debug!(error = %e, "client left before its ClientHello");
+            Err(None)
+        }
+        Ok(Err(e)) => {
+            reject(fronts, &e);
+            Err(Some(e.alert()))
+        }
+        Err(_) => {
+            // Nothing to answer: the client has not spoken TLS yet.
+            reject(fronts, &"no ClientHello within the sniff timeout");
+            Err(None)
+        }
+    }
 }
 
 fn count_bad_request() {

@@ -47,6 +47,9 @@ pub(crate) struct ServeArgs {
     /// Streams per agent (the load needs more than the default 1,000 on one agent).
     #[arg(long, default_value_t = 20_000)]
     pub(crate) max_streams: u32,
+    /// The node ports served (on the nodes' loopback): the targets of the measured paths.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) ports: Vec<u16>,
 }
 
 /// What `agent` needs: the server, the agent's TLS files, and the ports it may dial.
@@ -133,6 +136,18 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_private_key_file: Some(args.tls.key),
         client_ca_file: Some(args.tls.ca),
         server_id: "bench".into(),
+        ports: Some(
+            tunnel_core::PortConfig::parse(
+                [(
+                    tunnel_core::route::config::LOCALHOST_PROXY_PORTS,
+                    PortSet::new(args.ports.iter().copied())
+                        .to_string()
+                        .as_str(),
+                )],
+                tunnel_core::route::config::FixedPorts::default(),
+            )
+            .context("--ports")?,
+        ),
         max_front_connections: 40_000,
         drain_timeout: Duration::from_millis(100),
         session: crate::session_config(args.max_streams),
@@ -211,6 +226,12 @@ impl ServerChild {
                 .args(["--insecure-port", &args.insecure_port.to_string()])
                 .args(["--meta-port", &args.meta_port.to_string()])
                 .args(["--max-streams", &args.max_streams.to_string()]);
+            if !args.ports.is_empty() {
+                cmd.args([
+                    "--ports",
+                    &PortSet::new(args.ports.iter().copied()).to_string(),
+                ]);
+            }
         })
         .await
         .context("server child")?;

@@ -170,8 +170,8 @@ pub(crate) fn agent_config(
         tls_private_key_file: Some(tls.key.clone()),
         ca_file: Some(tls.ca.clone()),
         meta_port: 0,
-        allowed_ports: ports.clone(),
-        localhost_proxy_ports: ports.clone(),
+        allowed_ports: Some(ports.clone()),
+        localhost_proxy_ports: Some(ports.clone()),
         transport,
         session: session_config(20_000),
         ..AgentConfig::default()
@@ -327,6 +327,7 @@ async fn run(
         insecure_port: 0,
         meta_port: 0,
         max_streams: 20_000,
+        ports: ports.iter().collect(),
     };
     let server = ServerChild::start(serve_args.clone()).await?;
     // The agents of the measured paths run in processes of their own, as on a node (and as
