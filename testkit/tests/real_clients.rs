@@ -89,7 +89,7 @@ async fn curl_through_the_http_front_as_a_proxy() {
             "--proxy",
         ])
         .arg(format!("http://{}", cluster.insecure_addr))
-        .arg("http://node-zz:10255/pods")
+        .arg("http://node-zz/pods")
         .output()
         .await
         .expect("curl runs");

@@ -66,7 +66,7 @@ async fn each_refusal_is_one_line_at_the_default_level(transport: TransportChoic
     // The TLS front's kubelet port has nothing listening: the agent's dial is refused.
     let refused = closed_port().await;
     let forbidden = closed_port().await;
-    let cluster = TestCluster::start(TestPki::new(&[("node-a", &[])]), refused, 10255).await;
+    let mut cluster = TestCluster::start(TestPki::new(&[("node-a", &[])]), refused, 10255).await;
     let mut config = cluster.agent_config_over("node-a", transport);
     config.allowed_ports = Some(PortSet::new([refused]));
     config.localhost_proxy_ports = config.allowed_ports.clone();
@@ -132,7 +132,7 @@ async fn each_refusal_is_one_line_at_the_default_level(transport: TransportChoic
     assert_eq!(
         http_status(
             &cluster,
-            "GET / HTTP/1.1\r\nHost: node-x:80\r\nConnection: close\r\n\r\n"
+            "GET / HTTP/1.1\r\nHost: node-x:10255\r\nConnection: close\r\n\r\n"
         )
         .await,
         "HTTP/1.1 503 Service Unavailable"
@@ -145,7 +145,7 @@ async fn each_refusal_is_one_line_at_the_default_level(transport: TransportChoic
             "node=node-x",
             "result=\"no_agent\"",
             "status=503",
-            "port=80",
+            "port=10255",
         ],
     )
     .await;
@@ -187,12 +187,34 @@ async fn each_refusal_is_one_line_at_the_default_level(transport: TransportChoic
     )
     .await;
 
-    // CONNECT: a port the agent does not allow.
+    // CONNECT: a port the server does not serve: refused there, the agent never hears of it.
+    let err = client::connect_via(cluster.insecure_addr, &format!("node-a:{forbidden}"))
+        .await
+        .expect_err("not served");
+    assert!(err.to_string().contains("403"), "{err}");
+    let port = format!("port={forbidden}");
+    once(
+        &capture,
+        &[
+            server_line,
+            "front=\"connect\"",
+            "result=\"port_not_served\"",
+            "status=403",
+            &port,
+        ],
+    )
+    .await;
+    assert!(
+        capture.lines_with(&["refused a stream", &port]).is_empty(),
+        "no dial was asked of the agent"
+    );
+
+    // CONNECT: a port the server serves and the agent's flags leave out.
+    cluster.serve_ports([forbidden]);
     let err = client::connect_via(cluster.insecure_addr, &format!("node-a:{forbidden}"))
         .await
         .expect_err("forbidden");
     assert!(err.to_string().contains("502"), "{err}");
-    let port = format!("port={forbidden}");
     once(
         &capture,
         &[
@@ -222,7 +244,7 @@ async fn a_flood_of_refusals_is_rate_limited_with_a_count(transport: TransportCh
     let mut sender = client::http1(tcp).await.unwrap();
     let flood = 500;
     for _ in 0..flood {
-        let (status, _) = client::get(&mut sender, "node-x:80", "/").await.unwrap();
+        let (status, _) = client::get(&mut sender, "node-x:10255", "/").await.unwrap();
         assert_eq!(status, 503);
     }
     let during = capture.lines_with(&["client stream refused", "node=node-x"]);
@@ -234,7 +256,7 @@ async fn a_flood_of_refusals_is_rate_limited_with_a_count(transport: TransportCh
     // One token comes back every 100 ms: the next refusal after that is written, with the
     // count of those dropped before it.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let (status, _) = client::get(&mut sender, "node-x:80", "/").await.unwrap();
+    let (status, _) = client::get(&mut sender, "node-x:10255", "/").await.unwrap();
     assert_eq!(status, 503);
     let lines = capture.lines_with(&["client stream refused", "node=node-x"]);
     let last = lines.last().unwrap();

@@ -9,6 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,15 @@ const KUBELET_PORT: u16 = 10250;
 const UPGRADE_PORT: u16 = 10255;
 const CONNECT_PORT: u16 = 9100;
 const FLOOD_PORT: u16 = 9101;
+
+/// The server's port configuration: the test's ports besides the kubelet's.
+fn served() -> tunnel_core::PortConfig {
+    tunnel_core::PortConfig::parse(
+        [("http-proxy-ports", "9100, 9101")],
+        tunnel_core::route::config::FixedPorts::default(),
+    )
+    .expect("ports")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
@@ -261,9 +271,12 @@ fn logged_addr(line: &str, name: &str) -> SocketAddr {
 
 /// Starts the binary; returns it with its tunnel (QUIC), TLS front and HTTP front addresses,
 /// and the task that keeps reading its log (a full pipe would stall the server).
-async fn start_binary(pki: &PkiFiles) -> (Child, [SocketAddr; 3], JoinSet<()>) {
+async fn start_binary(pki: &PkiFiles, config: &Path) -> (Child, [SocketAddr; 3], JoinSet<()>) {
+    std::fs::write(config.join("http-proxy-ports"), "9100, 9101").expect("config file");
     let mut child = common::server_command(pki, 0)
         .args(["--drain-timeout-seconds", &DRAIN.as_secs().to_string()])
+        .arg("--config-dir")
+        .arg(config)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -298,7 +311,9 @@ async fn start_binary(pki: &PkiFiles) -> (Child, [SocketAddr; 3], JoinSet<()>) {
 async fn sigterm_ends_upgrades_tunnels_and_passthroughs_within_the_drain() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = pki(dir.path());
-    let (mut server, [tunnel, tls_front, http_front], _log) = start_binary(&pki).await;
+    let config = dir.path().join("edge-tunnel-server-cfg");
+    std::fs::create_dir(&config).expect("config dir");
+    let (mut server, [tunnel, tls_front, http_front], _log) = start_binary(&pki, &config).await;
     let mut agent = fake_agent(&pki, tunnel, Transport::Quic).await;
     let clients = open_connections(&pki, http_front, tls_front).await;
 
@@ -338,6 +353,7 @@ async fn run_returns_within_the_drain_and_leaves_no_stream_open(transport: Trans
             grpc: transport == Transport::Grpc,
         },
         drain_timeout: DRAIN,
+        ports: Some(served()),
         ..ServerConfig::default()
     })
     .await
