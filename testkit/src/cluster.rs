@@ -237,6 +237,36 @@ impl TestCluster {
         (handle, node)
     }
 
+    /// The server's `/config` meta page: the port configuration in force and the last reload.
+    pub async fn config_page(&self) -> serde_json::Value {
+        let tcp = tokio::net::TcpStream::connect(self.meta_addr)
+            .await
+            .expect("meta");
+        let mut sender = crate::client::http1(tcp).await.expect("meta http");
+        let (status, body) = crate::client::get(&mut sender, "meta", "/config")
+            .await
+            .expect("config page");
+        assert_eq!(status, 200, "config page");
+        serde_json::from_slice(&body).expect("config page is JSON")
+    }
+
+    /// Reads `/config` until `ok` holds of it, for at most 10 s (a reload follows a file
+    /// change within about 100 ms, or the 5 s poll); panics with the last page otherwise.
+    pub async fn wait_config(&self, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let page = self.config_page().await;
+            if ok(&page) {
+                return page;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the configuration never became what the test waits for: {page:#}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+
     /// The server's `/metrics` text.
     pub async fn scrape(&self) -> String {
         let tcp = tokio::net::TcpStream::connect(self.meta_addr)

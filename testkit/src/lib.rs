@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod configmap;
 pub mod kubelet;
 pub mod logs;
 pub mod netns;
@@ -13,6 +14,7 @@ pub mod pki;
 pub mod target;
 
 pub use cluster::{AgentHandle, TestCluster};
+pub use configmap::ConfigMapDir;
 pub use kubelet::{FakeKubelet, LogFeed};
 pub use pki::TestPki;
 
