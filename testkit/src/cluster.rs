@@ -23,6 +23,8 @@ pub struct TestCluster {
     pub secure_addr: SocketAddr,
     /// HTTP front.
     pub insecure_addr: SocketAddr,
+    /// The egress front's mutual-TLS port, when the configuration asks for it.
+    pub connect_addr: Option<SocketAddr>,
     /// Meta server.
     pub meta_addr: SocketAddr,
     /// The server's agent registry.
@@ -129,6 +131,10 @@ impl TestCluster {
         config.secure_port = secure_addr.port();
         config.insecure_port = insecure_addr.port();
         config.meta_port = meta_addr.port();
+        let connect_addr = server.connect_addr();
+        if let Some(addr) = connect_addr {
+            config.connect_port = Some(addr.port());
+        }
         let registry = server.registry();
         let served = server.ports();
         let (tx, task) = spawn_server(server);
@@ -138,6 +144,7 @@ impl TestCluster {
             tunnel_addr,
             secure_addr,
             insecure_addr,
+            connect_addr,
             meta_addr,
             registry,
             ports: PortSet::new([kubelet_port, read_only_port]),

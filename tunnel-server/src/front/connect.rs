@@ -184,7 +184,7 @@ where
 
 async fn refuse_with<IO>(fronts: &Fronts, io: &mut IO, status: u16, reason: &str, why: &BadHead)
 where
-    IO: AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin,
 {
     metrics::counter!("edge_tunnel_server_streams_total", "front" => Front::Egress.as_str(), "result" => "bad_request")
         .increment(1);
@@ -199,10 +199,10 @@ where
     answer(io, status, reason, &format!("edge-tunnel: {why}")).await;
 }
 
-/// Writes a one-line error answer and ends our side.
+/// Writes a one-line error answer, ends our side, and lingers for the client's close.
 async fn answer<IO>(io: &mut IO, status: u16, reason: &str, body: &str)
 where
-    IO: AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin,
 {
     let allow = if status == 405 {
         "Allow: CONNECT\r\n"
@@ -213,7 +213,7 @@ where
         "HTTP/1.1 {status} {reason}\r\n{allow}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
         body.len() + 1
     );
-    if io.write_all(msg.as_bytes()).await.is_ok() {
-        let _ = io.shutdown().await;
+    if io.write_all(msg.as_bytes()).await.is_ok() && io.shutdown().await.is_ok() {
+        super::linger(io).await;
     }
 }

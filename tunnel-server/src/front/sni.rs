@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,12 +13,6 @@ use tunnel_core::route::{NodeRef, parse_host};
 use tunnel_core::sniff::{SniffError, sni};
 
 use super::{Admission, Front, Fronts, OpenFailure, Refused};
-
-/// How long a refused client gets to read our alert and close, and how much it may send
-/// meanwhile (dropped). Closing with unread bytes would reset the connection, and a reset
-/// can reach the client before the alert does.
-const ALERT_LINGER: Duration = Duration::from_secs(1);
-const ALERT_LINGER_BYTES: usize = 64 * 1024;
 
 /// The fatal alerts the front sends before closing a connection it cannot serve (RFC 8446
 /// §6.2), so that the client reports why rather than a bare EOF.
@@ -157,17 +150,7 @@ async fn send_alert(mut tcp: TcpStream, alert: Alert) {
     if tcp.write_all(&record).await.is_err() || tcp.shutdown().await.is_err() {
         return;
     }
-    let drain = async {
-        let mut buf = [0u8; 4096];
-        let mut left = ALERT_LINGER_BYTES;
-        while left > 0 {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(ALERT_LINGER, drain).await;
+    super::linger(&mut tcp).await;
 }
 
 #[derive(Debug, thiserror::Error)]
