@@ -281,7 +281,10 @@ async fn curl_through_the_mutual_tls_port_with_the_apiservers_certificate_only()
 
 /// A TCP port that forwards to `socket` (socat), for clients that cannot speak to a Unix
 /// socket proxy themselves (curl's proxy options do not apply to `--unix-socket`).
-struct Bridge(tokio::process::Child, SocketAddr);
+struct Bridge {
+    _socat: tokio::process::Child,
+    addr: SocketAddr,
+}
 
 async fn bridge(socket: &Path) -> Bridge {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -297,7 +300,10 @@ async fn bridge(socket: &Path) -> Bridge {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Bridge(child, addr);
+            return Bridge {
+                _socat: child,
+                addr,
+            };
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -308,7 +314,7 @@ async fn bridge(socket: &Path) -> Bridge {
 async fn curl_and_kubectl_through_the_unix_socket() {
     let s = setup().await;
     let bridge = bridge(&s.socket).await;
-    let proxy = format!("http://{}", bridge.1);
+    let proxy = format!("http://{}", bridge.addr);
     let (ok, body, err) = curl(&[
         "--proxytunnel",
         "--proxy",

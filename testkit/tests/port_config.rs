@@ -346,9 +346,10 @@ async fn an_https_proxy_port_is_reached_by_sni_and_its_listener_follows_the_conf
     assert!(String::from_utf8_lossy(&body).contains("node-a"));
 
     // Back in the configuration: listening again.
-    config.write(&[("https-proxy-ports", &port.to_string())]);
+    let listed = port.to_string();
+    config.write(&[("https-proxy-ports", &listed)]);
     cluster
-        .wait_config(|p| p["in_force"]["https-proxy-ports"] == port.to_string())
+        .wait_config(|p| p["in_force"]["https-proxy-ports"] == listed.as_str())
         .await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -88,7 +88,11 @@ async fn the_policy_reaches_the_agents_that_understand_it(choice: TransportChoic
     .expect("the second change reaches the agent")
     .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(matches!(old.state(), LinkState::Active), "{:?}", old.state());
+    assert!(
+        matches!(old.state(), LinkState::Active),
+        "{:?}",
+        old.state()
+    );
     assert_eq!(*old.port_policy().borrow(), Some(policy(&[9100])));
 }
 

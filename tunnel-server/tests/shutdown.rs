@@ -53,7 +53,7 @@ enum Transport {
     Grpc,
 }
 
-fn pki(dir: &std::path::Path) -> PkiFiles {
+fn pki(dir: &Path) -> PkiFiles {
     tunnel_server::pki::init(&tunnel_server::pki::PkiRequest {
         out: dir.to_owned(),
         server_sans: vec!["localhost".into()],
@@ -68,7 +68,7 @@ fn pki(dir: &std::path::Path) -> PkiFiles {
 
 fn agent_tls(pki: &PkiFiles) -> rustls::ClientConfig {
     let (_, crt, key) = &pki.agents[0];
-    let read = |p: &std::path::Path| std::fs::read(p).expect("PKI file");
+    let read = |p: &Path| std::fs::read(p).expect("PKI file");
     tls::client_config(
         tls::Identity::from_pem(&read(crt), &read(key)).expect("agent identity"),
         tls::roots_from_pem(&read(&pki.ca_cert), "ca").expect("CA"),
