@@ -1,4 +1,5 @@
-//! The binary's command line: refuses to start without TLS, and writes a PKI.
+//! The binary's command line: refuses to start without TLS or with a bad configuration, and
+//! writes a PKI.
 
 mod common;
 
@@ -94,4 +95,53 @@ fn pki_init_writes_the_layout_the_docs_promise() {
     ] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
+}
+
+#[tokio::test]
+async fn a_bad_config_dir_or_an_incomplete_egress_port_stops_the_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tunnel_server::pki::init(&tunnel_server::pki::PkiRequest {
+        out: dir.path().join("pki"),
+        server_sans: vec!["localhost".into()],
+        agents: vec![],
+        validity_days: 1,
+    })
+    .unwrap();
+    let config = dir.path().join("edge-tunnel-server-cfg");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("https-proxy-ports"), "9052, 9052").unwrap();
+    let out = common::server_command(&pki, 0)
+        .arg("--config-dir")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("https-proxy-ports: port 9052 is listed twice"),
+        "{stderr}"
+    );
+
+    let out = common::server_command(&pki, 0)
+        .arg("--config-dir")
+        .arg(dir.path().join("missing"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read --config-dir"), "{stderr}");
+
+    let out = common::server_command(&pki, 0)
+        .args(["--connect-port", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--connect-client-ca-file is required"),
+        "{stderr}"
+    );
 }
