@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 use tunnel_core::route::config::FixedPorts;
 use tunnel_core::{BindError, CloseCause, Listener, ListenerConfig};
-use tunnel_core::{PortConfig, PortPolicy};
+use tunnel_core::{PortConfig, PortPolicy, PortSet};
 use tunnel_process::drain;
 use tunnel_process::files::{TlsFiles, TlsPaths};
 use tunnel_process::meta::{MetaPage, MetaServer, MetaState};
@@ -75,7 +75,7 @@ pub struct Server {
     ports: Arc<ports::Ports>,
     /// What the startup read of `--config-dir` found, for its follower to compare with.
     config_dir: Option<(PathBuf, ports::Snapshot)>,
-    fixed: FixedPorts,
+    rules: ports::Rules,
     tunnel: Listener,
     secure: TcpListener,
     insecure: TcpListener,
@@ -228,9 +228,23 @@ impl Server {
             kubelet: config.kubelet_port,
             kubelet_read_only: config.kubelet_read_only_port,
         };
+        let rules = ports::Rules {
+            fixed,
+            reserved: PortSet::new(
+                [
+                    secure.local_addr().map_or(config.secure_port, |a| a.port()),
+                    fixed.http_front,
+                    config.tunnel_port,
+                    config.meta_port,
+                    config.connect_port.unwrap_or(0),
+                ]
+                .into_iter()
+                .filter(|p| *p != 0),
+            ),
+        };
         let (ports, config_dir) = match &config.config_dir {
             Some(dir) => {
-                let (ports, snapshot) = ports::load(dir, fixed)?;
+                let (ports, snapshot) = ports::load(dir, &rules)?;
                 (ports, Some((dir.clone(), snapshot)))
             }
             None => {
@@ -260,7 +274,7 @@ impl Server {
             registry: Arc::new(Registry::default()),
             ports,
             config_dir,
-            fixed,
+            rules,
             tunnel,
             secure,
             insecure,
@@ -320,7 +334,7 @@ impl Server {
             registry,
             ports,
             config_dir,
-            fixed,
+            rules,
             tunnel,
             secure,
             insecure,
@@ -410,7 +424,7 @@ impl Server {
         if let Some((dir, snapshot)) = config_dir {
             tasks.spawn(ports::follow(
                 dir,
-                fixed,
+                rules,
                 ports.clone(),
                 snapshot,
                 stop.clone(),

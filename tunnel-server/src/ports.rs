@@ -18,8 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use notify::Watcher;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
-use tunnel_core::route::config::{FixedPorts, KEYS, PortConfigError};
-use tunnel_core::{PortConfig, PortPolicy};
+use tunnel_core::route::config::{
+    FixedPorts, HTTPS_PROXY_PORTS, KEYS, PortConfigError, PortProblem,
+};
+use tunnel_core::{PortConfig, PortPolicy, PortSet};
 
 /// How often the directory is read again whatever the watch says.
 pub const POLL: Duration = Duration::from_secs(5);
@@ -107,18 +109,44 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, String>, ConfigDirError> 
     Ok(values)
 }
 
+/// What a configuration is checked against besides its own consistency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// The HTTP front's port and the kubelet's ports.
+    pub fixed: FixedPorts,
+    /// The server's own listener ports: an https-proxy port cannot listen on one of them.
+    pub reserved: PortSet,
+}
+
 /// Parses what [`read_dir`] read.
 pub fn parse(
     dir: &Path,
     values: &BTreeMap<String, String>,
-    fixed: FixedPorts,
+    rules: &Rules,
 ) -> Result<PortConfig, ConfigDirError> {
-    PortConfig::parse(values.iter().map(|(k, v)| (k.as_str(), v.as_str())), fixed).map_err(
-        |source| ConfigDirError::Invalid {
-            dir: dir.to_owned(),
-            source,
-        },
+    let invalid = |source| ConfigDirError::Invalid {
+        dir: dir.to_owned(),
+        source,
+    };
+    let config = PortConfig::parse(
+        values.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        rules.fixed,
     )
+    .map_err(invalid)?;
+    if let Some(port) = config
+        .https_proxy_ports()
+        .iter()
+        .find(|p| rules.reserved.contains(*p))
+    {
+        return Err(invalid(PortConfigError {
+            key: HTTPS_PROXY_PORTS,
+            problem: PortProblem::Taken {
+                port,
+                what: "one of the server's own listeners",
+            },
+        }));
+    }
+    Ok(config)
 }
 
 /// The outcome of the last reload, for the meta page.
@@ -268,9 +296,9 @@ fn unknown_keys(values: &BTreeMap<String, String>) -> Vec<String> {
 pub(crate) type Snapshot = Result<BTreeMap<String, String>, ConfigDirError>;
 
 /// Reads `dir` once, for startup: an unusable directory or value is an error.
-pub(crate) fn load(dir: &Path, fixed: FixedPorts) -> Result<(Ports, Snapshot), ConfigDirError> {
+pub(crate) fn load(dir: &Path, rules: &Rules) -> Result<(Ports, Snapshot), ConfigDirError> {
     let values = read_dir(dir)?;
-    let config = parse(dir, &values, fixed)?;
+    let config = parse(dir, &values, rules)?;
     let keys = unknown_keys(&values);
     if !keys.is_empty() {
         warn!(?keys, "config directory has keys edge-tunnel does not read");
@@ -286,7 +314,7 @@ pub(crate) fn load(dir: &Path, fixed: FixedPorts) -> Result<(Ports, Snapshot), C
 /// the startup read found.
 pub(crate) async fn follow(
     dir: PathBuf,
-    fixed: FixedPorts,
+    rules: Rules,
     ports: Arc<Ports>,
     mut last: Snapshot,
     mut stop: watch::Receiver<bool>,
@@ -309,7 +337,7 @@ pub(crate) async fn follow(
             continue;
         }
         match &read {
-            Ok(values) => match parse(&dir, values, fixed) {
+            Ok(values) => match parse(&dir, values, &rules) {
                 Ok(config) => ports.apply(config, unknown_keys(values)),
                 Err(e) => ports.reject(&e),
             },
@@ -351,6 +379,24 @@ fn watch_dir(dir: &Path, events: &mpsc::Sender<()>) -> Option<notify::Recommende
 mod tests {
     use super::*;
 
+    fn rules() -> Rules {
+        Rules {
+            fixed: FixedPorts::default(),
+            reserved: PortSet::new([10262, 10263, 10264, 10265]),
+        }
+    }
+
+    #[test]
+    fn an_https_proxy_port_cannot_take_one_of_the_servers_own() {
+        let dir = Path::new("/cfg");
+        let values = BTreeMap::from([("https-proxy-ports".to_owned(), "9052, 10263".to_owned())]);
+        let err = parse(dir, &values, &rules()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--config-dir /cfg: https-proxy-ports: port 10263 is taken by one of the server's own listeners: the server listens on each https-proxy port itself"
+        );
+    }
+
     #[test]
     fn reads_a_kubelet_style_mount() {
         let dir = tempfile::tempdir().unwrap();
@@ -369,7 +415,7 @@ mod tests {
             ["http-proxy-ports", "other-key"]
         );
         assert_eq!(unknown_keys(&values), ["other-key"]);
-        let config = parse(dir.path(), &values, FixedPorts::default()).unwrap();
+        let config = parse(dir.path(), &values, &rules()).unwrap();
         assert!(config.serves(9100) && config.serves(9051));
     }
 
@@ -394,7 +440,7 @@ mod tests {
         assert!(err.to_string().contains("larger than 65536 bytes"), "{err}");
         std::fs::write(dir.path().join("https-proxy-ports"), "9052,x").unwrap();
         let values = read_dir(dir.path()).unwrap();
-        let err = parse(dir.path(), &values, FixedPorts::default()).unwrap_err();
+        let err = parse(dir.path(), &values, &rules()).unwrap_err();
         assert!(
             err.to_string()
                 .ends_with("https-proxy-ports: invalid port \"x\": a number from 1 to 65535"),

@@ -103,6 +103,14 @@ pub enum PortProblem {
         /// The other key.
         other: &'static str,
     },
+    /// A port that something else of the server's already listens on.
+    #[error("port {port} is taken by {what}: the server listens on each https-proxy port itself")]
+    Taken {
+        /// The port.
+        port: u16,
+        /// What holds it.
+        what: &'static str,
+    },
     /// More items than [`MAX_PORTS_PER_KEY`].
     #[error("more than {MAX_PORTS_PER_KEY} ports")]
     TooMany,
