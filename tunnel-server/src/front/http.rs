@@ -325,17 +325,20 @@ fn to_origin_form(
     Ok(())
 }
 
-/// The cached upstream connection when the request goes where the last one went and the
-/// connection still takes requests, else a new one.
+/// The cached upstream connection when the request goes where the last one went, the port is
+/// still served and the connection still takes requests, else a new one.
 async fn checkout(
     conn: &ClientConn,
     front: Front,
     key: &(NodeRef, u16),
 ) -> Result<Upstream, Response<Body>> {
+    // A port the configuration no longer serves is refused for the next request, even on a
+    // keep-alive connection whose stream to it is still open (Prometheus keeps one per target).
+    let served = conn.fronts.ports.current().serves(key.1);
     let reusable = {
         let mut slot = conn.upstream.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
-            Some(u) if u.key == *key && !u.sender.is_closed() => Some(u),
+            Some(u) if served && u.key == *key && !u.sender.is_closed() => Some(u),
             _ => None,
         }
     };
