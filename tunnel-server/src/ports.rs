@@ -332,7 +332,17 @@ pub(crate) async fn follow(
             _ = poll.tick() => {}
             () = crate::stopped(&mut stop) => return,
         }
-        let read = read_dir(&dir);
+        // A few small files, but a slow or hung filesystem must not hold a runtime worker.
+        let read = {
+            let path = dir.clone();
+            match tokio::task::spawn_blocking(move || read_dir(&path)).await {
+                Ok(read) => read,
+                Err(e) => Err(ConfigDirError::Dir {
+                    dir: dir.clone(),
+                    why: format!("the read failed: {e}"),
+                }),
+            }
+        };
         if read == last {
             continue;
         }
