@@ -16,6 +16,9 @@ use tokio::net::TcpStream;
 
 const TEST: &str = "connections_dnated_to_the_fronts_go_where_they_were_headed";
 const NODE_IP: &str = "10.99.0.5";
+/// An address that is no node's: a Service VIP, as kube-proxy translates it when the server
+/// runs on the host network.
+const SERVICE_IP: &str = "10.99.0.9";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_dnated_to_the_fronts_go_where_they_were_headed() {
@@ -26,7 +29,7 @@ async fn connections_dnated_to_the_fronts_go_where_they_were_headed() {
     }
 }
 
-async fn dnat(port: u16, to: SocketAddr) {
+async fn dnat(from: &str, port: u16, to: SocketAddr) {
     let port = port.to_string();
     let to = to.to_string();
     netns::run(
@@ -41,7 +44,7 @@ async fn dnat(port: u16, to: SocketAddr) {
             "-p",
             "tcp",
             "-d",
-            NODE_IP,
+            from,
             "--dport",
             &port,
             "-j",
@@ -55,18 +58,19 @@ async fn dnat(port: u16, to: SocketAddr) {
 
 /// Runs in the namespace: its loopback and its NAT table are ours alone.
 async fn inside() {
-    // The node's address, as the server's host would route it (here: to itself).
-    netns::run(
-        "ip",
-        &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
-    )
-    .await;
+    // The node's address and a Service VIP, as the server's host would route them (here: to
+    // itself).
+    for ip in [NODE_IP, SERVICE_IP] {
+        netns::run("ip", &["addr", "add", &format!("{ip}/32"), "dev", "lo"]).await;
+    }
     let ip: IpAddr = NODE_IP.parse().expect("ip");
     let (cluster, kubelet) = TestCluster::with_kubelet(&[("node-a", &[ip])], |_| {}).await;
     let (_agent, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
     let (https, http) = (kubelet.https_addr.port(), kubelet.http_addr.port());
-    dnat(http, cluster.insecure_addr).await;
-    dnat(https, cluster.secure_addr).await;
+    for from in [NODE_IP, SERVICE_IP] {
+        dnat(from, http, cluster.insecure_addr).await;
+        dnat(from, https, cluster.secure_addr).await;
+    }
 
     // Plain HTTP: a Host that names another node does not steer a DNAT'd connection.
     let mut tcp = TcpStream::connect((ip, http))
@@ -112,6 +116,37 @@ async fn inside() {
     let _ = tls.read_to_end(&mut answer).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.contains("\"node\":\"node-a\""), "{answer}");
+
+    // Translated from an address that is no node's (a Service VIP): routed by what the client
+    // says, as any other connection.
+    let service: IpAddr = SERVICE_IP.parse().expect("ip");
+    let mut tcp = TcpStream::connect((service, http))
+        .await
+        .expect("DNAT'd connect");
+    tcp.write_all(
+        format!("GET /pods HTTP/1.1\r\nHost: node-a:{http}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("request");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert!(
+        answer.contains("\"node\":\"node-a\""),
+        "routed by Host: {answer}"
+    );
+    let tcp = TcpStream::connect((service, https))
+        .await
+        .expect("DNAT'd connect");
+    let connector = tokio_rustls::TlsConnector::from(cluster.pki.apiserver_tls());
+    connector
+        .connect(ServerName::try_from("node-a").expect("name"), tcp)
+        .await
+        .expect("routed by SNI to node-a's kubelet, whose certificate names node-a");
+
     let text = cluster.scrape().await;
     assert_eq!(
         metric_value(
@@ -119,7 +154,7 @@ async fn inside() {
             "edge_tunnel_server_streams_total",
             &[("front", "tls"), ("result", "ok")]
         ),
-        2.0
+        3.0
     );
 }
 

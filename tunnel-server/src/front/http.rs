@@ -49,8 +49,8 @@ struct ClientConn {
     admission: Admission,
     /// Set, the client connection resets when hyper lets go of it.
     cut: Cut,
-    /// Where an iptables DNAT redirected the connection from.
-    redirected: Option<SocketAddr>,
+    /// The node and port an iptables DNAT redirected the connection from.
+    redirected: Option<(NodeRef, u16)>,
 }
 
 pub(crate) async fn handle(
@@ -63,7 +63,7 @@ pub(crate) async fn handle(
     let mut drained = admission.cut.clone();
     async move {
         let cut = Cut::default();
-        let redirected = super::redirected_to(&tcp);
+        let redirected = fronts.redirected(&tcp);
         // The tunnels and upgrades its requests start go to the front's own tasks: this
         // handler ends with its HTTP connection, and its memory with it.
         let serve = serve_requests(
@@ -91,7 +91,7 @@ async fn serve_requests(
     fronts: Arc<Fronts>,
     io: ClientIo,
     admission: Admission,
-    redirected: Option<SocketAddr>,
+    redirected: Option<(NodeRef, u16)>,
 ) -> hyper::Result<()> {
     let mut stop = admission.stop.clone();
     let header_timeout = fronts.config.header_timeout;
@@ -163,9 +163,9 @@ async fn route(conn: &ClientConn, mut req: Request<Incoming>) -> Response<Body> 
     };
     // A connection that came through an iptables DNAT goes where it was headed, whatever
     // its requests say.
-    if let Some(original) = conn.redirected {
-        target.node = NodeRef::Ip(original.ip());
-        target.port = original.port();
+    if let Some((node, port)) = &conn.redirected {
+        target.node = node.clone();
+        target.port = *port;
     }
     let key = (target.node, target.port);
     if target.form == RequestForm::Connect {

@@ -474,17 +474,32 @@ impl FrontListener for tokio::net::UnixListener {
     }
 }
 
-/// Where a connection that reached us through an iptables DNAT (or REDIRECT) was headed:
-/// its original destination, when that differs from the address it reached.
-pub(crate) fn redirected_to(tcp: &TcpStream) -> Option<SocketAddr> {
+/// Where a connection that reached us through an iptables DNAT (or REDIRECT) was headed: its
+/// original destination, when that differs from the address it reached.
+fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
     let local = tcp.local_addr().ok()?;
     let sock = socket2::SockRef::from(tcp);
-    let original = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock.original_dst_v6(),
+    // An IPv4 client of a dual-stack socket has a mapped address; its NAT entry is IPv4.
+    let original = match local.ip().to_canonical() {
+        std::net::IpAddr::V4(_) => sock.original_dst_v4(),
+        std::net::IpAddr::V6(_) => sock.original_dst_v6(),
     };
     let original = original.ok()?.as_socket()?;
-    (original != local).then_some(original)
+    let canonical = |a: SocketAddr| (a.ip().to_canonical(), a.port());
+    (canonical(original) != canonical(local)).then_some(original)
+}
+
+impl Fronts {
+    /// The node and port a DNAT'd connection was headed for, when its original destination
+    /// is an IP of a connected agent's certificate. Any other translation (kube-proxy's for
+    /// the tunnel Service, with the server on the host network) leaves the connection to be
+    /// routed by what it says (SNI, Host, CONNECT).
+    pub(crate) fn redirected(&self, tcp: &TcpStream) -> Option<(NodeRef, u16)> {
+        let original = original_destination(tcp)?;
+        let node = NodeRef::Ip(original.ip().to_canonical());
+        self.registry.lookup(&node)?;
+        Some((node, original.port()))
+    }
 }
 
 /// Accepts clients until `stop` or `closed` turns true, at most `max_front_connections` at

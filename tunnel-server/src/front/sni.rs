@@ -29,8 +29,8 @@ enum Alert {
 }
 
 /// Serves one client of a TLS front: the kubelet's (`port` 10250) or an https-proxy port's
-/// own listener. A connection that came through an iptables DNAT goes where it was headed:
-/// the node whose agent's certificate has that IP, and that port; the SNI is not needed.
+/// own listener. A connection that came through an iptables DNAT to a node's IP goes where it
+/// was headed: that node and that port; the SNI is not needed.
 pub(crate) async fn handle(
     fronts: Arc<Fronts>,
     mut tcp: TcpStream,
@@ -41,8 +41,8 @@ pub(crate) async fn handle(
     let span = info_span!("tls_front", peer.addr = %peer, node = tracing::field::Empty, port);
     async move {
         let mut hello = BytesMut::with_capacity(2048);
-        let (node, port) = match super::redirected_to(&tcp) {
-            Some(original) => (NodeRef::Ip(original.ip()), original.port()),
+        let (node, port) = match fronts.redirected(&tcp) {
+            Some(headed) => headed,
             None => match sniff(&fronts, &mut tcp, &mut hello).await {
                 Ok(node) => (node, port),
                 Err(alert) => {
