@@ -100,27 +100,28 @@ impl std::fmt::Debug for Egress {
     }
 }
 
-/// Reads the TLS files once and builds the tunnel port's configuration. Returns the key bytes
-/// too: the QUIC reset secret derives from them.
-async fn tls_config(config: &ServerConfig) -> Result<(rustls::ServerConfig, Vec<u8>), ConfigError> {
-    config.validate()?;
+/// Reads the server's certificate and key with the CA bundle named by `ca_flag` (whose
+/// clients it verifies), and builds a server configuration offering `alpn`.
+async fn server_tls(
+    config: &ServerConfig,
+    ca: Option<&std::path::Path>,
+    ca_flag: &'static str,
+    alpn: &[&[u8]],
+) -> Result<(rustls::ServerConfig, TlsFiles), ConfigError> {
     let files = TlsFiles::load(TlsPaths {
         cert: config.tls_cert_file.as_deref(),
         key: config.tls_private_key_file.as_deref(),
-        ca: config.client_ca_file.as_deref(),
-        ca_flag: "--client-ca-file",
+        ca,
+        ca_flag,
     })
     .await?;
-    let tls = tunnel_core::tls::server_config(
-        files.identity()?,
-        files.roots()?,
-        &[tunnel_core::tls::ALPN_QUIC],
-    )
-    .map_err(|source| ConfigError::Tls {
-        flag: "--tls-cert-file",
-        source,
-    })?;
-    Ok((tls, files.key))
+    let tls = tunnel_core::tls::server_config(files.identity()?, files.roots()?, alpn).map_err(
+        |source| ConfigError::Tls {
+            flag: ca_flag,
+            source,
+        },
+    )?;
+    Ok((tls, files))
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -167,8 +168,18 @@ async fn bind_tunnel(
         })
 }
 
+/// Whether two PEM bundles hold a certificate in common.
+fn shares_a_certificate(a: &[u8], b: &[u8]) -> bool {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let b: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(b).flatten().collect();
+    CertificateDer::pem_slice_iter(a)
+        .flatten()
+        .any(|cert| b.contains(&cert))
+}
+
 /// Binds the egress front's listeners that the configuration asks for.
-async fn bind_egress(config: &ServerConfig) -> Result<Egress, ServerError> {
+async fn bind_egress(config: &ServerConfig, agent_ca: &[u8]) -> Result<Egress, ServerError> {
     let mut egress = Egress::default();
     if let Some(path) = &config.connect_uds {
         let bind_error = |source| ServerError::Bind {
@@ -195,19 +206,21 @@ async fn bind_egress(config: &ServerConfig) -> Result<Egress, ServerError> {
         egress.unix = Some((listener, path.clone()));
     }
     if let Some(port) = config.connect_port {
-        let files = TlsFiles::load(TlsPaths {
-            cert: config.tls_cert_file.as_deref(),
-            key: config.tls_private_key_file.as_deref(),
-            ca: config.connect_client_ca_file.as_deref(),
-            ca_flag: "--connect-client-ca-file",
-        })
+        let (tls, files) = server_tls(
+            config,
+            config.connect_client_ca_file.as_deref(),
+            "--connect-client-ca-file",
+            &[b"http/1.1"],
+        )
         .await?;
-        let tls =
-            tunnel_core::tls::server_config(files.identity()?, files.roots()?, &[b"http/1.1"])
-                .map_err(|source| ConfigError::Tls {
-                    flag: "--connect-client-ca-file",
-                    source,
-                })?;
+        // An agent's certificate must never open streams to other nodes.
+        if shares_a_certificate(&files.ca, agent_ca) {
+            return Err(ConfigError::Invalid {
+                what: "--connect-client-ca-file",
+                why: "it holds a CA of --client-ca-file: agents could open streams to any node; use the CA of kube-apiserver's client certificate".into(),
+            }
+            .into());
+        }
         let listener = bind_tcp("--connect-port", config.addr(port)).await?;
         egress.tls = Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))));
     }
@@ -218,7 +231,14 @@ impl Server {
     /// Loads the TLS files and binds every listener. Port 0 picks a free port (see the
     /// `*_addr` methods).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let (tls, key) = tls_config(&config).await?;
+        config.validate()?;
+        let (tls, files) = server_tls(
+            &config,
+            config.client_ca_file.as_deref(),
+            "--client-ca-file",
+            &[tunnel_core::tls::ALPN_QUIC],
+        )
+        .await?;
         let secure = bind_tcp("--secure-port", config.addr(config.secure_port)).await?;
         let insecure = bind_tcp("--insecure-port", config.addr(config.insecure_port)).await?;
         let fixed = FixedPorts {
@@ -253,7 +273,8 @@ impl Server {
             }
         };
         let ports = Arc::new(ports);
-        let tunnel = bind_tunnel(&config, tls, key, ports.policy()).await?;
+        // The QUIC reset secret derives from the key's bytes.
+        let tunnel = bind_tunnel(&config, tls, files.key.clone(), ports.policy()).await?;
         let https_proxies = front::proxies::bind_all(config.bind_address, &ports.current())
             .await
             .map_err(|(port, source)| ServerError::Bind {
@@ -261,7 +282,7 @@ impl Server {
                 addr: config.addr(port),
                 source,
             })?;
-        let egress = bind_egress(&config).await?;
+        let egress = bind_egress(&config, &files.ca).await?;
         let meta = Some(
             bind_tcp(
                 "--meta-port",

@@ -97,8 +97,20 @@ fn pki_init_writes_the_layout_the_docs_promise() {
     }
 }
 
+/// Starts the binary with `args` and requires that it refuses to, saying `why`.
+async fn refuses(pki: &tunnel_server::pki::PkiFiles, args: &[&std::ffi::OsStr], why: &str) {
+    let out = common::server_command(pki, 0)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "started with {args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(why), "{args:?}: {stderr}");
+}
+
 #[tokio::test]
-async fn a_bad_config_dir_or_an_incomplete_egress_port_stops_the_start_with_the_reason() {
+async fn a_bad_config_dir_or_an_unsafe_egress_port_stops_the_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let pki = tunnel_server::pki::init(&tunnel_server::pki::PkiRequest {
         out: dir.path().join("pki"),
@@ -110,38 +122,36 @@ async fn a_bad_config_dir_or_an_incomplete_egress_port_stops_the_start_with_the_
     let config = dir.path().join("edge-tunnel-server-cfg");
     std::fs::create_dir(&config).unwrap();
     std::fs::write(config.join("https-proxy-ports"), "9052, 9052").unwrap();
-    let out = common::server_command(&pki, 0)
-        .arg("--config-dir")
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("https-proxy-ports: port 9052 is listed twice"),
-        "{stderr}"
-    );
-
-    let out = common::server_command(&pki, 0)
-        .arg("--config-dir")
-        .arg(dir.path().join("missing"))
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot read --config-dir"), "{stderr}");
-
-    let out = common::server_command(&pki, 0)
-        .args(["--connect-port", "0"])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--connect-client-ca-file is required"),
-        "{stderr}"
-    );
+    let flag = |f: &'static str| std::ffi::OsStr::new(f);
+    refuses(
+        &pki,
+        &[flag("--config-dir"), config.as_os_str()],
+        "https-proxy-ports: port 9052 is listed twice",
+    )
+    .await;
+    let missing = dir.path().join("missing");
+    refuses(
+        &pki,
+        &[flag("--config-dir"), missing.as_os_str()],
+        "cannot read --config-dir",
+    )
+    .await;
+    refuses(
+        &pki,
+        &[flag("--connect-port"), flag("0")],
+        "--connect-client-ca-file is required",
+    )
+    .await;
+    // The agents' CA for the egress port: any agent could reach every node through it.
+    refuses(
+        &pki,
+        &[
+            flag("--connect-port"),
+            flag("0"),
+            flag("--connect-client-ca-file"),
+            pki.ca_cert.as_os_str(),
+        ],
+        "--connect-client-ca-file: it holds a CA of --client-ca-file",
+    )
+    .await;
 }
