@@ -36,7 +36,7 @@ impl Drop for DialInProgress {
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     incoming: IncomingStream,
-    ports: Option<tunnel_core::PortPolicy>,
+    ports: Option<Arc<tunnel_core::PortPolicy>>,
 ) {
     let mut requested = match incoming.read_request().await {
         Ok(r) => r,
@@ -56,7 +56,7 @@ pub(crate) async fn serve(
     let request = requested.request().clone();
     let span = debug_span!("stream", target = %request.target, trace.id = request.trace_id);
     async move {
-        let addr = match shared.allowlist.resolve(&request.target, ports.as_ref()) {
+        let addr = match shared.allowlist.resolve(&request.target, ports.as_deref()) {
             Ok(addr) => addr,
             Err(denied) => {
                 count("forbidden");

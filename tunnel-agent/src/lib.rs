@@ -430,7 +430,7 @@ impl Links {
         )
         .increment(1);
         let pushed = session.port_policy().borrow().clone();
-        let serving = self.shared.allowlist.effective(pushed.as_ref());
+        let serving = self.shared.allowlist.effective(pushed.as_deref());
         info!(
             node = session.node_name(),
             server.id = session.server_id(),

@@ -7,24 +7,13 @@ mod common;
 use std::time::Duration;
 
 use tunnel_core::{
-    AgentSession, CloseCause, Connector, Initiator, LinkState, Listener, ListenerConfig, OpenError,
-    OpenRequest, Refusal, ServerSession, SessionConfig, SessionError, Target, TargetHost,
-    TransportChoice, proto, tls,
+    AgentSession, CloseCause, Initiator, LinkState, Listener, ListenerConfig, OpenError,
+    OpenRequest, Refusal, ServerSession, SessionError, Target, TargetHost, TransportChoice, proto,
 };
 
 /// A listener and one agent connected over `choice`.
 async fn pair(choice: TransportChoice) -> (Listener, ServerSession, AgentSession) {
-    let pki = common::pki();
-    let server_tls = tls::server_config(pki.server.clone(), pki.roots(), &[]).unwrap();
-    let mut listener = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        server_tls,
-        ListenerConfig::default(),
-    )
-    .await
-    .unwrap();
-    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
-    let connector = Connector::new(client_tls, SessionConfig::default(), choice).unwrap();
+    let (mut listener, connector) = common::endpoints(ListenerConfig::default(), choice).await;
     let addr = listener.local_addr();
     let (agent, server) = tokio::join!(
         connector.connect(addr, "localhost", proto::Register::default()),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tunnel_core::{
-    AgentSession, Connector, LinkState, Listener, ListenerConfig, PortPolicy, PortSet,
-    ServerSession, SessionConfig, TransportChoice, proto, tls,
+    AgentSession, LinkState, Listener, ListenerConfig, PortPolicy, PortSet, ServerSession,
+    TransportChoice, proto,
 };
 
 fn policy(node: &[u16]) -> PortPolicy {
@@ -25,20 +25,11 @@ async fn agents(
     choice: TransportChoice,
     policy: watch::Receiver<PortPolicy>,
 ) -> (Listener, Vec<ServerSession>, AgentSession, AgentSession) {
-    let pki = common::pki();
-    let server_tls = tls::server_config(pki.server.clone(), pki.roots(), &[]).unwrap();
-    let mut listener = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        server_tls,
-        ListenerConfig {
-            port_policy: Some(policy),
-            ..ListenerConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
-    let connector = Connector::new(client_tls, SessionConfig::default(), choice).unwrap();
+    let config = ListenerConfig {
+        port_policy: Some(policy),
+        ..ListenerConfig::default()
+    };
+    let (mut listener, connector) = common::endpoints(config, choice).await;
     let addr = listener.local_addr();
     let mut sessions = Vec::new();
     let mut servers = Vec::new();
@@ -63,14 +54,20 @@ async fn the_policy_reaches_the_agents_that_understand_it(choice: TransportChoic
     let (tx, rx) = watch::channel(policy(&[9100]));
     let (_listener, _servers, new, old) = agents(choice, rx).await;
     // At registration, both hear the policy in force (an older agent ignores the field).
-    assert_eq!(*new.port_policy().borrow(), Some(policy(&[9100])));
-    assert_eq!(*old.port_policy().borrow(), Some(policy(&[9100])));
+    assert_eq!(
+        new.port_policy().borrow().as_deref(),
+        Some(&policy(&[9100]))
+    );
+    assert_eq!(
+        old.port_policy().borrow().as_deref(),
+        Some(&policy(&[9100]))
+    );
 
     let mut heard = new.port_policy();
     tx.send_replace(policy(&[9100, 9051]));
     tokio::time::timeout(
         Duration::from_secs(5),
-        heard.wait_for(|p| *p == Some(policy(&[9051, 9100]))),
+        heard.wait_for(|p| p.as_deref() == Some(&policy(&[9051, 9100]))),
     )
     .await
     .expect("the change reaches the agent")
@@ -93,7 +90,10 @@ async fn the_policy_reaches_the_agents_that_understand_it(choice: TransportChoic
         "{:?}",
         old.state()
     );
-    assert_eq!(*old.port_policy().borrow(), Some(policy(&[9100])));
+    assert_eq!(
+        old.port_policy().borrow().as_deref(),
+        Some(&policy(&[9100]))
+    );
 }
 
 #[tokio::test]
@@ -108,18 +108,8 @@ async fn grpc_the_policy_reaches_the_agents_that_understand_it() {
 
 #[tokio::test]
 async fn without_a_policy_the_agent_hears_none() {
-    let pki = common::pki();
-    let server_tls = tls::server_config(pki.server.clone(), pki.roots(), &[]).unwrap();
-    let mut listener = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        server_tls,
-        ListenerConfig::default(),
-    )
-    .await
-    .unwrap();
-    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
-    let connector =
-        Connector::new(client_tls, SessionConfig::default(), TransportChoice::Quic).unwrap();
+    let (mut listener, connector) =
+        common::endpoints(ListenerConfig::default(), TransportChoice::Quic).await;
     let register = proto::Register {
         capabilities: vec![proto::Capability::PortPolicy.into()],
         ..Default::default()
@@ -129,5 +119,5 @@ async fn without_a_policy_the_agent_hears_none() {
         listener.accept()
     );
     let _server = server.unwrap().unwrap();
-    assert_eq!(*agent.unwrap().port_policy().borrow(), None);
+    assert_eq!(agent.unwrap().port_policy().borrow().as_deref(), None);
 }

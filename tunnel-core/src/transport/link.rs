@@ -163,7 +163,7 @@ struct CloseRequest {
     heard: watch::Sender<u64>,
     /// Agent side: the port policy the server sent last; `None` while it sent none (a server
     /// older than port policies).
-    ports: watch::Sender<Option<PortPolicy>>,
+    ports: watch::Sender<Option<Arc<PortPolicy>>>,
 }
 
 impl Default for CloseRequest {
@@ -270,7 +270,7 @@ impl Link {
     }
 
     /// Agent side: the port policy the server sent last (`None`: it sent none).
-    pub(crate) fn port_policy(&self) -> watch::Receiver<Option<PortPolicy>> {
+    pub(crate) fn port_policy(&self) -> watch::Receiver<Option<Arc<PortPolicy>>> {
         self.close.ports.subscribe()
     }
 
@@ -514,7 +514,7 @@ pub(crate) async fn register<C: ControlChannel>(
                     end(&mut channel, &mut control, &reason).await;
                     return Err(reason);
                 };
-                shared.ports.send_replace(Some(policy));
+                shared.ports.send_replace(Some(Arc::new(policy)));
             }
             // The agent's commands are go-aways only.
             let link = Link::spawn(channel, control, 4, None, shared, span);
@@ -605,7 +605,7 @@ async fn serve<C: ControlChannel>(
                 Event::StreamCancelled(id) => channel.stream_cancelled(id),
                 Event::PortPolicy(policy) => {
                     info!(%policy, "the server's port policy changed");
-                    close.ports.send_replace(Some(policy));
+                    close.ports.send_replace(Some(Arc::new(policy)));
                 }
                 Event::Closed { cause, detail } => {
                     return Err(CloseReason::remote(cause).with_detail(&detail));

@@ -272,7 +272,7 @@ impl AgentSession {
     /// said nothing (a server without a port policy, or older than them). Changes are sent
     /// only to an agent whose registration announced [`proto::Capability::PortPolicy`];
     /// the policy in force at registration comes to every agent.
-    pub fn port_policy(&self) -> tokio::sync::watch::Receiver<Option<crate::PortPolicy>> {
+    pub fn port_policy(&self) -> tokio::sync::watch::Receiver<Option<Arc<crate::PortPolicy>>> {
         self.link.port_policy()
     }
 

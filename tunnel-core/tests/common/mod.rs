@@ -36,3 +36,21 @@ impl Pki {
         tls::roots_from_pem(self.ca.as_bytes(), "ca").unwrap()
     }
 }
+
+/// A listener on loopback with `config`, and a connector over `choice` whose agent
+/// certificate (node-a) it accepts.
+pub async fn endpoints(
+    config: tunnel_core::ListenerConfig,
+    choice: tunnel_core::TransportChoice,
+) -> (tunnel_core::Listener, tunnel_core::Connector) {
+    let pki = pki();
+    let server_tls = tls::server_config(pki.server.clone(), pki.roots(), &[]).unwrap();
+    let listener = tunnel_core::Listener::bind("127.0.0.1:0".parse().unwrap(), server_tls, config)
+        .await
+        .unwrap();
+    let client_tls = tls::client_config(pki.agent.clone(), pki.roots(), &[]).unwrap();
+    let connector =
+        tunnel_core::Connector::new(client_tls, tunnel_core::SessionConfig::default(), choice)
+            .unwrap();
+    (listener, connector)
+}
