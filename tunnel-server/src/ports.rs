@@ -193,17 +193,22 @@ impl Ports {
 
     /// Puts `config` in force: the next streams follow it, and the agents are told.
     pub fn set(&self, config: PortConfig) {
-        if **self.config.borrow() == config {
-            return;
-        }
-        info!(ports = %config, served = %config.served(), "port configuration in force");
-        let policy = config.policy();
-        self.policy.send_if_modified(|p| {
-            let changed = *p != policy;
-            *p = policy;
-            changed
+        // Under the configuration's own lock, so that two callers (an embedding program and
+        // the directory's follower) cannot leave the policy describing the other's config.
+        self.config.send_if_modified(|current| {
+            if **current == config {
+                return false;
+            }
+            info!(ports = %config, served = %config.served(), "port configuration in force");
+            let policy = config.policy();
+            self.policy.send_if_modified(|p| {
+                let changed = *p != policy;
+                *p = policy;
+                changed
+            });
+            *current = Arc::new(config);
+            true
         });
-        self.config.send_replace(Arc::new(config));
     }
 
     /// Follows the configuration in force.
