@@ -194,3 +194,26 @@ pub async fn timed_get(front: SocketAddr, host: &str, path: &str) -> (u16, std::
     .expect("a well-formed answer");
     (status.as_u16(), started.elapsed())
 }
+
+/// GETs `path` on `host` through the front, on a new connection each time, until the status
+/// is `want`, for at most 10 s (a change applied elsewhere, such as a port policy reaching an
+/// agent); returns how long that took. Panics with the last status otherwise.
+pub async fn until_status(
+    front: SocketAddr,
+    host: &str,
+    path: &str,
+    want: u16,
+) -> std::time::Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        let (status, _) = timed_get(front, host, path).await;
+        if status == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{host}{path}: still {status}, not {want}, after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -84,16 +84,11 @@ impl TestCluster {
         Self::start_with(pki, kubelet_port, read_only_port, |_| {}).await
     }
 
-    /// As [`start`](Self::start), with a hook to adjust the server configuration.
-    pub async fn start_with(
-        pki: TestPki,
-        kubelet_port: u16,
-        read_only_port: u16,
-        tweak: impl FnOnce(&mut ServerConfig),
-    ) -> Self {
-        crate::init_tracing();
-        let exclusive = crate::exclusive().await;
-        let mut config = ServerConfig {
+    /// The configuration of a test server: everything on 127.0.0.1 with ports from the
+    /// kernel, certificates from `pki`, and the kubelet's two ports served on the node's
+    /// loopback (where the test services listen).
+    pub fn server_config(pki: &TestPki, kubelet_port: u16, read_only_port: u16) -> ServerConfig {
+        ServerConfig {
             meta_bind_address: "127.0.0.1".parse().expect("ip"),
             bind_address: "127.0.0.1".parse().expect("ip"),
             tunnel_port: 0,
@@ -107,14 +102,25 @@ impl TestCluster {
             kubelet_port,
             kubelet_read_only_port: read_only_port,
             metrics: Some(crate::metrics()),
-            // The test services listen on the "node's" loopback.
             ports: Some(loopback_ports(
                 &PortSet::new([kubelet_port, read_only_port]),
                 kubelet_port,
                 read_only_port,
             )),
             ..ServerConfig::default()
-        };
+        }
+    }
+
+    /// As [`start`](Self::start), with a hook to adjust the server configuration.
+    pub async fn start_with(
+        pki: TestPki,
+        kubelet_port: u16,
+        read_only_port: u16,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        crate::init_tracing();
+        let exclusive = crate::exclusive().await;
+        let mut config = Self::server_config(&pki, kubelet_port, read_only_port);
         tweak(&mut config);
         if config.config_dir.is_some() {
             config.ports = None;
@@ -244,17 +250,22 @@ impl TestCluster {
         (handle, node)
     }
 
-    /// The server's `/config` meta page: the port configuration in force and the last reload.
-    pub async fn config_page(&self) -> serde_json::Value {
+    /// GET `path` on the server's meta port; panics unless it answers 200.
+    async fn meta_get(&self, path: &str) -> bytes::Bytes {
         let tcp = tokio::net::TcpStream::connect(self.meta_addr)
             .await
             .expect("meta");
         let mut sender = crate::client::http1(tcp).await.expect("meta http");
-        let (status, body) = crate::client::get(&mut sender, "meta", "/config")
+        let (status, body) = crate::client::get(&mut sender, "meta", path)
             .await
-            .expect("config page");
-        assert_eq!(status, 200, "config page");
-        serde_json::from_slice(&body).expect("config page is JSON")
+            .expect("meta answer");
+        assert_eq!(status, 200, "meta {path}");
+        body
+    }
+
+    /// The server's `/config` meta page: the port configuration in force and the last reload.
+    pub async fn config_page(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.meta_get("/config").await).expect("config page is JSON")
     }
 
     /// Reads `/config` until `ok` holds of it, for at most 10 s (a reload follows a file
@@ -276,15 +287,7 @@ impl TestCluster {
 
     /// The server's `/metrics` text.
     pub async fn scrape(&self) -> String {
-        let tcp = tokio::net::TcpStream::connect(self.meta_addr)
-            .await
-            .expect("meta");
-        let mut sender = crate::client::http1(tcp).await.expect("meta http");
-        let (status, body) = crate::client::get(&mut sender, "meta", "/metrics")
-            .await
-            .expect("scrape");
-        assert_eq!(status, 200, "metrics endpoint");
-        String::from_utf8_lossy(&body).into_owned()
+        String::from_utf8_lossy(&self.meta_get("/metrics").await).into_owned()
     }
 
     /// Scrapes the server's metrics until `ok` holds of them, for at most 10 s (a liveness

@@ -88,6 +88,20 @@ impl TestPki {
         agent_files(&self.kubelet, APISERVER_CLIENT)
     }
 
+    /// curl's flags to talk to a kubelet as kube-apiserver does: its client certificate, and
+    /// the kubelet CA to verify the kubelet.
+    pub fn curl_apiserver_args(&self) -> Vec<std::ffi::OsString> {
+        let (crt, key) = self.apiserver_client();
+        vec![
+            "--cacert".into(),
+            self.kubelet.ca_cert.clone().into(),
+            "--cert".into(),
+            crt.into(),
+            "--key".into(),
+            key.into(),
+        ]
+    }
+
     /// A rustls client config as kube-apiserver would use toward kubelets.
     pub fn apiserver_tls(&self) -> Arc<rustls::ClientConfig> {
         let (crt, key) = self.apiserver_client();

@@ -120,35 +120,13 @@ async fn a_localhost_only_service_is_reachable_only_while_in_localhost_proxy_por
         })
         .await;
     // The agent hears of the change over its control channel; the server sends it at once.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, _) = timed_get(cluster.insecure_addr, &host, "/pods").await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {status}: the agent never applied the policy"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    client::until_status(cluster.insecure_addr, &host, "/pods", 200).await;
 
     config.write(&[("http-proxy-ports", &port.to_string())]);
     cluster
         .wait_config(|p| p["in_force"]["localhost-proxy-ports"] == "10250,10255,10266,10267")
         .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, _) = timed_get(cluster.insecure_addr, &host, "/pods").await;
-        if status == 502 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {status}: loopback still dialed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    client::until_status(cluster.insecure_addr, &host, "/pods", 502).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,17 +219,9 @@ async fn the_server_does_not_start_on_a_bad_config_and_says_which_key() {
     let config = ConfigMapDir::new(&[("localhost-proxy-ports", "10250;10255")]);
     let pki = TestPki::new(&[("node-a", &[])]);
     let err = tunnel_server::Server::bind(tunnel_server::ServerConfig {
-        bind_address: "127.0.0.1".parse().expect("ip"),
-        meta_bind_address: "127.0.0.1".parse().expect("ip"),
-        tunnel_port: 0,
-        secure_port: 0,
-        insecure_port: 0,
-        meta_port: 0,
-        tls_cert_file: Some(pki.tunnel.server_cert.clone()),
-        tls_private_key_file: Some(pki.tunnel.server_key.clone()),
-        client_ca_file: Some(pki.tunnel.ca_cert.clone()),
         config_dir: Some(config.path().to_owned()),
-        ..Default::default()
+        ports: None,
+        ..TestCluster::server_config(&pki, 10250, 10255)
     })
     .await
     .expect_err("a bad value refuses the start");
@@ -265,15 +235,9 @@ async fn the_server_does_not_start_on_a_bad_config_and_says_which_key() {
 
 /// curl to `https://node-a:PORT/pods` sent to the server's https-proxy listener (SNI node-a).
 async fn curl_https(cluster: &TestCluster, port: u16) -> std::process::Output {
-    let (crt, key) = cluster.pki.apiserver_client();
     Command::new("curl")
         .args(["--silent", "--show-error", "--fail", "--max-time", "10"])
-        .arg("--cacert")
-        .arg(&cluster.pki.kubelet.ca_cert)
-        .arg("--cert")
-        .arg(&crt)
-        .arg("--key")
-        .arg(&key)
+        .args(cluster.pki.curl_apiserver_args())
         .arg("--resolve")
         .arg(format!("node-a:{port}:127.0.0.1"))
         .arg(format!("https://node-a:{port}/pods"))

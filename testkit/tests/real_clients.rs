@@ -29,16 +29,10 @@ async fn setup() -> (TestCluster, FakeKubelet, edge_tunnel_testkit::AgentHandle)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_with_mtls_through_the_tls_front() {
     let (cluster, kubelet, _agent) = setup().await;
-    let (crt, key) = cluster.pki.apiserver_client();
     let out = run(
         Command::new("curl")
             .args(["--silent", "--show-error", "--fail", "--max-time", "20"])
-            .arg("--cacert")
-            .arg(&cluster.pki.kubelet.ca_cert)
-            .arg("--cert")
-            .arg(&crt)
-            .arg("--key")
-            .arg(&key)
+            .args(cluster.pki.curl_apiserver_args())
             .arg("--connect-to")
             .arg(format!(
                 "node-a:10250:127.0.0.1:{}",
