@@ -45,6 +45,23 @@ async fn wait_listening(addr: SocketAddr, what: &str) {
     }
 }
 
+/// Waits for `/-/ready`: Prometheus listens before its storage is open and answers 503 until it is.
+async fn wait_ready(prometheus: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tcp = TcpStream::connect(prometheus).await.expect("prometheus");
+        let mut sender = client::http1(tcp).await.expect("HTTP");
+        let (status, _) = client::get(&mut sender, "prometheus", "/-/ready")
+            .await
+            .expect("readiness");
+        if status == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "prometheus not ready: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The value of an instant query's single sample, `None` while the result is empty.
 async fn query(prometheus: SocketAddr, expr: &str) -> Option<f64> {
     let tcp = TcpStream::connect(prometheus).await.expect("prometheus");
@@ -187,6 +204,7 @@ async fn prometheus_scrapes_node_exporter_through_the_front_while_its_port_comes
         ],
     );
     wait_listening(prometheus, "prometheus").await;
+    wait_ready(prometheus).await;
     // Prometheus scrapes its first time about 6 s after it starts.
     let first = until(prometheus, "up", Duration::from_secs(30), |v| {
         v == Some(1.0)
