@@ -1,13 +1,13 @@
 //! Command-line flags, kube-style (`--tunnel-port`, `--tls-cert-file`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tunnel_process::telemetry::LogArgs;
 
-use crate::config::ServerConfig;
+use crate::config::{DnsConfig, KubeSource, ObjectName, ServerConfig};
 use crate::pki::{AgentSpec, PkiRequest};
 
 /// edge-tunnel server: accepts agents from edge nodes and carries kubelet-bound traffic to them.
@@ -144,12 +144,100 @@ pub struct ServeArgs {
     /// at 16 MiB.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
+    /// Flags of cluster DNS and the Kubernetes API.
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// Whether the server talks to the Kubernetes API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubernetesMode {
+    /// With --kubeconfig, that cluster; in a pod, the pod's own; else none.
+    Auto,
+    /// Never.
+    Off,
+}
+
+/// Flags of cluster DNS: where the node records come from and where they go.
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// Whether to use the Kubernetes API (Node watcher, records ConfigMap, tunnel Service's
+    /// ports).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kubernetes: KubernetesMode,
+    /// A kubeconfig for the Kubernetes API (default in a pod: its service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The Service in front of the fronts, NAMESPACE/NAME: its ClusterIP is what edge node
+    /// names resolve to, and its ports are kept in step with the port configuration.
+    #[arg(long, default_value = "kube-system/x-tunnel-server-internal-svc")]
+    pub tunnel_service: ObjectName,
+    /// The address edge node names resolve to, instead of the tunnel Service's ClusterIP
+    /// (needed without a cluster).
+    #[arg(long)]
+    pub tunnel_service_ip: Option<IpAddr>,
+    /// Label selector of the edge Nodes (`key=value`, `key!=value`, `key`, `!key`,
+    /// `key in (a,b)`, comma-separated).
+    #[arg(long, default_value = "alibabacloud.com/is-edge-worker=true")]
+    pub edge_node_selector: String,
+    /// The ConfigMap (NAMESPACE/NAME) the records are written to, key tunnel-nodes, for
+    /// CoreDNS's hosts plugin; empty: none.
+    #[arg(long, default_value = "kube-system/edge-tunnel-nodes")]
+    pub dns_configmap: String,
+    /// A file the records are written to (hosts format), replaced whole on each change.
+    #[arg(long)]
+    pub dns_hosts_file: Option<PathBuf>,
+    /// Where the embedded DNS responder listens, UDP and TCP (e.g. 0.0.0.0:53).
+    #[arg(long)]
+    pub dns_listen: Option<SocketAddr>,
+    /// Where the responder forwards names that are not nodes', IP or IP:PORT, comma-separated
+    /// or repeated (default: the nameservers of /etc/resolv.conf).
+    #[arg(long, value_delimiter = ',', value_parser = parse_upstream)]
+    pub dns_upstream: Vec<SocketAddr>,
+}
+
+/// `IP` (port 53) or `IP:PORT`.
+fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not IP or IP:PORT"))
+}
+
+impl DnsArgs {
+    /// The DNS configuration these flags describe; `in_pod` says whether the process runs in
+    /// a pod (`KUBERNETES_SERVICE_HOST` is set).
+    pub fn into_config(self, in_pod: bool) -> Result<DnsConfig, String> {
+        let kubernetes = match (self.kubernetes, self.kubeconfig) {
+            (KubernetesMode::Off, Some(_)) => {
+                return Err("--kubeconfig with --kubernetes=off".into());
+            }
+            (KubernetesMode::Off, None) => None,
+            (KubernetesMode::Auto, Some(path)) => Some(KubeSource::Kubeconfig(path)),
+            (KubernetesMode::Auto, None) => in_pod.then_some(KubeSource::InCluster),
+        };
+        let configmap = match self.dns_configmap.trim() {
+            "" => None,
+            name => Some(name.parse().map_err(|e| format!("--dns-configmap: {e}"))?),
+        };
+        Ok(DnsConfig {
+            kubernetes,
+            tunnel_service: self.tunnel_service,
+            tunnel_service_ip: self.tunnel_service_ip,
+            edge_node_selector: self.edge_node_selector,
+            configmap,
+            hosts_file: self.dns_hosts_file,
+            listen: self.dns_listen,
+            upstream: self.dns_upstream,
+        })
+    }
 }
 
 impl ServeArgs {
     /// The server configuration these flags describe (not yet validated).
-    pub fn into_config(self) -> ServerConfig {
-        ServerConfig {
+    pub fn into_config(self) -> Result<ServerConfig, String> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let dns = self.dns.into_config(in_pod)?;
+        Ok(ServerConfig {
             bind_address: self.bind_address,
             tunnel_port: self.tunnel_port,
             secure_port: self.secure_port,
@@ -174,7 +262,8 @@ impl ServeArgs {
                 max_streams: self.max_concurrent_streams,
                 ..tunnel_core::SessionConfig::default()
             },
+            dns,
             ..ServerConfig::default()
-        }
+        })
     }
 }

@@ -81,6 +81,112 @@ pub struct ServerConfig {
     pub transports: Transports,
     /// Renders `/metrics`; `None` serves 404 there (the embedding program owns the recorder).
     pub metrics: Option<PrometheusHandle>,
+    /// Cluster DNS: the node records, where they come from and where they go.
+    pub dns: DnsConfig,
+}
+
+/// A namespaced Kubernetes object, written `NAMESPACE/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectName {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl std::str::FromStr for ObjectName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (namespace, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not NAMESPACE/NAME"))?;
+        for part in [namespace, name] {
+            if !crate::dns::is_dns1123_subdomain(part) {
+                return Err(format!("{part:?} in {s:?} is not a valid Kubernetes name"));
+            }
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How the server reaches the Kubernetes API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeSource {
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST` and the mounted token).
+    InCluster,
+    /// A kubeconfig file.
+    Kubeconfig(PathBuf),
+}
+
+/// Cluster DNS: which node names resolve where, and who is told.
+///
+/// With a cluster ([`kubernetes`](Self::kubernetes)), the records cover every Node: edge nodes
+/// (those [`edge_node_selector`](Self::edge_node_selector) selects) resolve to the tunnel
+/// Service's ClusterIP, cloud nodes to their InternalIP (ExternalIP when they have none), and
+/// the server keeps the tunnel Service's ports in step with the port configuration. Without
+/// one, the records are the connected agents' nodes, resolving to
+/// [`tunnel_service_ip`](Self::tunnel_service_ip).
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// The Kubernetes API, or `None` for no cluster.
+    pub kubernetes: Option<KubeSource>,
+    /// The Service in front of the server's fronts (`x-tunnel-server-internal-svc`).
+    pub tunnel_service: ObjectName,
+    /// The address edge node names resolve to. `None`: the tunnel Service's ClusterIP (needs
+    /// a cluster).
+    pub tunnel_service_ip: Option<IpAddr>,
+    /// Label selector of edge nodes (`key=value`, `key!=value`, `key`, `!key`, comma-separated).
+    pub edge_node_selector: String,
+    /// The ConfigMap the records are written to, key `tunnel-nodes` (with a cluster only).
+    pub configmap: Option<ObjectName>,
+    /// A hosts file the records are written to (dnsmasq's `--hostsdir`, or CoreDNS's hosts
+    /// plugin on a node without the ConfigMap).
+    pub hosts_file: Option<PathBuf>,
+    /// Where the embedded DNS responder listens (UDP and TCP).
+    pub listen: Option<SocketAddr>,
+    /// Where the responder forwards names that are not nodes'. Empty: the nameservers of
+    /// `/etc/resolv.conf`.
+    pub upstream: Vec<SocketAddr>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            kubernetes: None,
+            tunnel_service: ObjectName {
+                namespace: "kube-system".into(),
+                name: "x-tunnel-server-internal-svc".into(),
+            },
+            tunnel_service_ip: None,
+            edge_node_selector: "alibabacloud.com/is-edge-worker=true".into(),
+            configmap: Some(ObjectName {
+                namespace: "kube-system".into(),
+                name: "edge-tunnel-nodes".into(),
+            }),
+            hosts_file: None,
+            listen: None,
+            upstream: Vec::new(),
+        }
+    }
+}
+
+impl DnsConfig {
+    /// Whether anything reads the records.
+    pub fn has_sink(&self) -> bool {
+        self.hosts_file.is_some()
+            || self.listen.is_some()
+            || (self.kubernetes.is_some() && self.configmap.is_some())
+    }
 }
 
 impl Default for ServerConfig {
@@ -112,6 +218,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             metrics: None,
             transports: Transports::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -155,6 +262,23 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 what: "request body timeout",
                 why: "must be more than 0".into(),
+            });
+        }
+        if self.dns.has_sink()
+            && self.dns.kubernetes.is_none()
+            && self.dns.tunnel_service_ip.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                what: "DNS records",
+                why: "without a cluster (--kubeconfig, or in a pod) the address edge nodes resolve to must be given: --tunnel-service-ip".into(),
+            });
+        }
+        if let Some(kube::core::ParseExpressionError(why)) =
+            crate::cluster::parse_selector(&self.dns.edge_node_selector).err()
+        {
+            return Err(ConfigError::Invalid {
+                what: "--edge-node-selector",
+                why,
             });
         }
         if self.max_front_connections == 0 {

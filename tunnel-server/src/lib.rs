@@ -14,7 +14,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod dns;
 mod front;
 pub mod pki;
 pub mod ports;
@@ -54,6 +56,12 @@ pub enum ServerError {
     /// The port configuration (`--config-dir`) cannot be read or is invalid.
     #[error(transparent)]
     Ports(#[from] ports::ConfigDirError),
+    /// The Kubernetes client could not be made.
+    #[error(transparent)]
+    Kubernetes(#[from] cluster::ClusterError),
+    /// The embedded DNS responder could not start.
+    #[error(transparent)]
+    Dns(#[from] dns::ResponderError),
     /// A listener could not be bound.
     #[error("cannot listen on {what} {addr}: {source}")]
     Bind {
@@ -82,6 +90,86 @@ pub struct Server {
     https_proxies: BTreeMap<u16, TcpListener>,
     egress: Egress,
     meta: Option<TcpListener>,
+    dns: DnsParts,
+}
+
+/// Cluster DNS, ready to run: the records' channel, the API client, the bound responder.
+#[derive(Default)]
+struct DnsParts {
+    records: Option<(watch::Sender<Arc<dns::NodeRecords>>, dns::RecordsRx)>,
+    kube: Option<kube::Client>,
+    responder: Option<dns::DnsServer>,
+}
+
+impl std::fmt::Debug for DnsParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsParts")
+            .field("records", &self.records.is_some())
+            .field("kube", &self.kube.is_some())
+            .field("responder", &self.responder)
+            .finish()
+    }
+}
+
+/// Makes the API client, the records' channel and the responder the configuration asks for.
+async fn prepare_dns(config: &ServerConfig) -> Result<DnsParts, ServerError> {
+    let dns = &config.dns;
+    let kube = match &dns.kubernetes {
+        Some(source) => Some(cluster::client(source).await?),
+        None => None,
+    };
+    let mut parts = DnsParts {
+        kube,
+        ..DnsParts::default()
+    };
+    if parts.kube.is_none() && !dns.has_sink() {
+        return Ok(parts);
+    }
+    let (tx, rx) = dns::channel();
+    if let Some(addr) = dns.listen {
+        let upstream = match dns.upstream.as_slice() {
+            [] => system_nameservers()?,
+            given => given.to_vec(),
+        };
+        let responder = dns::Responder::new(rx.clone(), &upstream)?;
+        let server = dns::DnsServer::bind(addr, responder).await?;
+        // Forwarding to ourselves would loop until the forwards ran out.
+        if upstream.contains(&server.local_addr()) {
+            server.stop().await;
+            return Err(dns::ResponderError::Upstream(format!(
+                "the upstream {addr} is the responder itself"
+            ))
+            .into());
+        }
+        info!(addr = %server.local_addr(), upstream = ?upstream, "DNS responder listening");
+        parts.responder = Some(server);
+    }
+    parts.records = Some((tx, rx));
+    Ok(parts)
+}
+
+/// The nameservers of `/etc/resolv.conf`, port 53 unless it says otherwise.
+fn system_nameservers() -> Result<Vec<SocketAddr>, ServerError> {
+    let (resolver, _) = hickory_resolver::system_conf::read_system_conf().map_err(|e| {
+        dns::ResponderError::Upstream(format!(
+            "no --dns-upstream, and /etc/resolv.conf cannot be read: {e}"
+        ))
+    })?;
+    let mut upstream: Vec<SocketAddr> = Vec::new();
+    for server in resolver.name_servers() {
+        let port = server.connections.first().map_or(53, |c| c.port);
+        let addr = SocketAddr::new(server.ip, port);
+        if !upstream.contains(&addr) {
+            upstream.push(addr);
+        }
+    }
+    if upstream.is_empty() {
+        return Err(dns::ResponderError::Upstream(
+            "no --dns-upstream, and /etc/resolv.conf names no nameserver".into(),
+        )
+        .into());
+    }
+    Ok(upstream)
 }
 
 /// The egress front's listeners, when configured.
@@ -283,6 +371,7 @@ impl Server {
                 source,
             })?;
         let egress = bind_egress(&config, &files.ca).await?;
+        let dns = prepare_dns(&config).await?;
         let meta = Some(
             bind_tcp(
                 "--meta-port",
@@ -302,6 +391,7 @@ impl Server {
             https_proxies,
             egress,
             meta,
+            dns,
         })
     }
 
@@ -343,6 +433,17 @@ impl Server {
         self.meta.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The embedded DNS responder's address (UDP and TCP), when it runs.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.responder.as_ref().map(dns::DnsServer::local_addr)
+    }
+
+    /// Follows the node records as published (what every DNS sink writes), when there are
+    /// any.
+    pub fn dns_records(&self) -> Option<dns::RecordsRx> {
+        self.dns.records.as_ref().map(|(_, rx)| rx.clone())
+    }
+
     /// The agent registry (to watch agents come and go).
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
@@ -362,6 +463,7 @@ impl Server {
             https_proxies,
             egress,
             meta,
+            dns: dns_parts,
         } = self;
         // Stop: drain (no new agents or clients). Cut: the drain is over, end what is left.
         let (stop_tx, stop) = watch::channel(false);
@@ -382,6 +484,12 @@ impl Server {
             "tunnel server listening"
         );
 
+        let front_ports = cluster::FrontPorts {
+            secure: secure.local_addr().map_or(config.secure_port, |a| a.port()),
+            insecure: insecure
+                .local_addr()
+                .map_or(config.insecure_port, |a| a.port()),
+        };
         let mut tasks = JoinSet::new();
         let (close_tunnel, close) = tokio::sync::oneshot::channel();
         let agents = tokio::spawn(tunnel::serve(
@@ -451,6 +559,26 @@ impl Server {
                 stop.clone(),
             ));
         }
+        let DnsParts {
+            records,
+            kube,
+            responder,
+        } = dns_parts;
+        if let Some((records_tx, records_rx)) = records {
+            spawn_dns(
+                &mut tasks,
+                &config,
+                DnsRun {
+                    records_tx,
+                    records_rx,
+                    kube,
+                    ports: ports.clone(),
+                    fronts: front_ports,
+                },
+                &registry,
+                &stop,
+            );
+        }
         // The meta server outlives the drain so that probes and scrapes see it.
         let meta = meta.map(|listener| {
             MetaServer::spawn(
@@ -492,11 +620,92 @@ impl Server {
         if let Some(path) = uds_path {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(responder) = responder {
+            responder.stop().await;
+        }
         if let Some(meta) = meta {
             meta.stop().await;
         }
         info!("tunnel server stopped");
         Ok(())
+    }
+}
+
+/// What the DNS tasks need from [`Server::run`].
+struct DnsRun {
+    records_tx: watch::Sender<Arc<dns::NodeRecords>>,
+    records_rx: dns::RecordsRx,
+    kube: Option<kube::Client>,
+    ports: Arc<ports::Ports>,
+    fronts: cluster::FrontPorts,
+}
+
+/// Starts the records' source and sinks on `tasks`; they end at `stop` (the drain's start:
+/// the records written so far stay where they are).
+fn spawn_dns(
+    tasks: &mut JoinSet<()>,
+    config: &ServerConfig,
+    run: DnsRun,
+    registry: &Arc<Registry>,
+    stop: &watch::Receiver<bool>,
+) {
+    let dns = &config.dns;
+    match &run.kube {
+        Some(client) => {
+            let selector = match cluster::parse_selector(&dns.edge_node_selector) {
+                Ok(selector) => selector,
+                // validate() has parsed it already.
+                Err(e) => {
+                    warn!(error = %e.0, "--edge-node-selector");
+                    return;
+                }
+            };
+            let (seen_tx, seen_rx) = watch::channel(None);
+            let source = cluster::NodeSource {
+                client: client.clone(),
+                selector,
+                service: dns.tunnel_service.clone(),
+                service_ip: dns.tunnel_service_ip,
+                records: run.records_tx,
+                seen_service: seen_tx,
+            };
+            tasks.spawn(source.run(stop.clone()));
+            tasks.spawn(cluster::keep_service_ports(
+                client.clone(),
+                dns.tunnel_service.clone(),
+                run.fronts,
+                seen_rx,
+                run.ports.subscribe(),
+                stop.clone(),
+            ));
+            if let Some(configmap) = &dns.configmap {
+                tasks.spawn(cluster::write_configmap(
+                    client.clone(),
+                    configmap.clone(),
+                    run.records_rx.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
+        None => {
+            // validate() requires the address without a cluster.
+            let Some(ip) = dns.tunnel_service_ip else {
+                return;
+            };
+            tasks.spawn(dns::follow_agents(
+                registry.clone(),
+                ip,
+                run.records_tx,
+                stop.clone(),
+            ));
+        }
+    }
+    if let Some(path) = &dns.hosts_file {
+        tasks.spawn(dns::write_hosts_file(
+            path.clone(),
+            run.records_rx,
+            stop.clone(),
+        ));
     }
 }
 

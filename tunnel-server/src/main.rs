@@ -24,7 +24,11 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut config = cli.serve.into_config();
+    let mut config = cli
+        .serve
+        .into_config()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
     config.validate().context("invalid configuration")?;
     config.metrics = Some(telemetry::install_recorder()?);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -188,6 +188,17 @@ impl<S: AgentLink> Registry<S> {
         self.maps().by_node.is_empty()
     }
 
+    /// The names of the connected nodes, in no particular order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.maps().by_node.keys().cloned().collect()
+    }
+
+    /// A receiver that sees a change each time an agent comes or goes (its value counts the
+    /// changes; read the registry for what they were).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// Every session, for drain.
     pub fn sessions(&self) -> Vec<S> {
         self.maps().by_node.values().cloned().collect()

@@ -237,6 +237,21 @@ impl PortConfig {
         &self.https
     }
 
+    /// The ports that do not come from the ConfigMap: the kubelet's and the HTTP front's.
+    pub fn fixed(&self) -> FixedPorts {
+        self.fixed
+    }
+
+    /// The `dnat-ports-pair` entries: node port → front port.
+    pub fn dnat_pairs(&self) -> &BTreeMap<u16, u16> {
+        &self.dnat
+    }
+
+    /// The `http-proxy-ports`.
+    pub fn http_proxy_ports(&self) -> &PortSet {
+        &self.http
+    }
+
     /// The ports the agent dials on loopback.
     pub fn localhost_proxy_ports(&self) -> &PortSet {
         &self.localhost

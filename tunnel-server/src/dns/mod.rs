@@ -1,0 +1,270 @@
+//! Cluster DNS: which address each node name resolves to, where that comes from and who is
+//! told.
+//!
+//! One source makes the [`NodeRecords`]: the Kubernetes Nodes (see `crate::cluster`) or,
+//! without a cluster, the agents connected to this replica. It publishes them on a watch
+//! channel; each sink follows the channel on its own task: the ConfigMap CoreDNS reads, a
+//! hosts file, and the embedded [`Responder`]. A sink that fails keeps the last records it
+//! wrote and tries again; it never holds up the source or another sink.
+
+pub mod records;
+pub mod responder;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use records::{NodeRecords, is_dns1123_subdomain};
+pub use responder::{DnsServer, NODE_TTL, Responder, ResponderError};
+
+use crate::registry::{AgentLink, Registry};
+use crate::stopped;
+
+/// The records as the source last published them.
+pub type RecordsRx = watch::Receiver<Arc<NodeRecords>>;
+
+/// How long a sink waits before it tries a failed write again.
+pub(crate) const RETRY: Duration = Duration::from_secs(1);
+
+/// Node names warned about as invalid, at most: a flood of bad names cannot grow memory.
+const MAX_WARNED: usize = 1024;
+
+/// Where records go, for `edge_tunnel_server_dns_writes_total{sink}`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Sink {
+    HostsFile,
+    ConfigMap,
+}
+
+impl Sink {
+    fn label(self) -> &'static str {
+        match self {
+            Self::HostsFile => "hosts_file",
+            Self::ConfigMap => "configmap",
+        }
+    }
+
+    /// Counts one write attempt: `written`, `current` (the sink already held these records,
+    /// nothing written) or `error`.
+    pub(crate) fn count(self, result: &'static str) {
+        metrics::counter!("edge_tunnel_server_dns_writes_total", "sink" => self.label(), "result" => result)
+            .increment(1);
+    }
+}
+
+/// The records channel, its metrics registered at zero.
+pub(crate) fn channel() -> (watch::Sender<Arc<NodeRecords>>, RecordsRx) {
+    for sink in [Sink::HostsFile, Sink::ConfigMap] {
+        for result in ["written", "current", "error"] {
+            metrics::counter!("edge_tunnel_server_dns_writes_total", "sink" => sink.label(), "result" => result)
+                .absolute(0);
+        }
+    }
+    metrics::gauge!("edge_tunnel_server_dns_records").set(0.0);
+    watch::channel(Arc::new(NodeRecords::new()))
+}
+
+/// Publishes `records` when they differ from the last published, or when `first` (so that the
+/// sinks write even an empty set once).
+pub(crate) fn publish(tx: &watch::Sender<Arc<NodeRecords>>, records: NodeRecords, first: bool) {
+    tx.send_if_modified(|current| {
+        if !first && **current == records {
+            return false;
+        }
+        metrics::gauge!("edge_tunnel_server_dns_records").set(records.len() as f64);
+        *current = Arc::new(records);
+        true
+    });
+}
+
+/// Warns once per node name that cannot be a DNS name, for at most [`MAX_WARNED`] names.
+#[derive(Debug, Default)]
+pub(crate) struct InvalidNames(HashSet<String>);
+
+impl InvalidNames {
+    pub(crate) fn warn(&mut self, name: &str, what: &str) {
+        if self.0.len() < MAX_WARNED && self.0.insert(name.to_owned()) {
+            warn!(node = %name.escape_debug(), "{what} has a name that is not a valid DNS-1123 subdomain; it gets no DNS record");
+        }
+    }
+}
+
+/// The records of a cluster-less server: every node with an agent connected here resolves to
+/// `ip` (the address of the tunnel's fronts). Follows the registry until `stop`.
+pub(crate) async fn follow_agents<S: AgentLink>(
+    registry: Arc<Registry<S>>,
+    ip: IpAddr,
+    records: watch::Sender<Arc<NodeRecords>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut changes = registry.subscribe();
+    let mut invalid = InvalidNames::default();
+    let mut first = true;
+    loop {
+        changes.borrow_and_update();
+        let mut next = NodeRecords::new();
+        for name in registry.node_names() {
+            if !next.insert(&name, ip) {
+                invalid.warn(&name, "a connected agent's node");
+            }
+        }
+        publish(&records, next, first);
+        first = false;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Writes the records to `path` each time they change, until `stop`. The file is replaced
+/// whole (a temporary file in the same directory, then a rename), so a reader (CoreDNS's hosts
+/// plugin, dnsmasq's `--hostsdir`) never sees half of it. The temporary file's name starts
+/// with a dot, which dnsmasq skips.
+pub(crate) async fn write_hosts_file(
+    path: PathBuf,
+    mut records: RecordsRx,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Nothing is written before the source has published.
+    tokio::select! {
+        changed = records.changed() => if changed.is_err() { return },
+        () = stopped(&mut stop) => return,
+    }
+    let mut written: Option<String> = None;
+    loop {
+        let content = records.borrow_and_update().render();
+        if written.as_deref() == Some(content.as_str()) {
+            Sink::HostsFile.count("current");
+        } else {
+            match replace_file(&path, content.as_bytes()).await {
+                Ok(()) => {
+                    Sink::HostsFile.count("written");
+                    info!(path = %path.display(), lines = content.lines().count(), "DNS hosts file written");
+                    written = Some(content);
+                }
+                Err(error) => {
+                    Sink::HostsFile.count("error");
+                    warn!(path = %path.display(), %error, "cannot write the DNS hosts file; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY) => continue,
+                        () = stopped(&mut stop) => return,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = records.changed() => if changed.is_err() { return },
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Replaces `path` with `content` atomically: readers see the old file or the new one.
+async fn replace_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(".tmp");
+    let temp = path.with_file_name(temp_name);
+    tokio::fs::write(&temp, content).await?;
+    // Readable by a resolver running as another user; nothing secret in it.
+    tokio::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o644)).await?;
+    if let Err(e) = tokio::fs::rename(&temp, path).await {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tunnel_core::AgentIdentity;
+
+    use super::*;
+    use crate::registry::BareLink;
+
+    fn link(id: u64, node: &str) -> BareLink {
+        BareLink::new(
+            id,
+            AgentIdentity {
+                node_name: node.into(),
+                node_ips: vec![],
+            },
+        )
+    }
+
+    async fn file_becomes(path: &Path, want: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = std::fs::read_to_string(path).ok();
+            if now.as_deref() == Some(want) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} is {now:?}, not {want:?}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn connected_agents_become_the_hosts_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tunnel-nodes");
+        let registry = Arc::new(Registry::<BareLink>::default());
+        let (tx, rx) = channel();
+        let (stop_tx, stop) = watch::channel(false);
+        let writer = tokio::spawn(write_hosts_file(path.clone(), rx, stop.clone()));
+        let follower = tokio::spawn(follow_agents(
+            registry.clone(),
+            "10.96.0.7".parse().unwrap(),
+            tx,
+            stop,
+        ));
+        // No agent yet: the file exists, empty, for the resolver to read.
+        file_becomes(&path, "").await;
+        registry.insert(link(1, "node-b"));
+        registry.insert(link(2, "node-a"));
+        registry.insert(link(3, "Not_A_DNS_Name"));
+        file_becomes(&path, "10.96.0.7\tnode-a\n10.96.0.7\tnode-b\n").await;
+        registry.remove(&link(2, "node-a"));
+        file_becomes(&path, "10.96.0.7\tnode-b\n").await;
+        // The temporary file is renamed over the target, never left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tunnel-nodes"]);
+        stop_tx.send(true).unwrap();
+        writer.await.unwrap();
+        follower.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hosts_file_that_cannot_be_written_is_retried_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("not-yet");
+        let path = sub.join("tunnel-nodes");
+        let (tx, rx) = channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        let writer = tokio::spawn(write_hosts_file(path.clone(), rx, stop));
+        let mut records = NodeRecords::new();
+        records.insert("node-a", "10.96.0.7".parse().unwrap());
+        publish(&tx, records, true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!path.exists());
+        std::fs::create_dir(&sub).unwrap();
+        file_becomes(&path, "10.96.0.7\tnode-a\n").await;
+        writer.abort();
+    }
+}

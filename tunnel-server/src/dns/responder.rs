@@ -1,0 +1,341 @@
+//! The embedded DNS responder: node names from the records, everything else forwarded.
+//!
+//! hickory-server does the wire work (UDP and TCP, EDNS, truncation to the client's payload
+//! size, FORMERR for a message that does not parse); this module decides the answers. A
+//! kube-apiserver pod pointed at it (`dnsConfig.nameservers`) resolves edge node names to the
+//! tunnel Service and every other name as before, without CoreDNS being changed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::rdata::{A, AAAA};
+use hickory_server::proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_server::resolver::config::{NameServerConfig, ResolverOpts};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
+use hickory_server::zone_handler::{Catalog, MessageResponseBuilder};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, warn};
+
+use super::NodeRecords;
+
+/// TTL of a node's answer: short, so that a node that moves (agent to another replica, edge
+/// to cloud) is followed within seconds by caching resolvers.
+pub const NODE_TTL: u32 = 5;
+/// Forwarded queries in flight at once; more get SERVFAIL at once rather than pile up.
+pub const MAX_FORWARDS: usize = 1024;
+/// How long a TCP client may stay idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Responses queued per TCP connection.
+const TCP_RESPONSE_QUEUE: usize = 32;
+/// How long one upstream query may take.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the responder could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponderError {
+    /// A socket could not be bound.
+    #[error("cannot listen for DNS on {addr} ({proto}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// udp or tcp.
+        proto: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upstream resolver could not be set up.
+    #[error("DNS upstream: {0}")]
+    Upstream(String),
+}
+
+/// How the answer to a query was made, for `edge_tunnel_server_dns_queries_total{answer}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// From the node records.
+    Node,
+    /// Sent to the upstream.
+    Forwarded,
+    /// Not a node, and no upstream (or no recursion asked for): REFUSED.
+    Refused,
+    /// Too many forwards in flight: SERVFAIL.
+    Overloaded,
+}
+
+impl Answer {
+    const ALL: [Self; 4] = [Self::Node, Self::Forwarded, Self::Refused, Self::Overloaded];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Node => "node",
+            Self::Forwarded => "forwarded",
+            Self::Refused => "refused",
+            Self::Overloaded => "overloaded",
+        }
+    }
+
+    fn count(self) {
+        metrics::counter!("edge_tunnel_server_dns_queries_total", "answer" => self.label())
+            .increment(1);
+    }
+}
+
+/// Answers node names from the records and forwards the rest.
+pub struct Responder {
+    records: watch::Receiver<Arc<NodeRecords>>,
+    upstream: Option<Catalog>,
+    forwards: Semaphore,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("nodes", &self.records.borrow().len())
+            .field("upstream", &self.upstream.is_some())
+            .finish()
+    }
+}
+
+impl Responder {
+    /// A responder over `records`, forwarding to `upstream` (none: other names are REFUSED).
+    pub fn new(
+        records: watch::Receiver<Arc<NodeRecords>>,
+        upstream: &[SocketAddr],
+    ) -> Result<Self, ResponderError> {
+        for answer in Answer::ALL {
+            metrics::counter!("edge_tunnel_server_dns_queries_total", "answer" => answer.label())
+                .increment(0);
+        }
+        let upstream = if upstream.is_empty() {
+            None
+        } else {
+            Some(forwarder(upstream)?)
+        };
+        Ok(Self {
+            records,
+            upstream,
+            forwards: Semaphore::new(MAX_FORWARDS),
+        })
+    }
+
+    /// The records answering `request`, when it asks for a node's name: `Some` of the node's
+    /// addresses of the queried type (none for other types: the name exists, the type does
+    /// not); `None` when the name is not a node's.
+    fn node_answer(&self, request: &Request) -> Option<Vec<Record>> {
+        if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+        {
+            return None;
+        }
+        let info = request.request_info().ok()?;
+        let query = info.query;
+        if query.query_class() != DNSClass::IN {
+            return None;
+        }
+        let name = query.original().name();
+        let records = self.records.borrow();
+        let ips = records.lookup(&name.to_ascii())?;
+        let qtype = query.query_type();
+        Some(
+            ips.iter()
+                .filter_map(|ip| match (ip, qtype) {
+                    (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => Some(RData::A(A(*v4))),
+                    (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
+                        Some(RData::AAAA(AAAA(*v6)))
+                    }
+                    _ => None,
+                })
+                .map(|rdata| Record::from_rdata(name.clone(), NODE_TTL, rdata))
+                .collect(),
+        )
+    }
+
+    async fn send_node_answer<R: ResponseHandler>(
+        request: &Request,
+        answers: &[Record],
+        upstream: bool,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.recursion_available = upstream;
+        let edns = request.edns.as_ref().map(|asked| {
+            let mut edns = Edns::new();
+            edns.set_max_payload(asked.max_payload().max(512));
+            edns.set_version(0);
+            edns
+        });
+        let mut builder = MessageResponseBuilder::new(&request.queries, None);
+        if let Some(edns) = &edns {
+            builder.edns(edns);
+        }
+        // EDNS versions above 0 do not exist yet; RFC 6891 says BADVERS.
+        let response = if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            metadata.response_code = ResponseCode::BADVERS;
+            builder.build(metadata, &[], &[], &[], &[])
+        } else {
+            builder.build(metadata, answers, &[], &[], &[])
+        };
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, "cannot send a DNS response");
+                serve_failed(request)
+            }
+        }
+    }
+
+    async fn refuse<R: ResponseHandler>(
+        request: &Request,
+        code: ResponseCode,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let response =
+            MessageResponseBuilder::new(&request.queries, None).error_msg(&request.metadata, code);
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, "cannot send a DNS response");
+                serve_failed(request)
+            }
+        }
+    }
+}
+
+/// A SERVFAIL header for `request`, what the server logs when no response could be sent.
+fn serve_failed(request: &Request) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(hickory_server::proto::op::Header {
+        metadata,
+        counts: Default::default(),
+    })
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Responder {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        if let Some(answers) = self.node_answer(request) {
+            Answer::Node.count();
+            return Self::send_node_answer(
+                request,
+                &answers,
+                self.upstream.is_some(),
+                response_handle,
+            )
+            .await;
+        }
+        let Some(upstream) = &self.upstream else {
+            Answer::Refused.count();
+            return Self::refuse(request, ResponseCode::Refused, response_handle).await;
+        };
+        let Ok(_permit) = self.forwards.try_acquire() else {
+            Answer::Overloaded.count();
+            return Self::refuse(request, ResponseCode::ServFail, response_handle).await;
+        };
+        Answer::Forwarded.count();
+        upstream
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
+}
+
+/// A catalog whose root zone forwards to `upstream` (UDP, and TCP when an answer is truncated).
+fn forwarder(upstream: &[SocketAddr]) -> Result<Catalog, ResponderError> {
+    let name_servers = upstream
+        .iter()
+        .map(|addr| {
+            let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+            for connection in &mut server.connections {
+                connection.port = addr.port();
+            }
+            server
+        })
+        .collect();
+    let mut options = ResolverOpts::default();
+    options.timeout = UPSTREAM_TIMEOUT;
+    options.attempts = 1;
+    // The clients cache by the upstream's TTLs; a second cache here would only add staleness.
+    options.cache_size = 0;
+    let handler = ForwardZoneHandler::builder_tokio(ForwardConfig {
+        name_servers,
+        options: Some(options),
+    })
+    .build()
+    .map_err(ResponderError::Upstream)?;
+    let mut catalog = Catalog::new();
+    catalog.upsert(
+        hickory_server::proto::rr::LowerName::from(hickory_server::proto::rr::Name::root()),
+        vec![Arc::new(handler)],
+    );
+    Ok(catalog)
+}
+
+/// A bound responder, serving until [`stop`](Self::stop).
+pub struct DnsServer {
+    server: Server<Responder>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `addr` (port 0: the kernel picks one, the same for both) and
+    /// serves `responder` on them.
+    pub async fn bind(addr: SocketAddr, responder: Responder) -> Result<Self, ResponderError> {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ResponderError::Bind {
+                addr,
+                proto: "udp",
+                source,
+            })?;
+        let bound = udp.local_addr().map_err(|source| ResponderError::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        let tcp = TcpListener::bind(bound)
+            .await
+            .map_err(|source| ResponderError::Bind {
+                addr: bound,
+                proto: "tcp",
+                source,
+            })?;
+        let mut server = Server::new(responder);
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
+        Ok(Self {
+            server,
+            addr: bound,
+        })
+    }
+
+    /// Where it listens (UDP and TCP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops answering.
+    pub async fn stop(mut self) {
+        if let Err(error) = self.server.shutdown_gracefully().await {
+            warn!(%error, "the DNS responder stopped with an error");
+        }
+    }
+}
