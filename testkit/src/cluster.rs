@@ -27,6 +27,10 @@ pub struct TestCluster {
     pub connect_addr: Option<SocketAddr>,
     /// Meta server.
     pub meta_addr: SocketAddr,
+    /// The embedded DNS responder (UDP and TCP), when the configuration asks for it.
+    pub dns_addr: Option<SocketAddr>,
+    /// The node records as the server publishes them, when it makes any.
+    pub dns_records: Option<tunnel_server::dns::RecordsRx>,
     /// The server's agent registry.
     pub registry: Arc<Registry>,
     /// Ports the test agents serve (dialed on loopback).
@@ -141,6 +145,11 @@ impl TestCluster {
         if let Some(addr) = connect_addr {
             config.connect_port = Some(addr.port());
         }
+        let dns_addr = server.dns_addr();
+        if dns_addr.is_some() {
+            config.dns.listen = dns_addr;
+        }
+        let dns_records = server.dns_records();
         let registry = server.registry();
         let served = server.ports();
         let (tx, task) = spawn_server(server);
@@ -152,6 +161,8 @@ impl TestCluster {
             insecure_addr,
             connect_addr,
             meta_addr,
+            dns_addr,
+            dns_records,
             registry,
             ports: PortSet::new([kubelet_port, read_only_port]),
             shutdown: Some(tx),
@@ -328,6 +339,7 @@ impl TestCluster {
         };
         self.registry = server.registry();
         self.served = server.ports();
+        self.dns_records = server.dns_records();
         let (tx, task) = spawn_server(server);
         self.shutdown = Some(tx);
         self.task = Some(task);

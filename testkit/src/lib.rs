@@ -7,6 +7,7 @@
 pub mod client;
 pub mod cluster;
 pub mod configmap;
+pub mod fake_kube;
 pub mod kubelet;
 pub mod logs;
 pub mod netns;

@@ -33,6 +33,11 @@ pub const RECORDS_KEY: &str = "tunnel-nodes";
 
 /// Fewest seconds between two ConfigMap writes: changes within it go out as one write.
 const WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a change waits for the rest of its batch (a Node list, a burst of watch events)
+/// before it is written, so that a batch becomes one write.
+const SETTLE: Duration = Duration::from_millis(200);
+/// How often the ConfigMap is read again while the records do not change.
+const RESYNC: Duration = Duration::from_secs(60);
 /// Longest wait between two tries of a failed write.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How long connecting to the API server may take.
@@ -541,8 +546,8 @@ pub(crate) async fn keep_service_ports(
     }
 }
 
-/// Writes the records to the ConfigMap's [`RECORDS_KEY`] each time they change, at most once
-/// per [`WRITE_INTERVAL`], until `stop`. It reads the ConfigMap first and writes only when the
+/// Writes the records to the ConfigMap's [`RECORDS_KEY`] each time they change, [`SETTLE`]
+/// after the change and at most once per [`WRITE_INTERVAL`], until `stop`. It reads the ConfigMap first and writes only when the
 /// key differs (another replica may have written the same bytes); it creates the ConfigMap
 /// when there is none.
 pub(crate) async fn write_configmap(
@@ -559,6 +564,10 @@ pub(crate) async fn write_configmap(
     let mut written: Option<String> = None;
     let mut retry = dns::RETRY;
     loop {
+        tokio::select! {
+            () = tokio::time::sleep(SETTLE) => {}
+            () = stopped(&mut stop) => return,
+        }
         let content = records.borrow_and_update().render();
         if written.as_deref() != Some(content.as_str()) {
             match put_records(&api, &configmap.name, &content).await {
@@ -590,6 +599,9 @@ pub(crate) async fn write_configmap(
         }
         tokio::select! {
             changed = records.changed() => if changed.is_err() { return },
+            // Someone may have changed the ConfigMap (a `kubectl apply` of the manifests):
+            // read it again now and then, and put the records back.
+            () = tokio::time::sleep(RESYNC) => written = None,
             () = stopped(&mut stop) => return,
         }
     }

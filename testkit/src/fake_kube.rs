@@ -1,0 +1,1 @@
+//! A fake Kubernetes API server that records every request (being written).
