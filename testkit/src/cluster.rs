@@ -279,6 +279,11 @@ impl TestCluster {
         serde_json::from_slice(&self.meta_get("/config").await).expect("config page is JSON")
     }
 
+    /// The server's `/dns` meta page: where the node records come from and what they are.
+    pub async fn dns_page(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.meta_get("/dns").await).expect("dns page is JSON")
+    }
+
     /// Reads `/config` until `ok` holds of it, for at most 10 s (a reload follows a file
     /// change within about 100 ms, or the 5 s poll); panics with the last page otherwise.
     pub async fn wait_config(&self, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {

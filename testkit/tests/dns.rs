@@ -206,6 +206,14 @@ async fn a_node_resolves_once_its_agent_connects_and_other_names_go_upstream() {
         "figure: node-a resolves through the responder {took:?} after its agent is registered"
     );
 
+    let page = cluster.dns_page().await;
+    assert_eq!(page["source"], "agents", "{page:#}");
+    assert_eq!(
+        page["records"],
+        serde_json::json!({ "node-a": [SERVICE_IP] }),
+        "{page:#}"
+    );
+
     // Authoritative, any case, over TCP too; a node's other types are NODATA, not NXDOMAIN.
     let answer = dig(dns, &["NODE-A.", "A"]).await;
     assert!(a_record(SERVICE_IP)(&answer), "{}", answer.text);

@@ -564,6 +564,18 @@ impl Server {
             kube,
             responder,
         } = dns_parts;
+        let dns_page = records.as_ref().map(|(_, rx)| MetaPage {
+            path: "/dns",
+            render: {
+                let rx = rx.clone();
+                let source = if kube.is_some() {
+                    "kubernetes"
+                } else {
+                    "agents"
+                };
+                Arc::new(move || dns::page(source, &rx.borrow()))
+            },
+        });
         if let Some((records_tx, records_rx)) = records {
             spawn_dns(
                 &mut tasks,
@@ -586,13 +598,16 @@ impl Server {
                 MetaState {
                     ready: ready.clone(),
                     metrics: config.metrics.clone(),
-                    pages: vec![MetaPage {
+                    pages: [MetaPage {
                         path: "/config",
                         render: {
                             let ports = ports.clone();
                             Arc::new(move || ports.page())
                         },
-                    }],
+                    }]
+                    .into_iter()
+                    .chain(dns_page)
+                    .collect(),
                 },
             )
         });

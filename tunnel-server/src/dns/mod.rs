@@ -165,6 +165,22 @@ pub(crate) async fn write_hosts_file(
     }
 }
 
+/// The `/dns` meta page: where the records come from and what they are now.
+pub(crate) fn page(source: &str, records: &NodeRecords) -> serde_json::Value {
+    let names: serde_json::Map<String, serde_json::Value> = records
+        .iter()
+        .map(|(name, ips)| {
+            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            (name.to_owned(), ips.into())
+        })
+        .collect();
+    serde_json::json!({
+        "source": source,
+        "names": records.len(),
+        "records": names,
+    })
+}
+
 /// Replaces `path` with `content` atomically: readers see the old file or the new one.
 async fn replace_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
     let name = path

@@ -63,6 +63,13 @@ impl NodeRecords {
         self.by_name.get(name).map(Vec::as_slice)
     }
 
+    /// Each name, in order, with its addresses.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[IpAddr])> {
+        self.by_name
+            .iter()
+            .map(|(name, ips)| (name.as_str(), ips.as_slice()))
+    }
+
     /// Number of names.
     pub fn len(&self) -> usize {
         self.by_name.len()
