@@ -10,14 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA};
 use hickory_server::proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::BinEncoder;
 use hickory_server::resolver::config::{NameServerConfig, ResolverOpts};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
-use hickory_server::zone_handler::{Catalog, MessageResponseBuilder};
+use hickory_server::zone_handler::{Catalog, MessageResponse, MessageResponseBuilder};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
@@ -167,7 +170,7 @@ impl Responder {
         metadata.recursion_available = upstream;
         let edns = request.edns.as_ref().map(|asked| {
             let mut edns = Edns::new();
-            edns.set_max_payload(asked.max_payload().max(512));
+            edns.set_max_payload(asked.max_payload().max(MIN_PAYLOAD));
             edns.set_version(0);
             edns
         });
@@ -205,6 +208,67 @@ impl Responder {
                 serve_failed(request)
             }
         }
+    }
+}
+
+impl Responder {
+    /// Answers one message as the UDP server would: the response's bytes, at most the
+    /// client's payload size (512 without EDNS) with TC set when the answer does not fit.
+    /// `None` when the message does not parse (the server answers FORMERR to those itself, or
+    /// drops what has no header). No socket involved: for tests and fuzzing.
+    pub async fn answer_udp(&self, message: &[u8]) -> Option<Vec<u8>> {
+        let src = SocketAddr::from(([127, 0, 0, 1], 0));
+        let request = Request::from_bytes(message.to_vec(), src, Protocol::Udp).ok()?;
+        let max = request
+            .edns
+            .as_ref()
+            .map_or(MIN_PAYLOAD, |e| e.max_payload().max(MIN_PAYLOAD));
+        let capture = Capture {
+            max,
+            sent: Arc::default(),
+        };
+        self.handle_request::<_, TokioTime>(&request, capture.clone())
+            .await;
+        let mut sent = capture
+            .sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sent.pop()
+    }
+}
+
+/// The payload size of a client without EDNS (RFC 1035), and the least any client gets.
+const MIN_PAYLOAD: u16 = 512;
+
+/// Keeps the encoded response instead of sending it.
+#[derive(Clone)]
+struct Capture {
+    max: u16,
+    sent: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for Capture {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(usize::from(MIN_PAYLOAD));
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(self.max);
+        let info = response.destructive_emit(&mut encoder)?;
+        self.sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(bytes);
+        Ok(info)
     }
 }
 
@@ -337,5 +401,111 @@ impl DnsServer {
         if let Err(error) = self.server.shutdown_gracefully().await {
             warn!(%error, "the DNS responder stopped with an error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_server::proto::op::{Message, Query};
+    use hickory_server::proto::rr::Name;
+
+    use super::*;
+
+    fn responder() -> (watch::Sender<Arc<NodeRecords>>, Responder) {
+        let mut records = NodeRecords::new();
+        records.insert("node-a", "10.96.0.7".parse().unwrap());
+        records.insert("cloud-1", "fd00::10".parse().unwrap());
+        let (tx, rx) = watch::channel(Arc::new(records));
+        (tx, Responder::new(rx, &[]).unwrap())
+    }
+
+    fn query(name: &str, qtype: RecordType, edns: Option<(u16, u8)>) -> Vec<u8> {
+        let mut message = Message::query();
+        message.metadata.id = 0x1234;
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if let Some((payload, version)) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(payload);
+            e.set_version(version);
+            message.set_edns(e);
+        }
+        message.to_vec().unwrap()
+    }
+
+    async fn ask(responder: &Responder, bytes: &[u8]) -> Message {
+        let response = responder.answer_udp(bytes).await.expect("a response");
+        let message = Message::from_vec(&response).expect("the response parses");
+        assert_eq!(message.metadata.id, 0x1234);
+        assert_eq!(message.metadata.message_type, MessageType::Response);
+        message
+    }
+
+    #[tokio::test]
+    async fn node_names_are_answered_from_the_records_by_type() {
+        let (_tx, responder) = responder();
+        let a = ask(&responder, &query("node-a.", RecordType::A, None)).await;
+        assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+        assert!(a.metadata.authoritative);
+        assert_eq!(a.answers.len(), 1);
+        assert_eq!(a.answers[0].ttl, NODE_TTL);
+        assert_eq!(a.answers[0].data, RData::A(A("10.96.0.7".parse().unwrap())));
+        // The name exists, the type does not: NODATA, not NXDOMAIN.
+        for (name, qtype) in [
+            ("node-a.", RecordType::AAAA),
+            ("node-a.", RecordType::MX),
+            ("cloud-1.", RecordType::A),
+        ] {
+            let none = ask(&responder, &query(name, qtype, None)).await;
+            assert_eq!(
+                none.metadata.response_code,
+                ResponseCode::NoError,
+                "{name} {qtype}"
+            );
+            assert!(none.answers.is_empty(), "{name} {qtype}");
+        }
+        let v6 = ask(
+            &responder,
+            &query("cloud-1.", RecordType::AAAA, Some((1232, 0))),
+        )
+        .await;
+        assert_eq!(v6.answers.len(), 1);
+        assert_eq!(v6.edns.as_ref().map(Edns::max_payload), Some(1232));
+    }
+
+    #[tokio::test]
+    async fn other_names_are_refused_without_an_upstream_and_edns_above_0_is_badvers() {
+        let (_tx, responder) = responder();
+        let other = ask(&responder, &query("example.com.", RecordType::A, None)).await;
+        assert_eq!(other.metadata.response_code, ResponseCode::Refused);
+        let bad = ask(
+            &responder,
+            &query("node-a.", RecordType::A, Some((1232, 1))),
+        )
+        .await;
+        // BADVERS and BADSIG share the code 16 (RFC 6891, RFC 8945): the value is what counts.
+        assert_eq!(
+            u16::from(bad.metadata.response_code),
+            u16::from(ResponseCode::BADVERS)
+        );
+        assert!(bad.answers.is_empty());
+        // An update to a node's name is not a query: never answered from the records.
+        let mut update = Message::from_vec(&query("node-a.", RecordType::A, None)).unwrap();
+        update.metadata.op_code = OpCode::Update;
+        let refused = ask(&responder, &update.to_vec().unwrap()).await;
+        assert_ne!(refused.metadata.response_code, ResponseCode::NoError);
+        assert!(refused.answers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_records_in_force_are_the_latest_published() {
+        let (tx, responder) = responder();
+        let mut next = NodeRecords::new();
+        next.insert("node-b", "10.96.0.8".parse().unwrap());
+        tx.send_replace(Arc::new(next));
+        let gone = ask(&responder, &query("node-a.", RecordType::A, None)).await;
+        assert_eq!(gone.metadata.response_code, ResponseCode::Refused);
+        let b = ask(&responder, &query("node-b.", RecordType::A, None)).await;
+        assert_eq!(b.answers.len(), 1);
     }
 }
