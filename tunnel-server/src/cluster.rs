@@ -449,6 +449,8 @@ pub(crate) struct FrontPorts {
     pub(crate) secure: u16,
     /// The HTTP front, behind the kubelet's read-only port and the plain HTTP ports.
     pub(crate) insecure: u16,
+    /// The egress front's mutual-TLS port (`--connect-port`), when it listens.
+    pub(crate) connect: Option<u16>,
 }
 
 /// The ports the tunnel Service should have for `config`, sorted by port: the kubelet's port
@@ -464,6 +466,9 @@ pub(crate) fn desired_ports(config: &PortConfig, fronts: FrontPorts) -> Vec<Serv
     };
     add(fixed.kubelet, "https".into(), fronts.secure);
     add(fixed.kubelet_read_only, "http".into(), fronts.insecure);
+    if let Some(port) = fronts.connect {
+        add(port, "connect".into(), port);
+    }
     for port in config.https_proxy_ports().iter() {
         add(port, format!("https-{port}"), port);
     }
@@ -484,9 +489,40 @@ pub(crate) fn desired_ports(config: &PortConfig, fronts: FrontPorts) -> Vec<Serv
         .collect()
 }
 
+/// Whether the server owns a Service port of this name (see [`desired_ports`]).
+fn is_managed(name: &str) -> bool {
+    let numbered = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    matches!(name, "https" | "http" | "connect")
+        || numbered("https-")
+        || numbered("http-")
+        || numbered("dnat-")
+}
+
+/// The ports the Service should have: the server's own (`ours`), and any port of `current`
+/// someone else added under another name, unless it takes a port number of ours.
+fn with_foreign_ports(ours: Vec<ServicePort>, current: &[ServicePort]) -> Vec<ServicePort> {
+    let mut ports = ours;
+    for port in current.iter().filter(|p| !is_managed(&p.name)) {
+        if ports
+            .iter()
+            .any(|o| o.port == port.port && o.protocol == port.protocol)
+        {
+            warn!(name = %port.name, port = port.port, "a tunnel Service port takes a port number the server needs; replacing it");
+            continue;
+        }
+        ports.push(port.clone());
+    }
+    ports.sort_by(|a, b| (a.port, &a.protocol).cmp(&(b.port, &b.protocol)));
+    ports
+}
+
 /// Keeps the tunnel Service's ports equal to [`desired_ports`] of the configuration in force,
-/// until `stop`. It only ever patches the ports of a Service that exists (the manifests create
-/// it); a failed patch is tried again with backoff.
+/// until `stop`, leaving alone the ports of other names that someone else added. It only
+/// ever patches the ports of a Service that exists (the manifests create it); a failed patch
+/// is tried again with backoff.
 pub(crate) async fn keep_service_ports(
     client: Client,
     service: ObjectName,
@@ -502,9 +538,10 @@ pub(crate) async fn keep_service_ports(
     }
     let mut retry = dns::RETRY;
     loop {
-        let desired = desired_ports(&config.borrow_and_update(), fronts);
+        let ours = desired_ports(&config.borrow_and_update(), fronts);
         let current = seen.borrow_and_update().as_ref().map(|s| s.ports.clone());
         if let Some(current) = current
+            && let desired = with_foreign_ports(ours, &current)
             && current != desired
         {
             let ports: Vec<_> = desired.iter().map(ServicePort::to_json).collect();
@@ -752,6 +789,7 @@ mod tests {
             FrontPorts {
                 secure: 10263,
                 insecure: 10264,
+                connect: Some(10268),
             },
         );
         let summary: Vec<(String, i32, IntOrString)> = ports
@@ -767,7 +805,38 @@ mod tests {
                 ("https-9443".to_owned(), 9443, int(9443)),
                 ("https".to_owned(), 10250, int(10263)),
                 ("http".to_owned(), 10255, int(10264)),
+                ("connect".to_owned(), 10268, int(10268)),
             ]
         );
+    }
+
+    fn port(name: &str, port: i32) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            protocol: "TCP".into(),
+            port,
+            target_port: IntOrString::Int(port),
+        }
+    }
+
+    #[test]
+    fn ports_someone_else_added_stay_unless_they_collide() {
+        let ours = vec![port("https", 10250), port("http-9100", 9100)];
+        let current = [
+            port("https", 10250),
+            // Ours once (a port since removed from the configuration): goes.
+            port("dnat-9051", 9051),
+            // Someone's own: stays, in port order.
+            port("metrics", 9500),
+            port("dns", 53),
+            // Someone's own on a number the server needs: replaced.
+            port("node-exporter", 9100),
+        ];
+        let names: Vec<String> = with_foreign_ports(ours, &current)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["dns", "http-9100", "metrics", "https"]);
+        assert!(is_managed("https-9443") && is_managed("dnat-1") && !is_managed("http-x"));
     }
 }

@@ -489,6 +489,11 @@ impl Server {
             insecure: insecure
                 .local_addr()
                 .map_or(config.insecure_port, |a| a.port()),
+            connect: egress
+                .tls
+                .as_ref()
+                .and_then(|(l, _)| l.local_addr().ok())
+                .map(|a| a.port()),
         };
         let mut tasks = JoinSet::new();
         let (close_tunnel, close) = tokio::sync::oneshot::channel();

@@ -1,0 +1,777 @@
+//! The server against a fake Kubernetes API server (`edge_tunnel_testkit::fake_kube`): node
+//! records made from the Nodes and the tunnel Service, the ConfigMap CoreDNS reads them from
+//! and the Service's ports, asserted on the wire: the fake records every request, and the
+//! writes are compared byte for byte. Edge nodes carry `alibabacloud.com/is-edge-worker=true`
+//! and resolve to the Service's ClusterIP 10.96.0.7; cloud nodes to their InternalIP, else
+//! their ExternalIP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use edge_tunnel_testkit::fake_kube::{FakeKube, Kind, Recorded};
+use edge_tunnel_testkit::{TestCluster, TestPki, metric_value};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tunnel_core::PortConfig;
+use tunnel_core::route::config::FixedPorts;
+use tunnel_server::ServerConfig;
+use tunnel_server::config::KubeSource;
+
+const NS: &str = "kube-system";
+const SERVICE: &str = "x-tunnel-server-internal-svc";
+const CONFIGMAP: &str = "edge-tunnel-nodes";
+const SERVICE_IP: &str = "10.96.0.7";
+const EDGE_LABEL: &str = "alibabacloud.com/is-edge-worker";
+const KUBELET: u16 = 10250;
+const KUBELET_READ_ONLY: u16 = 10255;
+/// Longer than a write's wait for its batch (200 ms) plus the pause between two writes
+/// (1 s): a write still due has happened by then.
+const QUIET: Duration = Duration::from_millis(2500);
+/// How long a wait for the server may take before the test fails (a liveness bound).
+const WAIT: Duration = Duration::from_secs(15);
+
+fn node(name: &str, edge: bool, addresses: &[(&str, &str)]) -> Value {
+    let labels = if edge {
+        json!({ EDGE_LABEL: "true", "kubernetes.io/hostname": name })
+    } else {
+        json!({ "kubernetes.io/hostname": name })
+    };
+    let addresses: Vec<Value> = addresses
+        .iter()
+        .map(|(kind, address)| json!({ "type": kind, "address": address }))
+        .collect();
+    json!({
+        "metadata": { "name": name, "labels": labels },
+        "spec": {},
+        "status": { "addresses": addresses },
+    })
+}
+
+/// The tunnel Service, with `ports`.
+fn service(ports: Value) -> Value {
+    json!({
+        "metadata": { "name": SERVICE, "namespace": NS },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": SERVICE_IP,
+            "clusterIPs": [SERVICE_IP],
+            "selector": { "app": "edge-tunnel-server" },
+            "ports": ports,
+        },
+    })
+}
+
+/// Ports the manifests no longer match.
+fn stale_ports() -> Value {
+    json!([
+        { "name": "https", "port": KUBELET, "protocol": "TCP", "targetPort": 10263 },
+        { "name": "old-metrics", "port": 10265, "protocol": "TCP", "targetPort": 10265 },
+    ])
+}
+
+/// A server whose records come from `fake` (default Service and ConfigMap names, the
+/// Service's ClusterIP for edge nodes), adjusted by `tweak`.
+async fn server(
+    fake: &FakeKube,
+    dir: &Path,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> TestCluster {
+    let kubeconfig = fake.kubeconfig(dir);
+    let pki = TestPki::new(&[("node-a", &[])]);
+    TestCluster::start_with(pki, KUBELET, KUBELET_READ_ONLY, move |config| {
+        config.dns.kubernetes = Some(KubeSource::Kubeconfig(kubeconfig));
+        config.dns.tunnel_service_ip = None;
+        tweak(config);
+    })
+    .await
+}
+
+fn records(cluster: &TestCluster) -> String {
+    cluster
+        .dns_records
+        .as_ref()
+        .expect("the server makes records")
+        .borrow()
+        .render()
+}
+
+fn configmap_content(fake: &FakeKube) -> Option<String> {
+    let configmap = fake.get(Kind::ConfigMap, Some(NS), CONFIGMAP)?;
+    configmap["data"]["tunnel-nodes"].as_str().map(str::to_owned)
+}
+
+fn service_ports(fake: &FakeKube) -> Value {
+    fake.get(Kind::Service, Some(NS), SERVICE)
+        .expect("the Service exists")["spec"]["ports"]
+        .clone()
+}
+
+/// Polls `probe` until it gives a value, for at most [`WAIT`]; panics with `what` and what
+/// the probe last saw.
+async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "{what} did not happen; last seen:\n{seen}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until both the published records and the ConfigMap hold `want`.
+async fn records_and_configmap_become(cluster: &TestCluster, fake: &FakeKube, want: &str) {
+    eventually("the records and the ConfigMap follow the cluster", || {
+        let (published, stored) = (records(cluster), configmap_content(fake));
+        if published == want && stored.as_deref() == Some(want) {
+            Ok(())
+        } else {
+            Err(format!(
+                "records:\n{published}ConfigMap:\n{}",
+                stored.unwrap_or_else(|| "(none)".into())
+            ))
+        }
+    })
+    .await;
+}
+
+fn show(requests: &[Recorded]) -> String {
+    requests
+        .iter()
+        .map(|r| format!("  {r}\n"))
+        .collect::<Vec<_>>()
+        .concat()
+}
+
+/// The ConfigMap requests since the `from`-th request, as `METHOD path`.
+fn configmap_requests(fake: &FakeKube, from: usize) -> Vec<String> {
+    fake.requests()
+        .get(from..)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.kind() == Some(Kind::ConfigMap))
+        .map(|r| format!("{} {}", r.method, r.path_only()))
+        .collect()
+}
+
+/// The body of a merge patch that puts `content` under the records' key.
+fn records_patch(content: &str) -> String {
+    let quoted = serde_json::to_string(content).expect("a string serialises");
+    format!(r#"{{"data":{{"tunnel-nodes":{quoted}}}}}"#)
+}
+
+/// Asserts that `writes` is one merge patch of the ConfigMap with exactly `body`.
+fn assert_one_patch(writes: &[Recorded], body: &str) {
+    assert_eq!(writes.len(), 1, "one ConfigMap write:\n{}", show(writes));
+    let write = &writes[0];
+    assert_eq!(write.method, "PATCH", "{write}");
+    assert_eq!(
+        write.path_only(),
+        format!("/api/v1/namespaces/{NS}/configmaps/{CONFIGMAP}")
+    );
+    assert_eq!(
+        write.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    assert_eq!(write.body, body);
+}
+
+/// A TCP port free on every one of `ips` at the time of asking.
+fn free_port_on(ips: &[&str]) -> u16 {
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind((ips[0], 0)).expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        if ips[1..]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no port free on all of {ips:?}");
+}
+
+/// The Service ports as the server writes them: `(port, name, target)` sorted by port.
+fn ports_json(ports: &[(u16, String, u16)]) -> String {
+    let mut ports = ports.to_vec();
+    ports.sort_by_key(|(port, _, _)| *port);
+    let items: Vec<String> = ports
+        .iter()
+        .map(|(port, name, target)| {
+            format!(r#"{{"name":"{name}","port":{port},"protocol":"TCP","targetPort":{target}}}"#)
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configmap_and_the_service_ports_are_written_byte_for_byte() {
+    let fake = FakeKube::start().await.expect("the fake API server starts");
+    fake.apply(
+        Kind::Node,
+        node("edge-1", true, &[("InternalIP", "172.16.0.1")]),
+    );
+    fake.apply(Kind::Node, node("edge-2", true, &[]));
+    fake.apply(
+        Kind::Node,
+        node(
+            "cloud-1",
+            false,
+            &[
+                ("Hostname", "cloud-1"),
+                ("ExternalIP", "47.1.1.1"),
+                ("InternalIP", "192.168.0.10"),
+            ],
+        ),
+    );
+    fake.apply(
+        Kind::Node,
+        node("cloud-2", false, &[("ExternalIP", "47.1.1.2")]),
+    );
+    fake.apply(Kind::Service, service(stale_ports()));
+
+    // Every kind of Service port: the dnat pair's front is the HTTP front's port, so the
+    // test picks that port; the https-proxy port is one the server listens on itself.
+    let insecure = free_port_on(&["127.0.0.1"]);
+    let https_proxy = free_port_on(&["127.0.0.1"]);
+    let port_config = PortConfig::parse(
+        [
+            ("dnat-ports-pair", format!("9051={insecure}").as_str()),
+            ("http-proxy-ports", "9100"),
+            ("https-proxy-ports", https_proxy.to_string().as_str()),
+        ],
+        FixedPorts {
+            http_front: insecure,
+            kubelet: KUBELET,
+            kubelet_read_only: KUBELET_READ_ONLY,
+        },
+    )
+    .expect("the port configuration parses");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = server(&fake, dir.path(), |config| {
+        config.insecure_port = insecure;
+        config.ports = Some(port_config);
+    })
+    .await;
+    assert_eq!(cluster.insecure_addr.port(), insecure);
+    let secure = cluster.secure_addr.port();
+
+    let want = "10.96.0.7\tedge-1\n10.96.0.7\tedge-2\n192.168.0.10\tcloud-1\n47.1.1.2\tcloud-2\n";
+    records_and_configmap_become(&cluster, &fake, want).await;
+    let desired = ports_json(&[
+        (KUBELET, "https".into(), secure),
+        (KUBELET_READ_ONLY, "http".into(), insecure),
+        (9051, "dnat-9051".into(), insecure),
+        (9100, "http-9100".into(), insecure),
+        (https_proxy, format!("https-{https_proxy}"), https_proxy),
+    ]);
+    eventually("the Service's ports are set", || {
+        let ports = service_ports(&fake);
+        if ports.to_string() == desired {
+            Ok(())
+        } else {
+            Err(ports.to_string())
+        }
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+
+    // The ConfigMap: read, found missing, created, and nothing else.
+    let requests = fake.requests();
+    assert_eq!(
+        configmap_requests(&fake, 0),
+        [
+            format!("GET /api/v1/namespaces/{NS}/configmaps/{CONFIGMAP}"),
+            format!("POST /api/v1/namespaces/{NS}/configmaps"),
+        ],
+        "requests:\n{}",
+        show(&requests)
+    );
+    let created = fake.writes(Kind::ConfigMap);
+    assert_eq!(created[0].content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        created[0].body,
+        r#"{"apiVersion":"v1","kind":"ConfigMap","data":{"tunnel-nodes":"10.96.0.7\tedge-1\n10.96.0.7\tedge-2\n192.168.0.10\tcloud-1\n47.1.1.2\tcloud-2\n"},"metadata":{"name":"edge-tunnel-nodes"}}"#
+    );
+
+    // The Service: one merge patch of its ports, never a create.
+    let service_writes = fake.writes(Kind::Service);
+    assert_eq!(
+        service_writes.len(),
+        1,
+        "one Service write:\n{}",
+        show(&service_writes)
+    );
+    let patch = &service_writes[0];
+    assert_eq!(patch.method, "PATCH");
+    assert_eq!(
+        patch.path_only(),
+        format!("/api/v1/namespaces/{NS}/services/{SERVICE}")
+    );
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    assert_eq!(patch.body, format!(r#"{{"spec":{{"ports":{desired}}}}}"#));
+    let stored = fake
+        .get(Kind::Service, Some(NS), SERVICE)
+        .expect("the Service");
+    assert_eq!(stored["spec"]["clusterIP"], SERVICE_IP, "{stored}");
+    assert_eq!(stored["spec"]["selector"]["app"], "edge-tunnel-server");
+
+    // A Node added through the watch: one patch with the new content.
+    let mark = fake.requests().len();
+    fake.apply(
+        Kind::Node,
+        node("cloud-3", false, &[("InternalIP", "192.168.0.11")]),
+    );
+    let want = "10.96.0.7\tedge-1\n10.96.0.7\tedge-2\n192.168.0.10\tcloud-1\n192.168.0.11\tcloud-3\n47.1.1.2\tcloud-2\n";
+    records_and_configmap_become(&cluster, &fake, want).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        configmap_requests(&fake, mark),
+        [
+            format!("GET /api/v1/namespaces/{NS}/configmaps/{CONFIGMAP}"),
+            format!("PATCH /api/v1/namespaces/{NS}/configmaps/{CONFIGMAP}"),
+        ]
+    );
+    let writes = fake.writes(Kind::ConfigMap);
+    assert_one_patch(&writes[1..], &records_patch(want));
+
+    // A cloud node labelled edge: its line moves to the Service's address.
+    let mut relabelled = fake
+        .get(Kind::Node, None, "cloud-1")
+        .expect("cloud-1 exists");
+    relabelled["metadata"]["labels"][EDGE_LABEL] = json!("true");
+    fake.apply(Kind::Node, relabelled);
+    let want = "10.96.0.7\tcloud-1\n10.96.0.7\tedge-1\n10.96.0.7\tedge-2\n192.168.0.11\tcloud-3\n47.1.1.2\tcloud-2\n";
+    records_and_configmap_become(&cluster, &fake, want).await;
+    tokio::time::sleep(QUIET).await;
+    let writes = fake.writes(Kind::ConfigMap);
+    assert_one_patch(&writes[2..], &records_patch(want));
+    assert_eq!(fake.writes(Kind::Service).len(), 1, "the ports were right");
+    let all = fake.requests();
+    assert!(
+        !all.iter()
+            .any(|r| r.method == "POST" && r.kind() == Some(Kind::Service)),
+        "the server never creates the Service:\n{}",
+        show(&all)
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_watch_is_resumed_from_its_resource_version() {
+    let fake = FakeKube::start().await.expect("the fake API server starts");
+    fake.apply(Kind::Node, node("edge-1", true, &[]));
+    fake.apply(
+        Kind::Node,
+        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
+    );
+    fake.apply(Kind::Service, service(stale_ports()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = server(&fake, dir.path(), |_| {}).await;
+    records_and_configmap_become(&cluster, &fake, "10.96.0.7\tedge-1\n192.168.0.10\tcloud-1\n")
+        .await;
+
+    let node_watches = |fake: &FakeKube| -> Vec<Recorded> {
+        fake.requests()
+            .into_iter()
+            .filter(|r| r.kind() == Some(Kind::Node) && r.is_watch())
+            .collect()
+    };
+    let before = eventually("the Nodes are watched", || {
+        let watches = node_watches(&fake);
+        if watches.is_empty() {
+            Err(show(&fake.requests()))
+        } else {
+            Ok(watches)
+        }
+    })
+    .await;
+    let revision = fake.revision();
+    let broken = fake.break_watches();
+    assert!(broken >= 2, "the Node and Service watches were open: {broken}");
+    // Changed before the watch is resumed: the server must get it from the resumed watch.
+    fake.apply(
+        Kind::Node,
+        node("cloud-2", false, &[("InternalIP", "192.168.0.20")]),
+    );
+    records_and_configmap_become(
+        &cluster,
+        &fake,
+        "10.96.0.7\tedge-1\n192.168.0.10\tcloud-1\n192.168.0.20\tcloud-2\n",
+    )
+    .await;
+
+    let after = node_watches(&fake);
+    let resumed = after.get(before.len()..).unwrap_or_default();
+    assert!(
+        !resumed.is_empty(),
+        "a new watch of the Nodes:\n{}",
+        show(&fake.requests())
+    );
+    let from: u64 = resumed[0]
+        .query("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .expect("the watch names a resource version");
+    assert!(
+        from > 0 && from <= revision,
+        "resumed from {from}, the revision before the change being {revision}"
+    );
+    let lists = fake
+        .requests()
+        .iter()
+        .filter(|r| r.kind() == Some(Kind::Node) && r.is_list())
+        .count();
+    assert_eq!(lists, 1, "a resumed watch needs no new list");
+    cluster.stop().await;
+}
+
+/// The IPv4 address the responder at `server` gives for `name` (one UDP query, no EDNS).
+async fn resolve(server: SocketAddr, name: &str) -> Option<IpAddr> {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(u8::try_from(label.len()).expect("a short label"));
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    socket.send_to(&query, server).await.ok()?;
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let answer = buf.get(..n)?;
+    // One answer, an A record: its data is the last four bytes.
+    let answers = u16::from_be_bytes([*answer.get(6)?, *answer.get(7)?]);
+    let rcode = answer.get(3)? & 0x0f;
+    if rcode != 0 || answers != 1 {
+        return None;
+    }
+    let data: [u8; 4] = answer.get(n.checked_sub(4)?..)?.try_into().ok()?;
+    Some(IpAddr::from(data))
+}
+
+fn watch_errors(text: &str) -> f64 {
+    metric_value(
+        text,
+        "edge_tunnel_server_kube_watch_errors_total",
+        &[("resource", "nodes")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_that_is_down_is_retried_with_backoff_while_the_records_stay() {
+    let mut fake = FakeKube::start().await.expect("the fake API server starts");
+    fake.apply(Kind::Node, node("edge-1", true, &[]));
+    fake.apply(
+        Kind::Node,
+        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
+    );
+    fake.apply(Kind::Service, service(stale_ports()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The responder forwards other names to a port where nothing answers: only node names
+    // are asked here.
+    let nowhere = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = nowhere.local_addr().expect("addr");
+    let cluster = server(&fake, dir.path(), |config| {
+        config.dns.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        config.dns.upstream = vec![upstream];
+    })
+    .await;
+    let responder = cluster.dns_addr.expect("the responder runs");
+    let want = "10.96.0.7\tedge-1\n192.168.0.10\tcloud-1\n";
+    records_and_configmap_become(&cluster, &fake, want).await;
+    let errors_before = watch_errors(&cluster.scrape().await);
+
+    fake.stop().await;
+    let down = Instant::now();
+    let text = cluster
+        .scrape_until("the watch errors count the failed tries", |text| {
+            watch_errors(text) >= errors_before + 2.0
+        })
+        .await;
+    assert!(watch_errors(&text) >= errors_before + 2.0);
+    // Changes while the API server is down, and a compaction: the server must list again.
+    fake.apply(
+        Kind::Node,
+        node("cloud-2", false, &[("InternalIP", "192.168.0.20")]),
+    );
+    fake.delete(Kind::Node, None, "edge-1");
+    fake.compact();
+    // Down for five seconds in all; the records stay, and the responder answers from them.
+    tokio::time::sleep_until(down + Duration::from_secs(5)).await;
+    assert_eq!(records(&cluster), want, "the last records stay published");
+    assert_eq!(
+        resolve(responder, "edge-1").await,
+        Some(SERVICE_IP.parse().expect("ip")),
+        "the responder answers from the last records"
+    );
+    let text = cluster.scrape().await;
+    let tries = watch_errors(&text) - errors_before;
+    let seconds = down.elapsed().as_secs_f64();
+    // With backoff from 0.8 s doubling (and jitter), five seconds hold three or four tries;
+    // a retry loop without backoff would make hundreds.
+    assert!(
+        tries <= 1.0 + seconds,
+        "{tries} failed tries of the Node watch in {seconds:.1} s: no backoff"
+    );
+
+    let mark = fake.requests().len();
+    fake.restart().await.expect("the fake API server starts again");
+    let want = "192.168.0.10\tcloud-1\n192.168.0.20\tcloud-2\n";
+    records_and_configmap_become(&cluster, &fake, want).await;
+    let since: Vec<Recorded> = fake.requests().split_off(mark);
+    let relisted = since
+        .iter()
+        .any(|r| r.kind() == Some(Kind::Node) && r.is_list());
+    assert!(
+        relisted,
+        "the Nodes are listed again after 410 Gone:\n{}",
+        show(&since)
+    );
+    assert_eq!(resolve(responder, "edge-1").await, None, "edge-1 is gone");
+    assert_eq!(
+        resolve(responder, "cloud-2").await,
+        Some("192.168.0.20".parse().expect("ip"))
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_nodes_make_one_write_and_a_batch_of_a_hundred_changes_one_more() {
+    let fake = FakeKube::start().await.expect("the fake API server starts");
+    let ip = |i: usize| format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256);
+    let mut want: Vec<String> = Vec::new();
+    for i in 0..5000 {
+        // Every third node is an edge node; the names are not in order of their lines.
+        let name = format!("node-{:04}", (i * 7919) % 5000);
+        if i % 3 == 0 {
+            fake.apply(Kind::Node, node(&name, true, &[("InternalIP", &ip(i))]));
+            want.push(format!("{SERVICE_IP}\t{name}\n"));
+        } else {
+            fake.apply(Kind::Node, node(&name, false, &[("InternalIP", &ip(i))]));
+            want.push(format!("{}\t{name}\n", ip(i)));
+        }
+    }
+    fake.apply(Kind::Service, service(stale_ports()));
+    want.sort();
+    let want = want.concat();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = server(&fake, dir.path(), |_| {}).await;
+    records_and_configmap_become(&cluster, &fake, &want).await;
+    tokio::time::sleep(QUIET).await;
+    let writes = fake.writes(Kind::ConfigMap);
+    assert_eq!(
+        writes.len(),
+        1,
+        "one write of 5,000 records: {:?}",
+        writes
+            .iter()
+            .map(|w| format!("{} {} bytes", w.method, w.body.len()))
+            .collect::<Vec<_>>()
+    );
+    let created: Value = serde_json::from_str(&writes[0].body).expect("JSON");
+    assert_eq!(created["data"]["tunnel-nodes"], want.as_str());
+    let lists = fake
+        .requests()
+        .iter()
+        .filter(|r| r.kind() == Some(Kind::Node) && r.is_list())
+        .count();
+    assert!(lists >= 10, "listed in pages of at most 500: {lists} pages");
+
+    // A hundred changes at once: fifty new cloud nodes, fifty edge nodes moved to the cloud.
+    let mut changed = Vec::new();
+    for i in 0..50 {
+        let name = format!("late-{i:02}");
+        changed.push(node(&name, false, &[("InternalIP", &format!("172.16.0.{i}"))]));
+    }
+    for i in (0..150).step_by(3) {
+        let name = format!("node-{:04}", (i * 7919) % 5000);
+        changed.push(node(&name, false, &[("InternalIP", &ip(i))]));
+    }
+    let mut lines: Vec<String> = want
+        .lines()
+        .filter(|line| {
+            let name = line.split('\t').nth(1).unwrap_or_default();
+            !changed.iter().any(|n| n["metadata"]["name"] == name)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    for n in &changed {
+        let name = n["metadata"]["name"].as_str().expect("a name");
+        let address = n["status"]["addresses"][0]["address"]
+            .as_str()
+            .expect("an address");
+        lines.push(format!("{address}\t{name}\n"));
+    }
+    lines.sort();
+    let want = lines.concat();
+    for n in changed {
+        fake.apply(Kind::Node, n);
+    }
+    records_and_configmap_become(&cluster, &fake, &want).await;
+    tokio::time::sleep(QUIET).await;
+    let writes = fake.writes(Kind::ConfigMap);
+    assert_eq!(
+        writes.len(),
+        2,
+        "one more write for the batch: {:?}",
+        writes
+            .iter()
+            .map(|w| format!("{} {} bytes", w.method, w.body.len()))
+            .collect::<Vec<_>>()
+    );
+    assert_one_patch(&writes[1..], &records_patch(&want));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_write_the_same_bytes_and_never_fight() {
+    let fake = FakeKube::start().await.expect("the fake API server starts");
+    fake.apply(Kind::Node, node("edge-1", true, &[]));
+    fake.apply(
+        Kind::Node,
+        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
+    );
+    fake.apply(Kind::Service, service(stale_ports()));
+    // A ConfigMap with stale records and a key of someone else's, which must stay.
+    fake.apply(
+        Kind::ConfigMap,
+        json!({
+            "metadata": { "name": CONFIGMAP, "namespace": NS },
+            "data": { "tunnel-nodes": "10.0.0.1\tgone\n", "Corefile.extra": "log\n" },
+        }),
+    );
+
+    // Two replicas of one Deployment: the same front ports, on two addresses.
+    let secure = free_port_on(&["127.0.0.1", "127.0.0.2"]);
+    let insecure = free_port_on(&["127.0.0.1", "127.0.0.2"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = server(&fake, dir.path(), |config| {
+        config.secure_port = secure;
+        config.insecure_port = insecure;
+    })
+    .await;
+    let mut config = TestCluster::server_config(&first.pki, KUBELET, KUBELET_READ_ONLY);
+    config.bind_address = "127.0.0.2".parse().expect("ip");
+    config.secure_port = secure;
+    config.insecure_port = insecure;
+    config.server_id = "test-server-2".into();
+    config.dns.kubernetes = Some(KubeSource::Kubeconfig(fake.kubeconfig(dir.path())));
+    let second = tunnel_server::Server::bind(config)
+        .await
+        .expect("the second server binds");
+    let second_records = second.dns_records().expect("the second server makes records");
+    let (stop_second, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(second.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let want = "10.96.0.7\tedge-1\n192.168.0.10\tcloud-1\n";
+    records_and_configmap_become(&first, &fake, want).await;
+    eventually("the second server publishes the same records", || {
+        let published = second_records.borrow().render();
+        if published == want {
+            Ok(())
+        } else {
+            Err(published)
+        }
+    })
+    .await;
+    let desired = ports_json(&[
+        (KUBELET, "https".into(), secure),
+        (KUBELET_READ_ONLY, "http".into(), insecure),
+    ]);
+    eventually("the Service's ports are set", || {
+        let ports = service_ports(&fake);
+        if ports.to_string() == desired {
+            Ok(())
+        } else {
+            Err(ports.to_string())
+        }
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    let configmap_writes = fake.writes(Kind::ConfigMap);
+    let service_writes = fake.writes(Kind::Service);
+    // Each replica writes at most once, and the same bytes.
+    assert!(
+        (1..=2).contains(&configmap_writes.len()),
+        "{}",
+        show(&configmap_writes)
+    );
+    for write in &configmap_writes {
+        assert_eq!(write.method, "PATCH", "{write}");
+        assert_eq!(write.body, records_patch(want), "{write}");
+    }
+    assert!(
+        (1..=2).contains(&service_writes.len()),
+        "{}",
+        show(&service_writes)
+    );
+    for write in &service_writes {
+        assert_eq!(
+            write.body,
+            format!(r#"{{"spec":{{"ports":{desired}}}}}"#),
+            "{write}"
+        );
+    }
+    let stored = fake
+        .get(Kind::ConfigMap, Some(NS), CONFIGMAP)
+        .expect("the ConfigMap");
+    assert_eq!(stored["data"]["Corefile.extra"], "log\n", "{stored}");
+
+    // Settled: neither writes again.
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        fake.writes(Kind::ConfigMap).len(),
+        configmap_writes.len(),
+        "{}",
+        show(&fake.writes(Kind::ConfigMap))
+    );
+    assert_eq!(
+        fake.writes(Kind::Service).len(),
+        service_writes.len(),
+        "{}",
+        show(&fake.writes(Kind::Service))
+    );
+
+    // A change: both see it, the ConfigMap gets the same bytes at most once from each.
+    fake.apply(
+        Kind::Node,
+        node("cloud-2", false, &[("ExternalIP", "47.1.1.2")]),
+    );
+    let want = "10.96.0.7\tedge-1\n192.168.0.10\tcloud-1\n47.1.1.2\tcloud-2\n";
+    records_and_configmap_become(&first, &fake, want).await;
+    tokio::time::sleep(QUIET).await;
+    let later = fake.writes(Kind::ConfigMap).split_off(configmap_writes.len());
+    assert!((1..=2).contains(&later.len()), "{}", show(&later));
+    for write in &later {
+        assert_eq!(write.body, records_patch(want), "{write}");
+    }
+    assert_eq!(second_records.borrow().render(), want);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        fake.writes(Kind::ConfigMap).len(),
+        configmap_writes.len() + later.len(),
+        "no write after the change settled"
+    );
+    assert_eq!(fake.writes(Kind::Service).len(), service_writes.len());
+
+    let _ = stop_second.send(());
+    second
+        .await
+        .expect("the second server's task")
+        .expect("the second server ran");
+    first.stop().await;
+}
