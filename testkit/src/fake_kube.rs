@@ -14,6 +14,10 @@
 //! DELETE /api/v1/namespaces/NS/services/NAME
 //! ```
 //!
+//! Not served, with a 4xx `Status` so that a test relying on them fails loudly: PUT, other
+//! patch types, label selectors, field selectors other than `metadata.name`, streaming lists
+//! (`sendInitialEvents`). No bookmarks are sent.
+//!
 //! Every change (through the API or [`FakeKube::apply`] / [`FakeKube::delete`]) takes the next
 //! resource version and goes into a bounded event log that watches replay from and follow.
 //! The test can break the open watches as a dropped connection would
@@ -504,14 +508,12 @@ impl Store {
     ) -> (Vec<Value>, Option<Key>) {
         let start = match after {
             Some(key) => Bound::Excluded(key.clone()),
-            None => Bound::Unbounded,
+            None => Bound::Included(Key::new(filter.kind, None, "")),
         };
         let mut items = Vec::new();
         let mut last = None;
-        for (key, object) in self.objects.range((start, Bound::Unbounded)) {
-            if key.kind != filter.kind {
-                continue;
-            }
+        let range = self.objects.range((start, Bound::Unbounded));
+        for (key, object) in range.take_while(|(key, _)| key.kind == filter.kind) {
             if !filter.matches(key) {
                 continue;
             }
@@ -935,6 +937,11 @@ fn watch(
     query: &BTreeMap<String, String>,
 ) -> Result<Response<Body>, Failure> {
     let filter = filter_of(target, query)?;
+    if query.get("sendInitialEvents").is_some_and(|v| v == "true") {
+        return Err(Failure::bad_request(
+            "the fake API server does not support streaming lists (sendInitialEvents)".into(),
+        ));
+    }
     let from =
         match query.get("resourceVersion").map(String::as_str) {
             None | Some("" | "0") => None,

@@ -9,9 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -38,6 +38,9 @@ const WRITE_INTERVAL: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(200);
 /// How often the ConfigMap is read again while the records do not change.
 const RESYNC: Duration = Duration::from_secs(60);
+/// How long after writing the Service's ports a different set there counts as someone
+/// undoing them (rather than a change of their own).
+const CONTEST_MEMORY: Duration = Duration::from_secs(60);
 /// Longest wait between two tries of a failed write.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How long connecting to the API server may take.
@@ -250,6 +253,29 @@ pub(crate) struct NodeSource {
     pub(crate) seen_service: watch::Sender<Option<SeenService>>,
 }
 
+/// Events taken at most before the records are made again: a burst becomes one publish, and a
+/// flood still lets the records out now and then.
+const MAX_BATCH: usize = 4096;
+
+/// What the watchers have seen so far.
+#[derive(Debug, Default)]
+struct Watched {
+    /// The Nodes in force.
+    live: BTreeMap<String, NodeEntry>,
+    /// A re-list of the Nodes in progress: the live map stays in force until it is complete.
+    relist: Option<BTreeMap<String, NodeEntry>>,
+    /// Whether the Nodes have been listed once.
+    nodes_listed: bool,
+    /// The Service's last ClusterIP; kept when the Service goes away.
+    service_ip: Option<IpAddr>,
+    /// A re-list of the Service in progress: what it found so far.
+    service_relist: Option<Option<SeenService>>,
+    /// Whether the Service has been listed once.
+    service_listed: bool,
+    /// Whether the Service exists, as last seen (to warn once when it goes).
+    service_exists: bool,
+}
+
 impl NodeSource {
     /// Watches Nodes and the tunnel Service and publishes the records, until `stop`. The
     /// first records go out once the Nodes are listed and the edge address is known; after
@@ -258,6 +284,8 @@ impl NodeSource {
         let nodes_api: Api<Node> = Api::all(self.client.clone());
         let services_api: Api<Service> =
             Api::namespaced(self.client.clone(), &self.service.namespace);
+        // client-go's backoff (0.8 s doubling to 30 s): kind to an API server that struggles;
+        // the last records stay in force meanwhile.
         let mut nodes = watcher::watcher(nodes_api, watcher::Config::default())
             .default_backoff()
             .boxed();
@@ -271,52 +299,51 @@ impl NodeSource {
                 .absolute(0);
         }
 
-        let mut live: BTreeMap<String, NodeEntry> = BTreeMap::new();
-        // A re-list in progress: the live map stays in force until it is complete.
-        let mut relist: Option<BTreeMap<String, NodeEntry>> = None;
-        let mut listed = false;
-        let mut service: Option<SeenService> = None;
+        let mut watched = Watched::default();
         let mut invalid = InvalidNames::default();
         let mut first = true;
         let mut said_no_ip = false;
         loop {
-            let changed = tokio::select! {
-                event = nodes.next() => match event {
-                    Some(Ok(event)) => self.node_event(event, &mut live, &mut relist, &mut listed),
-                    Some(Err(error)) => {
-                        metrics::counter!("edge_tunnel_server_kube_watch_errors_total", "resource" => "nodes").increment(1);
-                        warn!(%error, "watching Nodes failed; keeping the last records and retrying with backoff");
-                        false
-                    }
-                    None => return,
-                },
-                event = services.next() => match event {
-                    Some(Ok(event)) => self.service_event(event, &mut service),
-                    Some(Err(error)) => {
-                        metrics::counter!("edge_tunnel_server_kube_watch_errors_total", "resource" => "services").increment(1);
-                        warn!(%error, service = %self.service, "watching the tunnel Service failed; retrying with backoff");
-                        false
-                    }
-                    None => return,
-                },
+            let item = tokio::select! {
+                item = nodes.next() => Item::Node(item),
+                item = services.next() => Item::Service(item),
                 () = stopped(&mut stop) => return,
             };
-            if !changed || !listed {
+            let Some(mut changed) = self.take(item, &mut watched) else {
+                return;
+            };
+            // Every event already waiting goes in before the records are made again.
+            for _ in 0..MAX_BATCH {
+                let item = match (nodes.next().now_or_never(), services.next().now_or_never()) {
+                    (None, None) => break,
+                    (Some(node), None) => Item::Node(node),
+                    (None, Some(service)) => Item::Service(service),
+                    (Some(node), Some(service)) => {
+                        let Some(c) = self.take(Item::Service(service), &mut watched) else {
+                            return;
+                        };
+                        changed |= c;
+                        Item::Node(node)
+                    }
+                };
+                let Some(c) = self.take(item, &mut watched) else {
+                    return;
+                };
+                changed |= c;
+            }
+            if !changed || !watched.nodes_listed {
                 continue;
             }
-            let Some(edge_ip) = self
-                .service_ip
-                .or_else(|| service.as_ref().and_then(|s| s.cluster_ip))
-            else {
-                if !said_no_ip {
-                    warn!(service = %self.service, "the tunnel Service has no ClusterIP yet; edge node records wait for it (or give --tunnel-service-ip)");
+            let Some(edge_ip) = self.service_ip.or(watched.service_ip) else {
+                if watched.service_listed && !said_no_ip {
+                    warn!(service = %self.service, "the tunnel Service has no ClusterIP; edge node records wait for one (or give --tunnel-service-ip)");
                     said_no_ip = true;
                 }
                 continue;
             };
             said_no_ip = false;
             let mut records = NodeRecords::new();
-            for (name, entry) in &live {
+            for (name, entry) in &watched.live {
                 let ok = if entry.edge {
                     records.insert(name, edge_ip)
                 } else {
@@ -327,74 +354,112 @@ impl NodeSource {
                 }
             }
             if first {
-                info!(nodes = live.len(), edge = live.values().filter(|e| e.edge).count(), %edge_ip, "node records made from the cluster");
+                let edge = watched.live.values().filter(|e| e.edge).count();
+                info!(nodes = watched.live.len(), edge, %edge_ip, "node records made from the cluster");
             }
             dns::publish(&self.records, records, first);
             first = false;
         }
     }
 
+    /// Takes one item of either watcher; whether the records may have changed, `None` when
+    /// a watcher ended (it never does on its own: the task is being torn down).
+    fn take(&self, item: Item, watched: &mut Watched) -> Option<bool> {
+        let (resource, result) = match item {
+            Item::Node(None) | Item::Service(None) => return None,
+            Item::Node(Some(Ok(event))) => return Some(self.node_event(event, watched)),
+            Item::Service(Some(Ok(event))) => return Some(self.service_event(event, watched)),
+            Item::Node(Some(Err(error))) => ("nodes", error),
+            Item::Service(Some(Err(error))) => ("services", error),
+        };
+        metrics::counter!("edge_tunnel_server_kube_watch_errors_total", "resource" => resource)
+            .increment(1);
+        warn!(error = %result, resource, "watching the Kubernetes API failed; keeping the last records and retrying with backoff");
+        Some(false)
+    }
+
     /// Applies one Node event; whether the live map changed.
-    fn node_event(
-        &self,
-        event: Event<Node>,
-        live: &mut BTreeMap<String, NodeEntry>,
-        relist: &mut Option<BTreeMap<String, NodeEntry>>,
-        listed: &mut bool,
-    ) -> bool {
+    fn node_event(&self, event: Event<Node>, watched: &mut Watched) -> bool {
         let name_of = |node: &Node| node.metadata.name.clone().unwrap_or_default();
         match event {
             Event::Init => {
-                *relist = Some(BTreeMap::new());
+                watched.relist = Some(BTreeMap::new());
                 false
             }
             Event::InitApply(node) => {
                 let entry = NodeEntry::of(&node, &self.selector);
-                relist
+                watched
+                    .relist
                     .get_or_insert_with(BTreeMap::new)
                     .insert(name_of(&node), entry);
                 false
             }
             Event::InitDone => {
-                let fresh = relist.take().unwrap_or_default();
+                let fresh = watched.relist.take().unwrap_or_default();
                 debug!(nodes = fresh.len(), "Nodes listed");
-                let changed = !*listed || *live != fresh;
-                *live = fresh;
-                *listed = true;
+                let changed = !watched.nodes_listed || watched.live != fresh;
+                watched.live = fresh;
+                watched.nodes_listed = true;
                 changed
             }
             Event::Apply(node) => {
                 let entry = NodeEntry::of(&node, &self.selector);
                 let name = name_of(&node);
-                if live.get(&name) == Some(&entry) {
+                if watched.live.get(&name) == Some(&entry) {
                     return false;
                 }
-                live.insert(name, entry);
+                watched.live.insert(name, entry);
                 true
             }
-            Event::Delete(node) => live.remove(&name_of(&node)).is_some(),
+            Event::Delete(node) => watched.live.remove(&name_of(&node)).is_some(),
         }
     }
 
-    /// Applies one Service event; whether the edge address may have changed.
-    fn service_event(&self, event: Event<Service>, service: &mut Option<SeenService>) -> bool {
+    /// Applies one Service event; whether the edge address changed.
+    fn service_event(&self, event: Event<Service>, watched: &mut Watched) -> bool {
+        let first_list = !watched.service_listed;
         let seen = match event {
-            Event::Apply(s) | Event::InitApply(s) => Some(SeenService::of(&s)),
+            Event::Init => {
+                watched.service_relist = Some(None);
+                return false;
+            }
+            Event::InitApply(service) => {
+                watched.service_relist = Some(Some(SeenService::of(&service)));
+                return false;
+            }
+            // An empty list: no such Service (any more).
+            Event::InitDone => {
+                watched.service_listed = true;
+                watched.service_relist.take().flatten()
+            }
+            Event::Apply(service) => Some(SeenService::of(&service)),
             Event::Delete(_) => None,
-            // An empty list (no such Service) shows as Init then InitDone.
-            Event::Init => return false,
-            Event::InitDone => service.clone(),
         };
-        if seen.is_none() {
+        if seen.is_none() && (watched.service_exists || first_list) {
             warn!(service = %self.service, "the tunnel Service does not exist: create it (examples/k8s/services.yaml); edge records keep their last address");
         }
-        self.seen_service.send_replace(seen.clone());
-        let changed = service.as_ref().map(|s| s.cluster_ip) != seen.as_ref().map(|s| s.cluster_ip);
-        if seen.is_some() {
-            *service = seen;
+        watched.service_exists = seen.is_some();
+        // Only a change wakes the ports' keeper: a re-list that finds the same Service is none.
+        self.seen_service.send_if_modified(|current| {
+            let modified = *current != seen;
+            if modified {
+                current.clone_from(&seen);
+            }
+            modified
+        });
+        let ip = seen.and_then(|s| s.cluster_ip);
+        if ip.is_none() || ip == watched.service_ip {
+            return false;
         }
-        changed
+        watched.service_ip = ip;
+        true
     }
+}
+
+/// One item of either watcher.
+enum Item {
+    Node(Option<Result<Event<Node>, watcher::Error>>),
+    Service(Option<Result<Event<Service>, watcher::Error>>),
 }
 
 impl SeenService {
@@ -532,18 +597,51 @@ pub(crate) async fn keep_service_ports(
     mut stop: watch::Receiver<bool>,
 ) {
     let api: Api<Service> = Api::namespaced(client, &service.namespace);
-    for result in ["written", "error"] {
+    for result in ["written", "error", "contested"] {
         metrics::counter!("edge_tunnel_server_kube_service_port_writes_total", "result" => result)
             .absolute(0);
     }
     let mut retry = dns::RETRY;
+    // The ports this replica last wrote, and when.
+    let mut last: Option<(Vec<ServicePort>, Instant)> = None;
+    // How long to wait before writing again ports that someone undid; grows while it goes on.
+    let mut pause = Duration::ZERO;
     loop {
         let ours = desired_ports(&config.borrow_and_update(), fronts);
         let current = seen.borrow_and_update().as_ref().map(|s| s.ports.clone());
-        if let Some(current) = current
-            && let desired = with_foreign_ports(ours, &current)
-            && current != desired
-        {
+        let Some(current) = current else {
+            tokio::select! {
+                changed = seen.changed() => if changed.is_err() { return },
+                changed = config.changed() => if changed.is_err() { return },
+                () = stopped(&mut stop) => return,
+            }
+            continue;
+        };
+        let desired = with_foreign_ports(ours, &current);
+        if current != desired {
+            if let Some((ports, at)) = &last
+                && *ports == desired
+                && at.elapsed() < CONTEST_MEMORY
+            {
+                // These ports were written here and the Service has others again: a replica
+                // whose port configuration differs (it has not read a changed ConfigMap
+                // yet) wrote its own. Taking turns at once would rewrite the Service as fast
+                // as the API allows; wait longer each time until the replicas agree.
+                pause = (pause * 2).clamp(dns::RETRY, MAX_RETRY);
+                metrics::counter!("edge_tunnel_server_kube_service_port_writes_total", "result" => "contested").increment(1);
+                warn!(%service, ?pause, "another writer keeps changing the tunnel Service's ports (a replica with another port configuration?); writing them again after a pause");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    changed = config.changed() => {
+                        if changed.is_err() { return }
+                        pause = Duration::ZERO;
+                    }
+                    () = stopped(&mut stop) => return,
+                }
+                // Look again: the other writer may agree by now.
+                last = None;
+                continue;
+            }
             let ports: Vec<_> = desired.iter().map(ServicePort::to_json).collect();
             let patch = json!({ "spec": { "ports": ports } });
             match api
@@ -556,12 +654,13 @@ pub(crate) async fn keep_service_ports(
             {
                 Ok(_) => {
                     metrics::counter!("edge_tunnel_server_kube_service_port_writes_total", "result" => "written").increment(1);
-                    let ports: Vec<String> = desired
+                    let shown: Vec<String> = desired
                         .iter()
                         .map(|p| format!("{}→{:?}", p.port, p.target_port))
                         .collect();
-                    info!(%service, ports = %ports.join(","), "tunnel Service ports set");
+                    info!(%service, ports = %shown.join(","), "tunnel Service ports set");
                     retry = dns::RETRY;
+                    last = Some((desired, Instant::now()));
                 }
                 Err(error) => {
                     metrics::counter!("edge_tunnel_server_kube_service_port_writes_total", "result" => "error").increment(1);
@@ -574,10 +673,18 @@ pub(crate) async fn keep_service_ports(
                     continue;
                 }
             }
+        } else if last
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= CONTEST_MEMORY)
+        {
+            pause = Duration::ZERO;
         }
         tokio::select! {
             changed = seen.changed() => if changed.is_err() { return },
-            changed = config.changed() => if changed.is_err() { return },
+            changed = config.changed() => {
+                if changed.is_err() { return }
+                pause = Duration::ZERO;
+            }
             () = stopped(&mut stop) => return,
         }
     }
