@@ -457,6 +457,9 @@ impl NodeSource {
 }
 
 /// One item of either watcher.
+// One lives on the stack for one turn of the loop; boxing it would cost an allocation per
+// event for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     Node(Option<Result<Event<Node>, watcher::Error>>),
     Service(Option<Result<Event<Service>, watcher::Error>>),
