@@ -261,7 +261,7 @@ impl FakeKube {
             .cloned()
     }
 
-    /// Every request received so far (or the last [`MAX_RECORDED`]), in order.
+    /// Every request received so far (or the last 100,000), in order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.requests().iter().cloned().collect()
     }
