@@ -578,15 +578,22 @@ async fn an_api_server_that_is_down_is_retried_with_backoff_while_the_records_st
         "{tries} failed tries of the Node watch in {seconds:.1} s: no backoff"
     );
 
+    println!("figure: {tries} failed tries of the Node watch in {seconds:.1} s down");
+
     let mark = fake.requests().len();
     fake.restart()
         .await
         .expect("the fake API server starts again");
+    let up = Instant::now();
     let want = "192.168.0.10\tcloud-1\n192.168.0.20\tcloud-2\n";
     // The watcher's next try comes after its backoff (0.8 s doubling, with jitter, up to
     // 30 s); its watch then gets 410 Gone, an error too, and the list follows one more
     // backoff later: after five seconds down, that can take some twenty seconds.
     records_and_configmap_become_within(RECOVERY, &cluster, &fake, want).await;
+    println!(
+        "figure: records and ConfigMap follow the API server {:?} after it is back",
+        up.elapsed()
+    );
     let since: Vec<Recorded> = fake.requests().split_off(mark);
     let relisted = since
         .iter()
