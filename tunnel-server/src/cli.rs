@@ -267,3 +267,68 @@ impl ServeArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn dns(args: &[&str], in_pod: bool) -> Result<DnsConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("tunnel-server").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.serve.dns.into_config(in_pod)
+    }
+
+    #[test]
+    fn kubernetes_is_the_kubeconfig_the_pod_or_nothing() {
+        assert_eq!(dns(&[], false).unwrap().kubernetes, None);
+        assert_eq!(
+            dns(&[], true).unwrap().kubernetes,
+            Some(KubeSource::InCluster)
+        );
+        assert_eq!(
+            dns(&["--kubeconfig", "/k"], true).unwrap().kubernetes,
+            Some(KubeSource::Kubeconfig("/k".into()))
+        );
+        assert_eq!(
+            dns(&["--kubernetes", "off"], true).unwrap().kubernetes,
+            None
+        );
+        assert!(dns(&["--kubernetes", "off", "--kubeconfig", "/k"], false).is_err());
+    }
+
+    #[test]
+    fn dns_flags_parse() {
+        let config = dns(
+            &[
+                "--dns-upstream",
+                "127.0.0.53,10.0.0.10:5353",
+                "--dns-upstream",
+                "::1",
+                "--dns-configmap",
+                "",
+                "--tunnel-service",
+                "edge/tunnel",
+            ],
+            false,
+        )
+        .unwrap();
+        let upstream: Vec<String> = config.upstream.iter().map(ToString::to_string).collect();
+        assert_eq!(upstream, ["127.0.0.53:53", "10.0.0.10:5353", "[::1]:53"]);
+        assert_eq!(config.configmap, None);
+        assert_eq!(config.tunnel_service.to_string(), "edge/tunnel");
+        let default = dns(&[], false).unwrap();
+        assert_eq!(
+            default.configmap.map(|c| c.to_string()).as_deref(),
+            Some("kube-system/edge-tunnel-nodes")
+        );
+        for bad in [
+            &["--dns-upstream", "resolver"][..],
+            &["--tunnel-service", "no-namespace"],
+            &["--dns-configmap", "Kube_System/x"],
+        ] {
+            assert!(dns(bad, false).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -53,7 +53,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 #[non_exhaustive]
 pub enum ClusterError {
     /// Not in a pod, or the pod's service account is not mounted.
-    #[error("in-cluster Kubernetes configuration: {0}")]
+    #[error(
+        "in-cluster Kubernetes configuration (KUBERNETES_SERVICE_HOST is set; --kubernetes=off goes without): {0}"
+    )]
     InCluster(#[source] kube::config::InClusterError),
     /// The kubeconfig cannot be read or used.
     #[error("kubeconfig {path}: {source}")]
