@@ -294,3 +294,51 @@ impl ServerConfig {
         SocketAddr::new(self.bind_address, port)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_certs() -> ServerConfig {
+        ServerConfig {
+            tls_cert_file: Some("s.crt".into()),
+            tls_private_key_file: Some("s.key".into()),
+            client_ca_file: Some("ca.crt".into()),
+            ..ServerConfig::default()
+        }
+    }
+
+    fn invalid(config: &ServerConfig) -> Option<&'static str> {
+        match config.validate() {
+            Err(ConfigError::Invalid { what, .. }) => Some(what),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn dns_records_need_an_address_for_edge_nodes() {
+        let mut config = with_certs();
+        assert_eq!(invalid(&config), None, "no sink, nothing needed");
+        config.dns.hosts_file = Some("/run/tunnel-nodes".into());
+        assert_eq!(invalid(&config), Some("DNS records"));
+        config.dns.tunnel_service_ip = Some("10.96.0.7".parse().unwrap());
+        assert_eq!(invalid(&config), None);
+        config.dns.tunnel_service_ip = None;
+        config.dns.kubernetes = Some(KubeSource::InCluster);
+        assert_eq!(invalid(&config), None, "the Service's ClusterIP");
+        config.dns.edge_node_selector = "a=b=c".into();
+        assert_eq!(invalid(&config), Some("--edge-node-selector"));
+    }
+
+    #[test]
+    fn object_names_are_namespace_slash_name() {
+        let name: ObjectName = "kube-system/edge-tunnel-nodes".parse().unwrap();
+        assert_eq!(
+            (name.namespace.as_str(), name.name.as_str()),
+            ("kube-system", "edge-tunnel-nodes")
+        );
+        for bad in ["edge-tunnel-nodes", "/x", "x/", "a/b/c", "Kube/x"] {
+            assert!(bad.parse::<ObjectName>().is_err(), "{bad}");
+        }
+    }
+}
