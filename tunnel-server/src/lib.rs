@@ -7,7 +7,11 @@
 //!   its kubelet (10250). TLS is never terminated.
 //! * **10264, HTTP**: the Host header, an absolute-form target or `CONNECT host:port` names the
 //!   node (by name, or by an IP from its agent's certificate) and the port (default 10255).
-//! * **10265, meta** (loopback): `/healthz`, `/readyz`, `/metrics`.
+//! * **10265, meta** (loopback): `/healthz`, `/readyz`, `/metrics`, `/config`, `/dns`.
+//!
+//! Cluster DNS ([`dns`], [`cluster`]): the node records (edge node names → the tunnel
+//! Service) made from the Kubernetes Nodes or the connected agents, written to the ConfigMap
+//! CoreDNS reads, a hosts file, and answered by an embedded DNS responder.
 //!
 //! [`run`] serves until its shutdown future resolves, then drains: go-away to every agent, no
 //! new client connections, open streams may finish within the drain timeout.
@@ -90,86 +94,7 @@ pub struct Server {
     https_proxies: BTreeMap<u16, TcpListener>,
     egress: Egress,
     meta: Option<TcpListener>,
-    dns: DnsParts,
-}
-
-/// Cluster DNS, ready to run: the records' channel, the API client, the bound responder.
-#[derive(Default)]
-struct DnsParts {
-    records: Option<(watch::Sender<Arc<dns::NodeRecords>>, dns::RecordsRx)>,
-    kube: Option<kube::Client>,
-    responder: Option<dns::DnsServer>,
-}
-
-impl std::fmt::Debug for DnsParts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DnsParts")
-            .field("records", &self.records.is_some())
-            .field("kube", &self.kube.is_some())
-            .field("responder", &self.responder)
-            .finish()
-    }
-}
-
-/// Makes the API client, the records' channel and the responder the configuration asks for.
-async fn prepare_dns(config: &ServerConfig) -> Result<DnsParts, ServerError> {
-    let dns = &config.dns;
-    let kube = match &dns.kubernetes {
-        Some(source) => Some(cluster::client(source).await?),
-        None => None,
-    };
-    let mut parts = DnsParts {
-        kube,
-        ..DnsParts::default()
-    };
-    if parts.kube.is_none() && !dns.has_sink() {
-        return Ok(parts);
-    }
-    let (tx, rx) = dns::channel();
-    if let Some(addr) = dns.listen {
-        let upstream = match dns.upstream.as_slice() {
-            [] => system_nameservers()?,
-            given => given.to_vec(),
-        };
-        let responder = dns::Responder::new(rx.clone(), &upstream)?;
-        let server = dns::DnsServer::bind(addr, responder).await?;
-        // Forwarding to ourselves would loop until the forwards ran out.
-        if upstream.contains(&server.local_addr()) {
-            server.stop().await;
-            return Err(dns::ResponderError::Upstream(format!(
-                "the upstream {addr} is the responder itself"
-            ))
-            .into());
-        }
-        info!(addr = %server.local_addr(), upstream = ?upstream, "DNS responder listening");
-        parts.responder = Some(server);
-    }
-    parts.records = Some((tx, rx));
-    Ok(parts)
-}
-
-/// The nameservers of `/etc/resolv.conf`, port 53 unless it says otherwise.
-fn system_nameservers() -> Result<Vec<SocketAddr>, ServerError> {
-    let (resolver, _) = hickory_resolver::system_conf::read_system_conf().map_err(|e| {
-        dns::ResponderError::Upstream(format!(
-            "no --dns-upstream, and /etc/resolv.conf cannot be read: {e}"
-        ))
-    })?;
-    let mut upstream: Vec<SocketAddr> = Vec::new();
-    for server in resolver.name_servers() {
-        let port = server.connections.first().map_or(53, |c| c.port);
-        let addr = SocketAddr::new(server.ip, port);
-        if !upstream.contains(&addr) {
-            upstream.push(addr);
-        }
-    }
-    if upstream.is_empty() {
-        return Err(dns::ResponderError::Upstream(
-            "no --dns-upstream, and /etc/resolv.conf names no nameserver".into(),
-        )
-        .into());
-    }
-    Ok(upstream)
+    dns: dns::Setup,
 }
 
 /// The egress front's listeners, when configured.
@@ -371,7 +296,7 @@ impl Server {
                 source,
             })?;
         let egress = bind_egress(&config, &files.ca).await?;
-        let dns = prepare_dns(&config).await?;
+        let dns = dns::Setup::prepare(&config).await?;
         let meta = Some(
             bind_tcp(
                 "--meta-port",
@@ -435,13 +360,13 @@ impl Server {
 
     /// The embedded DNS responder's address (UDP and TCP), when it runs.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
-        self.dns.responder.as_ref().map(dns::DnsServer::local_addr)
+        self.dns.addr()
     }
 
     /// Follows the node records as published (what every DNS sink writes), when there are
     /// any.
     pub fn dns_records(&self) -> Option<dns::RecordsRx> {
-        self.dns.records.as_ref().map(|(_, rx)| rx.clone())
+        self.dns.records()
     }
 
     /// The agent registry (to watch agents come and go).
@@ -463,7 +388,7 @@ impl Server {
             https_proxies,
             egress,
             meta,
-            dns: dns_parts,
+            dns: dns_setup,
         } = self;
         // Stop: drain (no new agents or clients). Cut: the drain is over, end what is left.
         let (stop_tx, stop) = watch::channel(false);
@@ -564,38 +489,8 @@ impl Server {
                 stop.clone(),
             ));
         }
-        let DnsParts {
-            records,
-            kube,
-            responder,
-        } = dns_parts;
-        let dns_page = records.as_ref().map(|(_, rx)| MetaPage {
-            path: "/dns",
-            render: {
-                let rx = rx.clone();
-                let source = if kube.is_some() {
-                    "kubernetes"
-                } else {
-                    "agents"
-                };
-                Arc::new(move || dns::page(source, &rx.borrow()))
-            },
-        });
-        if let Some((records_tx, records_rx)) = records {
-            spawn_dns(
-                &mut tasks,
-                &config,
-                DnsRun {
-                    records_tx,
-                    records_rx,
-                    kube,
-                    ports: ports.clone(),
-                    fronts: front_ports,
-                },
-                &registry,
-                &stop,
-            );
-        }
+        let (dns_page, responder) =
+            dns_setup.start(&mut tasks, &config, &registry, &ports, front_ports, &stop);
         // The meta server outlives the drain so that probes and scrapes see it.
         let meta = meta.map(|listener| {
             MetaServer::spawn(
@@ -648,84 +543,6 @@ impl Server {
         }
         info!("tunnel server stopped");
         Ok(())
-    }
-}
-
-/// What the DNS tasks need from [`Server::run`].
-struct DnsRun {
-    records_tx: watch::Sender<Arc<dns::NodeRecords>>,
-    records_rx: dns::RecordsRx,
-    kube: Option<kube::Client>,
-    ports: Arc<ports::Ports>,
-    fronts: cluster::FrontPorts,
-}
-
-/// Starts the records' source and sinks on `tasks`; they end at `stop` (the drain's start:
-/// the records written so far stay where they are).
-fn spawn_dns(
-    tasks: &mut JoinSet<()>,
-    config: &ServerConfig,
-    run: DnsRun,
-    registry: &Arc<Registry>,
-    stop: &watch::Receiver<bool>,
-) {
-    let dns = &config.dns;
-    match &run.kube {
-        Some(client) => {
-            let selector = match cluster::parse_selector(&dns.edge_node_selector) {
-                Ok(selector) => selector,
-                // validate() has parsed it already.
-                Err(e) => {
-                    warn!(error = %e.0, "--edge-node-selector");
-                    return;
-                }
-            };
-            let (seen_tx, seen_rx) = watch::channel(None);
-            let source = cluster::NodeSource {
-                client: client.clone(),
-                selector,
-                service: dns.tunnel_service.clone(),
-                service_ip: dns.tunnel_service_ip,
-                records: run.records_tx,
-                seen_service: seen_tx,
-            };
-            tasks.spawn(source.run(stop.clone()));
-            tasks.spawn(cluster::keep_service_ports(
-                client.clone(),
-                dns.tunnel_service.clone(),
-                run.fronts,
-                seen_rx,
-                run.ports.subscribe(),
-                stop.clone(),
-            ));
-            if let Some(configmap) = &dns.configmap {
-                tasks.spawn(cluster::write_configmap(
-                    client.clone(),
-                    configmap.clone(),
-                    run.records_rx.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
-        None => {
-            // validate() requires the address without a cluster.
-            let Some(ip) = dns.tunnel_service_ip else {
-                return;
-            };
-            tasks.spawn(dns::follow_agents(
-                registry.clone(),
-                ip,
-                run.records_tx,
-                stop.clone(),
-            ));
-        }
-    }
-    if let Some(path) = &dns.hosts_file {
-        tasks.spawn(dns::write_hosts_file(
-            path.clone(),
-            run.records_rx,
-            stop.clone(),
-        ));
     }
 }
 

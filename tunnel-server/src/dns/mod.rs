@@ -9,6 +9,7 @@
 
 pub mod records;
 pub mod responder;
+mod setup;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 
 pub use records::{NodeRecords, is_dns1123_subdomain};
 pub use responder::{DnsServer, NODE_TTL, Responder, ResponderError};
+pub(crate) use setup::Setup;
 
 use crate::registry::{AgentLink, Registry};
 use crate::stopped;
