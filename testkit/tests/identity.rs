@@ -331,3 +331,45 @@ fn expired_agent_certificate(pki: &TestPki, node: &str) -> (String, String) {
     let cert = params.signed_by(&key, &issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_certificate_never_registers_as_a_node() {
+    // The server certificate of `pki init` carries client authentication and the replica mark,
+    // so that replicas can authenticate to each other with it. Its DNS SAN (`localhost`) must
+    // still never make it an agent of a node of that name.
+    let pki = TestPki::new(&[("node-a", &[])]);
+    let cluster = TestCluster::start(pki, 10250, 10255).await;
+    let ca = read(&cluster.pki.tunnel.ca_cert);
+    let register = proto::Register {
+        node_name: "localhost".into(),
+        ..Default::default()
+    };
+    for transport in [TransportChoice::Quic, TransportChoice::Grpc] {
+        let replica = tunnel_core::Identity::from_pem(
+            &read(&cluster.pki.tunnel.server_cert),
+            &read(&cluster.pki.tunnel.server_key),
+        )
+        .unwrap();
+        let connector = Connector::new(
+            client_tls(&ca, Some(replica)),
+            SessionConfig::default(),
+            transport,
+        )
+        .unwrap();
+        let err = connector
+            .connect(cluster.tunnel_addr, "localhost", register.clone())
+            .await
+            .expect_err("a replica's certificate registers as no node");
+        assert!(!err.to_string().is_empty(), "{transport:?}");
+    }
+    assert!(cluster.registry.is_empty());
+    let metrics = cluster.scrape().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "edge_tunnel_server_handshakes_total",
+            &[("result", "rejected"), ("cause", "refused")]
+        ) >= 2.0,
+        "{metrics}"
+    );
+}

@@ -139,6 +139,30 @@ impl Validity {
     }
 }
 
+/// The URI SAN that marks a replica's certificate: `tunnel-server pki init` writes it, with
+/// both server and client authentication, into the server certificate, so that a replica's
+/// serving certificate is also its identity towards the other replicas. A certificate that
+/// carries it is never an agent's ([`AgentIdentity::from_certificate`] refuses it), and only
+/// such a certificate is a replica's.
+pub const REPLICA_URI: &str = "urn:edge-tunnel:replica";
+
+/// Whether `der`, a verified certificate, carries the replica mark ([`REPLICA_URI`]).
+pub fn is_replica_certificate(der: &CertificateDer<'_>) -> Result<bool, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparseable)?;
+    Ok(cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|name| matches!(name, GeneralName::URI(uri) if *uri == REPLICA_URI))
+        }))
+}
+
 /// Who an agent is, taken from its verified certificate: nothing else decides it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AgentIdentity {
@@ -176,6 +200,9 @@ pub enum IdentityError {
     /// A `system:node:` CN without the `system:nodes` organisation.
     #[error("CN system:node:… without O=system:nodes is not a node certificate")]
     NotANodeCertificate,
+    /// A replica's certificate ([`REPLICA_URI`]): it never names a node.
+    #[error("a replica's certificate (URI SAN {REPLICA_URI}) cannot serve as a node's")]
+    ReplicaCertificate,
 }
 
 impl AgentIdentity {
@@ -189,6 +216,9 @@ impl AgentIdentity {
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {
+                    GeneralName::URI(uri) if *uri == REPLICA_URI => {
+                        return Err(IdentityError::ReplicaCertificate);
+                    }
                     GeneralName::DNSName(d) if dns.is_none() => dns = Some((*d).to_owned()),
                     GeneralName::IPAddress(b) => {
                         if let Ok(v4) = <[u8; 4]>::try_from(*b) {

@@ -173,7 +173,15 @@ pub fn init(req: &PkiRequest) -> Result<PkiFiles, PkiError> {
             Err(_) => Ok(SanType::DnsName(s.clone().try_into()?)),
         })
         .collect::<Result<_, rcgen::Error>>()?;
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // A replica's serving certificate is also its identity towards the other replicas: the
+    // mark, and client authentication for the links it dials to them.
+    server
+        .subject_alt_names
+        .push(SanType::URI(tunnel_core::tls::REPLICA_URI.try_into()?));
+    server.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     validity(&mut server, req.validity_days);
     let server_cert = server.signed_by(&server_key, &issuer)?;
     write(&files.server_cert, &server_cert.pem(), false)?;
@@ -226,6 +234,16 @@ mod tests {
         let id = tunnel_core::AgentIdentity::from_certificate(&chain[0]).unwrap();
         assert_eq!(&id.node_name, node);
         assert_eq!(id.node_ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert!(!tunnel_core::tls::is_replica_certificate(&chain[0]).unwrap());
+        // The server certificate is a replica's: marked, and never a node's.
+        let server =
+            tunnel_core::tls::certs_from_pem(&fs::read(&files.server_cert).unwrap(), "server")
+                .unwrap();
+        assert!(tunnel_core::tls::is_replica_certificate(&server[0]).unwrap());
+        assert_eq!(
+            tunnel_core::AgentIdentity::from_certificate(&server[0]),
+            Err(tunnel_core::tls::IdentityError::ReplicaCertificate)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
