@@ -393,7 +393,11 @@ impl Links {
                 self.disconnected();
                 metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => reason.cause.as_str())
                     .increment(1);
-                let delay = self.reconnect.ended(reason.cause, false, unit);
+                let delay = if reason.is_stateless_reset() {
+                    Some(self.reconnect.reset_by_server(unit))
+                } else {
+                    self.reconnect.ended(reason.cause, false, unit)
+                };
                 warn!(
                     cause = %reason.cause.as_str(),
                     closed_by = closed_by(reason.initiator),

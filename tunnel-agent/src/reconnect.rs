@@ -30,6 +30,14 @@ const RECOVERY_PAUSE: (Duration, Duration) = (Duration::from_millis(250), Durati
 /// coming back, and the next attempt follows soon after.
 const RECOVERY_ATTEMPT: Duration = Duration::from_secs(2);
 
+/// After a stateless reset (the server restarted and is up), the next attempt starts within
+/// this, uniformly spread so that the agents of a restarted server do not all arrive at once.
+const RESET_PAUSE: Duration = Duration::from_millis(250);
+
+/// Stateless resets in a row that are answered at once; after that the backoff applies, so
+/// that a server that keeps forgetting us is not hammered.
+const RESET_FAST_RETRIES: u32 = 3;
+
 /// The agent's reconnect state: how many attempts failed in a row, since when the current
 /// session is up, and whether a lost link is being recovered.
 #[derive(Debug)]
@@ -89,6 +97,19 @@ impl Reconnect {
         delay
     }
 
+    /// The session ended with a stateless reset: the server restarted, and it is reachable
+    /// now. The next attempt follows at once (within [`RESET_PAUSE`]) rather than after the
+    /// backoff, unless resets keep coming ([`RESET_FAST_RETRIES`] in a row without a session
+    /// that lasted).
+    pub(crate) fn reset_by_server(&mut self, unit: f64) -> Duration {
+        let failures = self.failures;
+        let backoff = self.ended(CloseCause::Transport, false, unit);
+        if failures < RESET_FAST_RETRIES || self.failures == 1 {
+            return RESET_PAUSE.mul_f64(unit.clamp(0.0, 1.0));
+        }
+        backoff.unwrap_or_default()
+    }
+
     /// The session ended for `cause`. Only a session that lasted resets the backoff: two
     /// agents with one certificate, replacing each other, must not flap every second. A
     /// session that lasted a while and ended because the path or the server went away (not
@@ -127,6 +148,25 @@ mod tests {
 
     fn reconnect() -> Reconnect {
         Reconnect::new(Backoff::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stateless_reset_reconnects_at_once_a_few_times_then_backs_off() {
+        let mut r = reconnect();
+        // A short session: no recovery, and the backoff would be a second or more.
+        for _ in 0..RESET_FAST_RETRIES {
+            r.connected(Duration::from_millis(20));
+            tokio::time::advance(Duration::from_secs(5)).await;
+            assert!(r.reset_by_server(1.0) <= RESET_PAUSE);
+        }
+        // A server that keeps forgetting us gets the backoff.
+        r.connected(Duration::from_millis(20));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(r.reset_by_server(0.5) >= Duration::from_secs(1));
+        // A session that lasted starts the count again.
+        r.connected(Duration::from_millis(20));
+        tokio::time::advance(STABLE_SESSION).await;
+        assert!(r.reset_by_server(1.0) <= RESET_PAUSE);
     }
 
     #[tokio::test(start_paused = true)]

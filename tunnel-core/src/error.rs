@@ -258,6 +258,8 @@ pub struct CloseReason {
     /// Who.
     pub initiator: Initiator,
     source: Option<Arc<dyn StdError + Send + Sync>>,
+    /// The peer answered with a QUIC stateless reset.
+    stateless_reset: bool,
 }
 
 impl CloseReason {
@@ -267,6 +269,7 @@ impl CloseReason {
             cause,
             initiator: Initiator::Local,
             source: None,
+            stateless_reset: false,
         }
     }
 
@@ -276,6 +279,7 @@ impl CloseReason {
             cause,
             initiator: Initiator::Remote,
             source: None,
+            stateless_reset: false,
         }
     }
 
@@ -291,6 +295,19 @@ impl CloseReason {
             return self;
         }
         self.with_source(PeerDetail(detail.chars().take(200).collect()))
+    }
+
+    /// The same, marked as the peer's QUIC stateless reset.
+    pub(crate) fn from_stateless_reset(mut self) -> Self {
+        self.stateless_reset = true;
+        self
+    }
+
+    /// True when the peer ended the link with a QUIC stateless reset: it is up and reachable
+    /// now, and holds nothing of this link (a server that restarted). Connecting again at
+    /// once finds it.
+    pub fn is_stateless_reset(&self) -> bool {
+        self.stateless_reset
     }
 
     /// True when the other end refused this side (its certificate or identity).
