@@ -298,7 +298,7 @@ impl CloseReason {
     }
 
     /// The same, marked as the peer's QUIC stateless reset.
-    pub(crate) fn from_stateless_reset(mut self) -> Self {
+    pub(crate) fn by_stateless_reset(mut self) -> Self {
         self.stateless_reset = true;
         self
     }

@@ -382,7 +382,7 @@ fn reason_of(e: &quinn::ConnectionError) -> CloseReason {
         E::VersionMismatch => CloseReason::remote(CloseCause::Refused).with_source(e.clone()),
         E::Reset => CloseReason::remote(CloseCause::Transport)
             .with_source(e.clone())
-            .from_stateless_reset(),
+            .by_stateless_reset(),
         E::TimedOut => CloseReason::local(CloseCause::IdleTimeout),
         // Only the endpoint's close (a server shutting down) closes a link under its driver.
         E::LocallyClosed => CloseReason::local(CloseCause::Shutdown),
