@@ -391,3 +391,44 @@ async fn dnsmasq_reading_the_hosts_file_resolves_a_newly_connected_node() {
     assert_eq!(std::fs::read_to_string(&hosts).expect("hosts file"), "");
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn clients_outside_the_allowed_networks_are_refused() {
+    let (_upstream, upstream) = dnsmasq(&["--address=/upstream.test/192.0.2.1".into()]).await;
+    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+    let pki = TestPki::new(&[("node-a", std::slice::from_ref(&ip))]);
+    let cluster = TestCluster::start_with(pki, 10250, 10255, move |c| {
+        c.dns.tunnel_service_ip = Some(SERVICE_IP.parse().expect("ip"));
+        c.dns.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c.dns.upstream = vec![upstream];
+        // Only the pod network: this test's loopback client is outside it.
+        c.dns.allow = vec!["10.0.0.0/8".parse().expect("net")];
+    })
+    .await;
+    let dns = cluster.dns_addr.expect("the responder listens");
+    let (_agent, _) = cluster.start_agent(cluster.agent_config("node-a")).await;
+    let forwarded = |metrics: &str| {
+        metric_value(
+            metrics,
+            "edge_tunnel_server_dns_queries_total",
+            &[("answer", "forwarded")],
+        )
+    };
+    let before = forwarded(&cluster.scrape().await);
+    for args in [
+        &["node-a", "A"][..],
+        &["upstream.test", "A"],
+        &["+tcp", "upstream.test", "A"],
+    ] {
+        let answer = dig(dns, args).await;
+        assert_eq!(answer.status, "REFUSED", "{args:?}: {}", answer.text);
+        assert!(answer.answers.is_empty(), "{}", answer.text);
+    }
+    let metrics = cluster.scrape().await;
+    assert_eq!(
+        forwarded(&metrics),
+        before,
+        "nothing was forwarded for a client outside: {metrics}"
+    );
+    cluster.stop().await;
+}

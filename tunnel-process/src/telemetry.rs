@@ -58,10 +58,17 @@ where
     }
 }
 
-/// Installs the process's tracing subscriber: levels from `RUST_LOG` (default `info`), lines
-/// in `format` on stdout, no colour codes unless stdout is a terminal.
+/// The levels without `RUST_LOG`: `info`, except hickory's DNS server and resolver, which
+/// log a line per query at `info`: a client could fill the log.
+pub const DEFAULT_LOG_FILTER: &str =
+    "info,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn,hickory_net=warn";
+
+/// Installs the process's tracing subscriber: levels from `RUST_LOG` (default
+/// [`DEFAULT_LOG_FILTER`]), lines in `format` on stdout, no colour codes unless stdout is a
+/// terminal.
 pub fn init_logging(format: LogFormat) -> Result<(), TelemetryError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::stdout().is_terminal();
     let subscriber = subscriber(format, filter, ansi, std::io::stdout);
     tracing_subscriber::util::SubscriberInitExt::try_init(subscriber)

@@ -194,6 +194,11 @@ pub struct DnsArgs {
     /// or repeated (default: the nameservers of /etc/resolv.conf).
     #[arg(long, value_delimiter = ',', value_parser = parse_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
+    /// The clients the DNS responder answers, CIDRs, comma-separated or repeated (default:
+    /// loopback and the private ranges, 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7,
+    /// fe80::/10); others are refused.
+    #[arg(long, value_delimiter = ',')]
+    pub dns_allow: Vec<ipnet::IpNet>,
 }
 
 /// `IP` (port 53) or `IP:PORT`.
@@ -228,6 +233,11 @@ impl DnsArgs {
             hosts_file: self.dns_hosts_file,
             listen: self.dns_listen,
             upstream: self.dns_upstream,
+            allow: if self.dns_allow.is_empty() {
+                DnsConfig::default().allow
+            } else {
+                self.dns_allow
+            },
         })
     }
 }

@@ -157,7 +157,23 @@ pub struct DnsConfig {
     /// Where the responder forwards names that are not nodes'. Empty: the nameservers of
     /// `/etc/resolv.conf`.
     pub upstream: Vec<SocketAddr>,
+    /// The clients the responder answers ([`DEFAULT_DNS_ALLOW`] by default): a resolver open to
+    /// the internet would be a reflector for attacks on third parties.
+    pub allow: Vec<ipnet::IpNet>,
 }
+
+/// The networks the DNS responder answers by default: loopback, the private and shared
+/// address ranges pod and Service networks use, and their IPv6 counterparts.
+pub const DEFAULT_DNS_ALLOW: &[&str] = &[
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+];
 
 impl Default for DnsConfig {
     fn default() -> Self {
@@ -176,6 +192,10 @@ impl Default for DnsConfig {
             hosts_file: None,
             listen: None,
             upstream: Vec::new(),
+            allow: DEFAULT_DNS_ALLOW
+                .iter()
+                .filter_map(|net| net.parse().ok())
+                .collect(),
         }
     }
 }

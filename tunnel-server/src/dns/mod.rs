@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-pub use records::{NodeRecords, is_dns1123_subdomain};
+pub use records::{NodeRecords, is_cluster_name, is_dns1123_subdomain};
 pub use responder::{DnsServer, NODE_TTL, Responder, ResponderError};
 pub(crate) use setup::Setup;
 
@@ -91,7 +91,7 @@ pub(crate) struct InvalidNames(HashSet<String>);
 impl InvalidNames {
     pub(crate) fn warn(&mut self, name: &str, what: &str) {
         if self.0.len() < MAX_WARNED && self.0.insert(name.to_owned()) {
-            warn!(node = %name.escape_debug(), "{what} has a name that is not a valid DNS-1123 subdomain; it gets no DNS record");
+            warn!(node = %name.escape_debug(), "{what} has a name that is not a valid DNS-1123 subdomain, or one of cluster DNS's own (.svc, cluster.local); it gets no DNS record");
         }
     }
 }

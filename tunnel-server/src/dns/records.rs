@@ -25,6 +25,15 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
         })
 }
 
+/// Whether `name` looks like a name of cluster DNS itself (`NAME.NAMESPACE.svc`, anything
+/// under `cluster.local`): a Node or an agent certificate so named must not take it over for
+/// every client of CoreDNS, whose `hosts` block answers before its `kubernetes` one.
+pub fn is_cluster_name(name: &str) -> bool {
+    name == "cluster.local"
+        || name.ends_with(".cluster.local")
+        || name.split('.').any(|l| l == "svc")
+}
+
 /// Node names and the addresses they resolve to. Names that are not valid DNS-1123 subdomains
 /// never get in, so nothing written from here can break a hosts file or a resolver.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,9 +48,9 @@ impl NodeRecords {
     }
 
     /// Adds `ip` for `name`; returns false (and adds nothing) when `name` is not a valid
-    /// DNS-1123 subdomain.
+    /// DNS-1123 subdomain or is a cluster name ([`is_cluster_name`]).
     pub fn insert(&mut self, name: &str, ip: IpAddr) -> bool {
-        if !is_dns1123_subdomain(name) {
+        if !is_dns1123_subdomain(name) || is_cluster_name(name) {
             return false;
         }
         let ips = self.by_name.entry(name.to_owned()).or_default();
@@ -141,6 +150,16 @@ mod tests {
             assert!(b.insert(name, ip.parse().unwrap()));
         }
         assert!(!a.insert("Bad_Name", "10.0.0.1".parse().unwrap()));
+        for cluster in [
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+            "cluster.local",
+            "x.cluster.local",
+        ] {
+            assert!(!a.insert(cluster, "10.0.0.1".parse().unwrap()), "{cluster}");
+        }
+        assert!(b.insert("ip-10-0-0-1.ec2.internal", "10.0.0.1".parse().unwrap()));
+        b.by_name.remove("ip-10-0-0-1.ec2.internal");
         assert_eq!(a, b);
         assert_eq!(
             a.render(),

@@ -361,8 +361,12 @@ impl std::fmt::Debug for DnsServer {
 
 impl DnsServer {
     /// Binds UDP and TCP on `addr` (port 0: the kernel picks one, the same for both) and
-    /// serves `responder` on them.
-    pub async fn bind(addr: SocketAddr, responder: Responder) -> Result<Self, ResponderError> {
+    /// serves `responder` on them to clients in `allow` (others are refused).
+    pub async fn bind(
+        addr: SocketAddr,
+        responder: Responder,
+        allow: &[ipnet::IpNet],
+    ) -> Result<Self, ResponderError> {
         let udp = UdpSocket::bind(addr)
             .await
             .map_err(|source| ResponderError::Bind {
@@ -382,7 +386,15 @@ impl DnsServer {
                 proto: "tcp",
                 source,
             })?;
-        let mut server = Server::new(responder);
+        // An allow list of one address family leaves the other open (hickory's rule): deny
+        // both families outright, so that only the allowed networks get answers.
+        // (An allowed /0 would tie with that deny and lose: its family is not denied.)
+        let everything: [ipnet::IpNet; 2] = [
+            ipnet::Ipv4Net::default().into(),
+            ipnet::Ipv6Net::default().into(),
+        ];
+        let deny = everything.into_iter().filter(|all| !allow.contains(all));
+        let mut server = Server::with_access(responder, deny, allow.iter().copied());
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
         Ok(Self {

@@ -64,9 +64,9 @@ impl Setup {
                 given => given.to_vec(),
             };
             let responder = Responder::new(rx.clone(), &upstream)?;
-            let server = DnsServer::bind(addr, responder).await?;
+            let server = DnsServer::bind(addr, responder, &dns.allow).await?;
             // Forwarding to ourselves would loop until the forwards ran out.
-            if upstream.contains(&server.local_addr()) {
+            if upstream.iter().any(|up| is_self(*up, server.local_addr())) {
                 server.stop().await;
                 return Err(ResponderError::Upstream(format!(
                     "the upstream {addr} is the responder itself"
@@ -173,6 +173,14 @@ impl Setup {
 
         (Some(page), self.responder)
     }
+}
+
+/// Whether `upstream` reaches the responder listening on `listen`: the same address, or a
+/// loopback one on the same port while it listens on every address.
+fn is_self(upstream: SocketAddr, listen: SocketAddr) -> bool {
+    upstream.port() == listen.port()
+        && (upstream.ip() == listen.ip()
+            || (listen.ip().is_unspecified() && upstream.ip().is_loopback()))
 }
 
 /// The nameservers of `/etc/resolv.conf`, port 53 unless it says otherwise.
