@@ -305,6 +305,7 @@ impl SeenService {
                     None => IntOrString::Int(p.port),
                     Some(t) => t.clone(),
                 },
+                seen: serde_json::to_value(p).ok(),
             })
             .collect();
         Self { cluster_ip, ports }

@@ -23,17 +23,35 @@ use crate::stopped;
 const CONTEST_MEMORY: Duration = Duration::from_secs(60);
 
 /// One port of the tunnel Service, as far as the server manages it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct ServicePort {
     pub(crate) name: String,
     pub(crate) protocol: String,
     pub(crate) port: i32,
     pub(crate) target_port: IntOrString,
+    /// The port as the Service has it (fields this type does not know, such as
+    /// `appProtocol`, included): what a port someone else added is written back as.
+    pub(crate) seen: Option<serde_json::Value>,
 }
 
+/// Ports compare by what the server manages of them, not by how they were last seen.
+impl PartialEq for ServicePort {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.protocol, self.port, &self.target_port)
+            == (&other.name, &other.protocol, other.port, &other.target_port)
+    }
+}
+
+impl Eq for ServicePort {}
+
 impl ServicePort {
-    /// As the Service's spec writes it.
+    /// As the Service's spec writes it: a port of someone else's as it was seen.
     fn to_json(&self) -> serde_json::Value {
+        if let Some(seen) = &self.seen
+            && !is_managed(&self.name)
+        {
+            return seen.clone();
+        }
         json!({
             "name": self.name,
             "port": self.port,
@@ -86,6 +104,7 @@ pub(crate) fn desired_ports(config: &PortConfig, fronts: FrontPorts) -> Vec<Serv
             protocol: "TCP".into(),
             port: port.into(),
             target_port: IntOrString::Int(target.into()),
+            seen: None,
         })
         .collect()
 }
@@ -107,6 +126,14 @@ fn is_managed(name: &str) -> bool {
 fn with_foreign_ports(ours: Vec<ServicePort>, current: &[ServicePort]) -> Vec<ServicePort> {
     let mut ports = ours;
     for port in current.iter().filter(|p| !is_managed(&p.name)) {
+        // A Service of several ports needs every one named (the API refuses the patch).
+        if port.name.is_empty() {
+            warn!(
+                port = port.port,
+                "the tunnel Service has an unnamed port; it cannot stay beside the server's ports"
+            );
+            continue;
+        }
         if ports
             .iter()
             .any(|o| o.port == port.port && o.protocol == port.protocol)
@@ -280,6 +307,7 @@ mod tests {
             protocol: "TCP".into(),
             port,
             target_port: IntOrString::Int(port),
+            seen: None,
         }
     }
 
@@ -301,6 +329,15 @@ mod tests {
             .map(|p| p.name)
             .collect();
         assert_eq!(names, ["dns", "http-9100", "metrics", "https"]);
+
+        // Written back as seen (appProtocol included); an unnamed one cannot stay.
+        let seen = json!({"name": "grpc", "port": 9090, "protocol": "TCP", "targetPort": 9090, "appProtocol": "kubernetes.io/h2c"});
+        let mut grpc = port("grpc", 9090);
+        grpc.seen = Some(seen.clone());
+        let kept = with_foreign_ports(vec![port("https", 10250)], &[grpc, port("", 8080)]);
+        let written: Vec<_> = kept.iter().map(ServicePort::to_json).collect();
+        assert_eq!(written[0], seen);
+        assert_eq!(kept.len(), 2);
         assert!(is_managed("https-9443") && is_managed("dnat-1") && !is_managed("http-x"));
     }
 }
