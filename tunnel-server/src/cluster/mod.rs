@@ -22,9 +22,8 @@ pub use selector::parse_selector;
 pub(crate) use service::{FrontPorts, keep_service_ports};
 
 use crate::config::KubeSource;
+use crate::dns::MAX_RETRY;
 
-/// Longest wait between two tries of a failed write.
-const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How long connecting to the API server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one read or write of the API may take (watches are ended by the server sooner).

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 pub use records::{NodeRecords, is_cluster_name, is_dns1123_subdomain};
 pub use responder::{DnsServer, NODE_TTL, Responder, ResponderError};
@@ -30,8 +30,16 @@ use crate::stopped;
 /// The records as the source last published them.
 pub type RecordsRx = watch::Receiver<Arc<NodeRecords>>;
 
-/// How long a sink waits before it tries a failed write again.
+/// How long a sink waits before it tries a failed write again (doubling, up to
+/// [`MAX_RETRY`]).
 pub(crate) const RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between two tries of a failed write.
+pub(crate) const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How long a change of the records waits for the rest of its burst before the hosts file is
+/// written.
+const HOSTS_SETTLE: Duration = Duration::from_millis(100);
+/// Fewest time between two writes of the hosts file.
+const HOSTS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Node names warned about as invalid, at most: a flood of bad names cannot grow memory.
 const MAX_WARNED: usize = 1024;
@@ -139,7 +147,13 @@ pub(crate) async fn write_hosts_file(
         () = stopped(&mut stop) => return,
     }
     let mut written: Option<String> = None;
+    let mut retry = RETRY;
     loop {
+        // The rest of a burst (agents arriving together) goes into the same write.
+        tokio::select! {
+            () = tokio::time::sleep(HOSTS_SETTLE) => {}
+            () = stopped(&mut stop) => return,
+        }
         let content = records.borrow_and_update().render();
         if written.as_deref() == Some(content.as_str()) {
             Sink::HostsFile.count("current");
@@ -147,16 +161,23 @@ pub(crate) async fn write_hosts_file(
             match replace_file(&path, content.as_bytes()).await {
                 Ok(()) => {
                     Sink::HostsFile.count("written");
-                    info!(path = %path.display(), lines = content.lines().count(), "DNS hosts file written");
+                    debug!(path = %path.display(), lines = content.lines().count(), "DNS hosts file written");
                     written = Some(content);
+                    retry = RETRY;
+                    tokio::select! {
+                        () = tokio::time::sleep(HOSTS_INTERVAL) => {}
+                        () = stopped(&mut stop) => return,
+                    }
                 }
                 Err(error) => {
                     Sink::HostsFile.count("error");
-                    warn!(path = %path.display(), %error, "cannot write the DNS hosts file; trying again");
+                    warn!(path = %path.display(), %error, ?retry, "cannot write the DNS hosts file; trying again");
                     tokio::select! {
-                        () = tokio::time::sleep(RETRY) => continue,
+                        () = tokio::time::sleep(retry) => {}
                         () = stopped(&mut stop) => return,
                     }
+                    retry = (retry * 2).min(MAX_RETRY);
+                    continue;
                 }
             }
         }
