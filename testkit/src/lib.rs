@@ -46,6 +46,22 @@ pub async fn exclusive() -> tokio::sync::OwnedMutexGuard<()> {
         .await
 }
 
+/// A TCP port free on every address of `ips` at the time of asking (the https-proxy listener
+/// and the node's service share a number; replicas on two addresses share front ports).
+pub fn free_port_on(ips: &[&str]) -> u16 {
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind((ips[0], 0)).expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        if ips[1..]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no port free on all of {ips:?}");
+}
+
 /// The value of a counter or gauge in Prometheus text, summed over series whose labels contain
 /// every `label="value"` pair given.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -161,18 +161,27 @@ fn a_record(ip: &str) -> impl Fn(&Dig) -> bool + '_ {
 /// the machine's own resolver is never asked) and the hosts file at `hosts_file`; agents'
 /// nodes resolve to [`SERVICE_IP`].
 async fn cluster(nodes: &[&str], upstream: SocketAddr, hosts_file: Option<&Path>) -> TestCluster {
+    let hosts_file = hosts_file.map(Path::to_owned);
+    cluster_with(nodes, upstream, move |c| c.dns.hosts_file = hosts_file).await
+}
+
+/// As [`cluster`], adjusted by `tweak`.
+async fn cluster_with(
+    nodes: &[&str],
+    upstream: SocketAddr,
+    tweak: impl FnOnce(&mut tunnel_server::ServerConfig),
+) -> TestCluster {
     let ip: IpAddr = "127.0.0.1".parse().expect("ip");
     let entries: Vec<(&str, &[IpAddr])> = nodes
         .iter()
         .map(|n| (*n, std::slice::from_ref(&ip)))
         .collect();
     let pki = TestPki::new(&entries);
-    let hosts_file = hosts_file.map(Path::to_owned);
     TestCluster::start_with(pki, 10250, 10255, move |c| {
         c.dns.tunnel_service_ip = Some(SERVICE_IP.parse().expect("ip"));
         c.dns.listen = Some("127.0.0.1:0".parse().expect("addr"));
         c.dns.upstream = vec![upstream];
-        c.dns.hosts_file = hosts_file;
+        tweak(c);
     })
     .await
 }
@@ -395,13 +404,8 @@ async fn dnsmasq_reading_the_hosts_file_resolves_a_newly_connected_node() {
 #[tokio::test]
 async fn clients_outside_the_allowed_networks_are_refused() {
     let (_upstream, upstream) = dnsmasq(&["--address=/upstream.test/192.0.2.1".into()]).await;
-    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
-    let pki = TestPki::new(&[("node-a", std::slice::from_ref(&ip))]);
-    let cluster = TestCluster::start_with(pki, 10250, 10255, move |c| {
-        c.dns.tunnel_service_ip = Some(SERVICE_IP.parse().expect("ip"));
-        c.dns.listen = Some("127.0.0.1:0".parse().expect("addr"));
-        c.dns.upstream = vec![upstream];
-        // Only the pod network: this test's loopback client is outside it.
+    // Only the pod network: this test's loopback client is outside it.
+    let cluster = cluster_with(&["node-a"], upstream, |c| {
         c.dns.allow = vec!["10.0.0.0/8".parse().expect("net")];
     })
     .await;

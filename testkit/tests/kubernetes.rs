@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edge_tunnel_testkit::fake_kube::{FakeKube, Kind, Recorded};
-use edge_tunnel_testkit::{TestCluster, TestPki, metric_value};
+use edge_tunnel_testkit::{TestCluster, TestPki, free_port_on, metric_value};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -93,6 +93,71 @@ async fn server(fake: &FakeKube, dir: &Path, tweak: impl FnOnce(&mut ServerConfi
         tweak(config);
     })
     .await
+}
+
+/// A fake API server with edge-1 (edge), cloud-1 (InternalIP 192.168.0.10) and the tunnel
+/// Service with stale ports.
+async fn edge_and_cloud() -> FakeKube {
+    let fake = FakeKube::start().await.expect("the fake API server starts");
+    fake.apply(Kind::Node, node("edge-1", true, &[]));
+    fake.apply(
+        Kind::Node,
+        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
+    );
+    fake.apply(Kind::Service, service(stale_ports()));
+    fake
+}
+
+/// A second replica beside `first`: the same certificates and front ports, on 127.0.0.2,
+/// against the same fake API server, adjusted by `tweak`. A plain `Server` in a task: a
+/// second `TestCluster` in one process would wait for the first one's lock.
+struct SecondReplica {
+    records: tunnel_server::dns::RecordsRx,
+    ports: std::sync::Arc<tunnel_server::ports::Ports>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tunnel_server::ServerError>>,
+}
+
+impl SecondReplica {
+    async fn start(
+        first: &TestCluster,
+        fake: &FakeKube,
+        dir: &Path,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        let mut config = TestCluster::server_config(&first.pki, KUBELET, KUBELET_READ_ONLY);
+        config.bind_address = "127.0.0.2".parse().expect("ip");
+        config.secure_port = first.secure_addr.port();
+        config.insecure_port = first.insecure_addr.port();
+        config.server_id = "test-server-2".into();
+        config.dns.kubernetes = Some(KubeSource::Kubeconfig(fake.kubeconfig(dir)));
+        tweak(&mut config);
+        let server = tunnel_server::Server::bind(config)
+            .await
+            .expect("the second server binds");
+        let records = server
+            .dns_records()
+            .expect("the second server makes records");
+        let ports = server.ports();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            records,
+            ports,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("the second server's task")
+            .expect("the second server ran");
+    }
 }
 
 fn records(cluster: &TestCluster) -> String {
@@ -225,21 +290,6 @@ fn assert_one_patch(writes: &[Recorded], body: &str) {
         Some("application/merge-patch+json")
     );
     assert_eq!(write.body, body);
-}
-
-/// A TCP port free on every one of `ips` at the time of asking.
-fn free_port_on(ips: &[&str]) -> u16 {
-    for _ in 0..100 {
-        let first = std::net::TcpListener::bind((ips[0], 0)).expect("bind");
-        let port = first.local_addr().expect("addr").port();
-        if ips[1..]
-            .iter()
-            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
-        {
-            return port;
-        }
-    }
-    panic!("no port free on all of {ips:?}");
 }
 
 /// The Service ports as the server writes them: `(port, name, target)` and [`FOREIGN`],
@@ -412,13 +462,7 @@ async fn the_configmap_and_the_service_ports_are_written_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_watch_is_resumed_from_its_resource_version() {
-    let fake = FakeKube::start().await.expect("the fake API server starts");
-    fake.apply(Kind::Node, node("edge-1", true, &[]));
-    fake.apply(
-        Kind::Node,
-        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
-    );
-    fake.apply(Kind::Service, service(stale_ports()));
+    let fake = edge_and_cloud().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = server(&fake, dir.path(), |_| {}).await;
     records_and_configmap_become(
@@ -521,13 +565,7 @@ fn watch_errors(text: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_that_is_down_is_retried_with_backoff_while_the_records_stay() {
-    let mut fake = FakeKube::start().await.expect("the fake API server starts");
-    fake.apply(Kind::Node, node("edge-1", true, &[]));
-    fake.apply(
-        Kind::Node,
-        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
-    );
-    fake.apply(Kind::Service, service(stale_ports()));
+    let mut fake = edge_and_cloud().await;
     let dir = tempfile::tempdir().expect("tempdir");
     // The responder forwards other names to a port where nothing answers: only node names
     // are asked here.
@@ -738,13 +776,7 @@ async fn a_batch_of_a_hundred_node_changes_among_five_thousand_is_one_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_write_the_same_bytes_and_never_fight() {
-    let fake = FakeKube::start().await.expect("the fake API server starts");
-    fake.apply(Kind::Node, node("edge-1", true, &[]));
-    fake.apply(
-        Kind::Node,
-        node("cloud-1", false, &[("InternalIP", "192.168.0.10")]),
-    );
-    fake.apply(Kind::Service, service(stale_ports()));
+    let fake = edge_and_cloud().await;
     // A ConfigMap with stale records and a key of someone else's, which must stay.
     fake.apply(
         Kind::ConfigMap,
@@ -763,22 +795,8 @@ async fn two_servers_write_the_same_bytes_and_never_fight() {
         config.insecure_port = insecure;
     })
     .await;
-    let mut config = TestCluster::server_config(&first.pki, KUBELET, KUBELET_READ_ONLY);
-    config.bind_address = "127.0.0.2".parse().expect("ip");
-    config.secure_port = secure;
-    config.insecure_port = insecure;
-    config.server_id = "test-server-2".into();
-    config.dns.kubernetes = Some(KubeSource::Kubeconfig(fake.kubeconfig(dir.path())));
-    let second = tunnel_server::Server::bind(config)
-        .await
-        .expect("the second server binds");
-    let second_records = second
-        .dns_records()
-        .expect("the second server makes records");
-    let (stop_second, stopped) = tokio::sync::oneshot::channel::<()>();
-    let second = tokio::spawn(second.run(async move {
-        let _ = stopped.await;
-    }));
+    let second = SecondReplica::start(&first, &fake, dir.path(), |_| {}).await;
+    let second_records = second.records.clone();
 
     let want = "10.96.0.7\tedge-1\n192.168.0.10\tcloud-1\n";
     records_and_configmap_become(&first, &fake, want).await;
@@ -867,11 +885,7 @@ async fn two_servers_write_the_same_bytes_and_never_fight() {
     );
     assert_eq!(fake.writes(Kind::Service).len(), service_writes.len());
 
-    let _ = stop_second.send(());
-    second
-        .await
-        .expect("the second server's task")
-        .expect("the second server ran");
+    second.stop().await;
     first.stop().await;
 }
 
@@ -1201,22 +1215,11 @@ async fn replicas_whose_port_configurations_differ_pause_instead_of_taking_turns
         config.ports = Some(with_9100.clone());
     })
     .await;
-    let mut config = TestCluster::server_config(&first.pki, KUBELET, KUBELET_READ_ONLY);
-    config.bind_address = "127.0.0.2".parse().expect("ip");
-    config.secure_port = secure;
-    config.insecure_port = insecure;
-    config.server_id = "test-server-2".into();
-    config.ports = Some(PortConfig::new(fixed));
-    config.dns.kubernetes = Some(KubeSource::Kubeconfig(fake.kubeconfig(dir.path())));
-    config.dns.configmap = None;
-    let second = tunnel_server::Server::bind(config)
-        .await
-        .expect("the second server binds");
-    let second_ports = second.ports();
-    let (stop_second, stopped) = tokio::sync::oneshot::channel::<()>();
-    let second = tokio::spawn(second.run(async move {
-        let _ = stopped.await;
-    }));
+    let second = SecondReplica::start(&first, &fake, dir.path(), |config| {
+        config.ports = Some(PortConfig::new(fixed));
+        config.dns.configmap = None;
+    })
+    .await;
 
     // Each wants its own ports: they disagree for as long as the kubelet takes to update the
     // second one's copy of the ConfigMap. Writes slow down instead of alternating as fast as
@@ -1241,7 +1244,7 @@ async fn replicas_whose_port_configurations_differ_pause_instead_of_taking_turns
 
     // The second replica reads the new ConfigMap: they agree, the Service gets those ports
     // and nobody writes again.
-    second_ports.set(with_9100);
+    second.ports.set(with_9100);
     let desired = ports_json(&[
         (9100, "http-9100".into(), insecure),
         (KUBELET, "https".into(), secure),
@@ -1267,10 +1270,6 @@ async fn replicas_whose_port_configurations_differ_pause_instead_of_taking_turns
     );
     assert_eq!(service_ports(&fake).to_string(), desired);
 
-    let _ = stop_second.send(());
-    second
-        .await
-        .expect("the second server's task")
-        .expect("the second server ran");
+    second.stop().await;
     first.stop().await;
 }

@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use edge_tunnel_testkit::client::{self, timed_get};
-use edge_tunnel_testkit::{ConfigMapDir, FakeKubelet, TestCluster, TestPki, metric_value};
+use edge_tunnel_testkit::{
+    ConfigMapDir, FakeKubelet, TestCluster, TestPki, free_port_on, metric_value,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tunnel_core::TransportChoice;
@@ -16,19 +18,6 @@ const NODE_IP: &str = "127.0.0.3";
 
 fn node_ip() -> IpAddr {
     NODE_IP.parse().expect("ip")
-}
-
-/// A port free on both the node's address and the server's: the https-proxy listener takes
-/// the same number as the node's service.
-fn free_port_on_both() -> u16 {
-    for _ in 0..50 {
-        let node = std::net::TcpListener::bind((node_ip(), 0)).expect("bind");
-        let port = node.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free on both addresses");
 }
 
 /// A cluster following `config`, and node-a's agent (IP 127.0.0.3) without port flags: the
@@ -248,7 +237,7 @@ async fn curl_https(cluster: &TestCluster, port: u16) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_proxy_port_is_reached_by_sni_and_its_listener_follows_the_config() {
-    let port = free_port_on_both();
+    let port = free_port_on(&[NODE_IP, "127.0.0.1"]);
     let pki = TestPki::new(&[("node-a", &[node_ip()])]);
     // The node's TLS service, on the node's IP; TLS passes through the tunnel untouched.
     let service = FakeKubelet::start_on(

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use edge_tunnel_testkit::client;
-use edge_tunnel_testkit::{ConfigMapDir, TestCluster, TestPki, metric_value};
+use edge_tunnel_testkit::{ConfigMapDir, TestCluster, TestPki, free_port_on, metric_value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -17,13 +17,6 @@ use tunnel_core::TransportChoice;
 
 /// The node's address: its certificate's IP SAN; the exporter listens there only.
 const NODE_IP: &str = "127.0.0.3";
-
-fn free_port(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 fn spawn(program: &str, args: &[String]) -> Child {
     Command::new(program)
@@ -157,7 +150,7 @@ async fn metrics_over(tunnel: &mut TcpStream, host: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_node_exporter_through_the_front_while_its_port_comes_and_goes() {
     let ip: IpAddr = NODE_IP.parse().expect("ip");
-    let exporter_port = free_port(ip);
+    let exporter_port = free_port_on(&[NODE_IP]);
     let exporter = SocketAddr::new(ip, exporter_port);
     let _exporter = spawn(
         "prometheus-node-exporter",
@@ -185,7 +178,7 @@ async fn prometheus_scrapes_node_exporter_through_the_front_while_its_port_comes
     let (_agent, _) = cluster.start_agent(agent).await;
 
     let work = tempfile::tempdir().expect("temp dir");
-    let prometheus = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1].into())));
+    let prometheus = SocketAddr::from(([127, 0, 0, 1], free_port_on(&["127.0.0.1"])));
     let target = format!("node-a:{exporter_port}");
     let yaml = format!(
         "global: {{scrape_interval: 1s, scrape_timeout: 900ms, evaluation_interval: 1s}}\n\

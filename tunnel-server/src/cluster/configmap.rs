@@ -8,12 +8,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::{info, warn};
 
-use super::MAX_RETRY;
 use crate::config::ObjectName;
-use crate::dns::{self, RecordsRx, Sink};
-use crate::stopped;
+use crate::dns::{self, Pacing, RecordsRx, Sink};
 
 /// The ConfigMap key CoreDNS's hosts plugin reads (mounted as `/etc/edge/tunnel-nodes`).
 pub const RECORDS_KEY: &str = "tunnel-nodes";
@@ -27,64 +24,28 @@ const SETTLE: Duration = Duration::from_millis(200);
 const RESYNC: Duration = Duration::from_secs(60);
 
 /// Writes the records to the ConfigMap's [`RECORDS_KEY`] each time they change, [`SETTLE`]
-/// after the change and at most once per [`WRITE_INTERVAL`], until `stop`. It reads the ConfigMap first and writes only when the
-/// key differs (another replica may have written the same bytes); it creates the ConfigMap
-/// when there is none.
+/// after the change and at most once per [`WRITE_INTERVAL`], until `stop`. It reads the
+/// ConfigMap first and writes only when the key differs (another replica may have written the
+/// same bytes); it creates the ConfigMap when there is none; it reads it again every
+/// [`RESYNC`] and puts the records back if someone changed them.
 pub(crate) async fn write_configmap(
     client: Client,
     configmap: ObjectName,
-    mut records: RecordsRx,
-    mut stop: watch::Receiver<bool>,
+    records: RecordsRx,
+    stop: watch::Receiver<bool>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &configmap.namespace);
-    tokio::select! {
-        changed = records.changed() => if changed.is_err() { return },
-        () = stopped(&mut stop) => return,
-    }
-    let mut written: Option<String> = None;
-    let mut retry = dns::RETRY;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(SETTLE) => {}
-            () = stopped(&mut stop) => return,
-        }
-        let content = records.borrow_and_update().render();
-        if written.as_deref() != Some(content.as_str()) {
-            match put_records(&api, &configmap.name, &content).await {
-                Ok(wrote) => {
-                    Sink::ConfigMap.count(if wrote { "written" } else { "current" });
-                    if wrote {
-                        info!(%configmap, lines = content.lines().count(), "DNS records written to the ConfigMap");
-                    }
-                    written = Some(content);
-                    retry = dns::RETRY;
-                    // The changes of the next second go out together.
-                    tokio::select! {
-                        () = tokio::time::sleep(WRITE_INTERVAL) => {}
-                        () = stopped(&mut stop) => return,
-                    }
-                    continue;
-                }
-                Err(error) => {
-                    Sink::ConfigMap.count("error");
-                    warn!(%configmap, %error, ?retry, "cannot write the DNS records to the ConfigMap; trying again");
-                    tokio::select! {
-                        () = tokio::time::sleep(retry) => {}
-                        () = stopped(&mut stop) => return,
-                    }
-                    retry = (retry * 2).min(MAX_RETRY);
-                    continue;
-                }
-            }
-        }
-        tokio::select! {
-            changed = records.changed() => if changed.is_err() { return },
-            // Someone may have changed the ConfigMap (a `kubectl apply` of the manifests):
-            // read it again now and then, and put the records back.
-            () = tokio::time::sleep(RESYNC) => written = None,
-            () = stopped(&mut stop) => return,
-        }
-    }
+    let pacing = Pacing {
+        settle: SETTLE,
+        interval: WRITE_INTERVAL,
+        resync: Some(RESYNC),
+    };
+    let target = configmap.to_string();
+    dns::drive_sink(Sink::ConfigMap, &target, pacing, records, stop, |content| {
+        let (api, name) = (&api, configmap.name.as_str());
+        async move { put_records(api, name, &content).await }
+    })
+    .await;
 }
 
 /// Puts `content` under [`RECORDS_KEY`]; whether it wrote (false: it was there already).

@@ -12,13 +12,14 @@ pub mod responder;
 mod setup;
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 pub use records::{NodeRecords, is_cluster_name, is_dns1123_subdomain};
 pub use responder::{DnsServer, NODE_TTL, Responder, ResponderError};
@@ -36,7 +37,7 @@ pub(crate) const RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between two tries of a failed write.
 pub(crate) const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How long a change of the records waits for the rest of its burst before the hosts file is
-/// written.
+/// written (see [`Pacing`]).
 const HOSTS_SETTLE: Duration = Duration::from_millis(100);
 /// Fewest time between two writes of the hosts file.
 const HOSTS_INTERVAL: Duration = Duration::from_millis(250);
@@ -52,7 +53,7 @@ pub(crate) enum Sink {
 }
 
 impl Sink {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::HostsFile => "hosts_file",
             Self::ConfigMap => "configmap",
@@ -132,15 +133,37 @@ pub(crate) async fn follow_agents<S: AgentLink>(
     }
 }
 
-/// Writes the records to `path` each time they change, until `stop`. The file is replaced
-/// whole (a temporary file in the same directory, then a rename), so a reader (CoreDNS's hosts
-/// plugin, dnsmasq's `--hostsdir`) never sees half of it. The temporary file's name starts
-/// with a dot, which dnsmasq skips.
-pub(crate) async fn write_hosts_file(
-    path: PathBuf,
+/// How a sink paces its writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pacing {
+    /// How long a change waits for the rest of its burst (a Node list, agents arriving
+    /// together) before it is written, so that a burst becomes one write.
+    pub(crate) settle: Duration,
+    /// Fewest time between two writes.
+    pub(crate) interval: Duration,
+    /// How often to write again (the sink compares) while the records do not change: for a
+    /// sink that someone else may change too.
+    pub(crate) resync: Option<Duration>,
+}
+
+/// Follows the records until `stop` and puts each new set into `sink` with `write`, paced by
+/// `pacing`: after the source's first publish, each change waits `pacing.settle` for the rest of
+/// its burst; a write is followed by `pacing.interval` without another; a failed write is tried
+/// again after [`RETRY`], doubling up to [`MAX_RETRY`]. `write` gets the rendered records and
+/// answers whether it wrote (false: the sink held them already). `target` names the sink in
+/// the log.
+pub(crate) async fn drive_sink<W, F, E>(
+    sink: Sink,
+    target: &str,
+    pacing: Pacing,
     mut records: RecordsRx,
     mut stop: watch::Receiver<bool>,
-) {
+    mut write: W,
+) where
+    W: FnMut(String) -> F,
+    F: Future<Output = Result<bool, E>>,
+    E: std::fmt::Display,
+{
     // Nothing is written before the source has published.
     tokio::select! {
         changed = records.changed() => if changed.is_err() { return },
@@ -149,29 +172,31 @@ pub(crate) async fn write_hosts_file(
     let mut written: Option<String> = None;
     let mut retry = RETRY;
     loop {
-        // The rest of a burst (agents arriving together) goes into the same write.
         tokio::select! {
-            () = tokio::time::sleep(HOSTS_SETTLE) => {}
+            () = tokio::time::sleep(pacing.settle) => {}
             () = stopped(&mut stop) => return,
         }
         let content = records.borrow_and_update().render();
         if written.as_deref() == Some(content.as_str()) {
-            Sink::HostsFile.count("current");
+            sink.count("current");
         } else {
-            match replace_file(&path, content.as_bytes()).await {
-                Ok(()) => {
-                    Sink::HostsFile.count("written");
-                    debug!(path = %path.display(), lines = content.lines().count(), "DNS hosts file written");
+            let lines = content.lines().count();
+            match write(content.clone()).await {
+                Ok(wrote) => {
+                    sink.count(if wrote { "written" } else { "current" });
+                    if wrote {
+                        info!(sink = sink.label(), target, lines, "DNS records written");
+                    }
                     written = Some(content);
                     retry = RETRY;
                     tokio::select! {
-                        () = tokio::time::sleep(HOSTS_INTERVAL) => {}
+                        () = tokio::time::sleep(pacing.interval) => {}
                         () = stopped(&mut stop) => return,
                     }
                 }
                 Err(error) => {
-                    Sink::HostsFile.count("error");
-                    warn!(path = %path.display(), %error, ?retry, "cannot write the DNS hosts file; trying again");
+                    sink.count("error");
+                    warn!(sink = sink.label(), target, %error, ?retry, "cannot write the DNS records; trying again");
                     tokio::select! {
                         () = tokio::time::sleep(retry) => {}
                         () = stopped(&mut stop) => return,
@@ -181,11 +206,41 @@ pub(crate) async fn write_hosts_file(
                 }
             }
         }
+        let resync = async {
+            match pacing.resync {
+                Some(every) => tokio::time::sleep(every).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = records.changed() => if changed.is_err() { return },
+            // Someone may have changed the sink: look again, and put the records back.
+            () = resync => written = None,
             () = stopped(&mut stop) => return,
         }
     }
+}
+
+/// Writes the records to `path` each time they change, until `stop`. The file is replaced
+/// whole (a temporary file in the same directory, then a rename), so a reader (CoreDNS's hosts
+/// plugin, dnsmasq's `--hostsdir`) never sees half of it. The temporary file's name starts
+/// with a dot, which dnsmasq skips.
+pub(crate) async fn write_hosts_file(
+    path: PathBuf,
+    records: RecordsRx,
+    stop: watch::Receiver<bool>,
+) {
+    let target = path.display().to_string();
+    let pacing = Pacing {
+        settle: HOSTS_SETTLE,
+        interval: HOSTS_INTERVAL,
+        resync: None,
+    };
+    drive_sink(Sink::HostsFile, &target, pacing, records, stop, |content| {
+        let path = path.clone();
+        async move { replace_file(&path, content.as_bytes()).await.map(|()| true) }
+    })
+    .await;
 }
 
 /// The `/dns` meta page: where the records come from and what they are now.
