@@ -37,9 +37,15 @@ impl Drop for Netns {
     }
 }
 
-/// Runs test `name` of the current test binary again inside a new namespace (loopback up),
-/// requires that it ran and passed, and returns what it printed.
-pub async fn in_namespace(name: &str) -> String {
+/// Runs test `name` of module `module` (the caller's `module_path!()`) of the current test
+/// binary again inside a new namespace (loopback up), requires that it ran and passed, and
+/// returns what it printed.
+pub async fn in_namespace(module: &str, name: &str) -> String {
+    // libtest names a test by its path below the crate root.
+    let name = match module.split_once("::") {
+        Some((_crate, path)) => format!("{path}::{name}"),
+        None => name.to_owned(),
+    };
     let ns = Netns(format!("edge-tunnel-test-{}", std::process::id()));
     run("ip", &["netns", "add", &ns.0]).await;
     run(
@@ -50,7 +56,7 @@ pub async fn in_namespace(name: &str) -> String {
     let exe = std::env::current_exe().expect("test binary");
     let exe = exe.to_str().expect("utf-8 path");
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, exe, "--exact", name, "--nocapture"])
+        .args(["netns", "exec", &ns.0, exe, "--exact", &name, "--nocapture"])
         .env(INSIDE, "1")
         .output()
         .await

@@ -16,7 +16,7 @@ use tunnel_core::TransportChoice;
 
 /// Runs test `name` inside its own namespace and passes on the figures it printed.
 async fn outside(name: &str) {
-    let text = netns::in_namespace(name).await;
+    let text = netns::in_namespace(module_path!(), name).await;
     for line in text.lines().filter(|l| l.starts_with("figure:")) {
         eprintln!("{line}");
     }

@@ -23,7 +23,7 @@ async fn auto_runs_over_grpc_while_udp_is_dropped_and_moves_back_to_quic() {
     if netns::inside() {
         inside().await;
     } else {
-        netns::in_namespace(TEST).await;
+        netns::in_namespace(module_path!(), TEST).await;
     }
 }
 

@@ -25,7 +25,7 @@ async fn connections_dnated_to_the_fronts_go_where_they_were_headed() {
     if netns::inside() {
         inside().await;
     } else {
-        netns::in_namespace(TEST).await;
+        netns::in_namespace(module_path!(), TEST).await;
     }
 }
 
