@@ -56,6 +56,13 @@ pub(crate) async fn serve(
     let request = requested.request().clone();
     let span = debug_span!("stream", target = %request.target, trace.id = request.trace_id);
     async move {
+        if let Some(node) = &request.node {
+            // A replica's forwarding request: only another replica serves those.
+            let why = format!("a request for node {node} is for a replica, not an agent");
+            count("unsupported");
+            refused(&shared, &request, Refusal::Unsupported, &why);
+            return refuse(requested, Refusal::Unsupported, &why).await;
+        }
         let addr = match shared.allowlist.resolve(&request.target, ports.as_deref()) {
             Ok(addr) => addr,
             Err(denied) => {

@@ -22,6 +22,8 @@ pub enum Refusal {
     Timeout,
     /// The stream asks for something the link has not negotiated (compression).
     Unsupported,
+    /// Peer links: the replica asked holds no agent for the node (the asker tries another).
+    NoAgent,
 }
 
 impl Refusal {
@@ -33,6 +35,7 @@ impl Refusal {
             Self::Unreachable => "unreachable",
             Self::Timeout => "timeout",
             Self::Unsupported => "unsupported",
+            Self::NoAgent => "no_agent",
         }
     }
 
@@ -44,6 +47,7 @@ impl Refusal {
             Self::Unreachable => proto::OpenResult::Unreachable,
             Self::Timeout => proto::OpenResult::Timeout,
             Self::Unsupported => proto::OpenResult::Unsupported,
+            Self::NoAgent => proto::OpenResult::NoAgent,
         }
     }
 
@@ -57,6 +61,7 @@ impl Refusal {
             Ok(proto::OpenResult::Unreachable) => Ok(Some(Self::Unreachable)),
             Ok(proto::OpenResult::Timeout) => Ok(Some(Self::Timeout)),
             Ok(proto::OpenResult::Unsupported) => Ok(Some(Self::Unsupported)),
+            Ok(proto::OpenResult::NoAgent) => Ok(Some(Self::NoAgent)),
             Ok(proto::OpenResult::Unspecified) | Err(_) => {
                 Err(DecodeError::Invalid("unknown open result"))
             }

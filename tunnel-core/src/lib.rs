@@ -74,6 +74,6 @@ pub use route::{NodeRef, PortConfig, PortPolicy, PortSet, Target, TargetHost};
 pub use tls::{AgentIdentity, Identity};
 pub use transport::{
     AgentSession, BindError, Connector, GrpcListener, HandshakeError, IncomingStream, LinkState,
-    Listener, ListenerConfig, QuicListener, RequestedStream, ServerSession, SessionConfig,
-    TransportChoice, TransportKind, Transports, TunnelStream,
+    Listener, ListenerConfig, QuicListener, ReplicaIdentity, ReplicaSession, RequestedStream,
+    ServerSession, SessionConfig, TransportChoice, TransportKind, Transports, TunnelStream,
 };

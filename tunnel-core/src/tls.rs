@@ -163,6 +163,29 @@ pub fn is_replica_certificate(der: &CertificateDer<'_>) -> Result<bool, Identity
         }))
 }
 
+/// The DNS names among `der`'s subject alternative names, in order: a replica verifies its
+/// peers by the first of its own (they serve the same certificate).
+pub fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparseable)?;
+    Ok(cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Who an agent is, taken from its verified certificate: nothing else decides it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AgentIdentity {

@@ -105,6 +105,16 @@ pub struct ServeArgs {
     /// This replica's id (default: $HOSTNAME, else edge-tunnel-server).
     #[arg(long, env = "HOSTNAME", default_value = "edge-tunnel-server")]
     pub server_id: String,
+    /// The replicas' tunnel ports, HOST:PORT, comma-separated or repeated; this replica finds
+    /// itself among them. A request for a node whose agent is on another replica is forwarded
+    /// to it over a peer link (QUIC, the serving certificate as identity).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// A DNS name whose addresses are the replicas (the headless Service, e.g.
+    /// x-tunnel-server-peers.kube-system.svc.cluster.local), re-resolved every 5 s; their
+    /// tunnel port is --tunnel-port.
+    #[arg(long)]
+    pub peer_dns_name: Option<String>,
     /// Node port reached through the TLS front.
     #[arg(long, default_value_t = 10250)]
     pub kubelet_port: u16,
@@ -273,6 +283,10 @@ impl ServeArgs {
                 ..tunnel_core::SessionConfig::default()
             },
             dns,
+            peers: crate::config::PeerConfig {
+                peers: self.peers,
+                dns_name: self.peer_dns_name,
+            },
             ..ServerConfig::default()
         })
     }

@@ -83,6 +83,54 @@ pub struct ServerConfig {
     pub metrics: Option<PrometheusHandle>,
     /// Cluster DNS: the node records, where they come from and where they go.
     pub dns: DnsConfig,
+    /// The other replicas, for requests whose node's agent is on one of them.
+    pub peers: PeerConfig,
+}
+
+/// Where the other replicas are. With neither set, this replica serves its own agents only.
+/// Peer links run over QUIC on the replicas' tunnel ports, each replica presenting its serving
+/// certificate, which must carry the replica mark (`tunnel-server pki init` writes it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// `HOST:PORT` of every replica's tunnel port; this replica finds itself among them (by
+    /// the server id a link to itself answers with) and skips itself.
+    pub peers: Vec<String>,
+    /// A DNS name whose A/AAAA records are the replicas (the headless Service), re-resolved
+    /// every 5 s; their tunnel port is this replica's.
+    pub dns_name: Option<String>,
+}
+
+impl PeerConfig {
+    /// Whether any peer is configured.
+    pub fn is_set(&self) -> bool {
+        !self.peers.is_empty() || self.dns_name.is_some()
+    }
+
+    /// The static list as host and port, checked.
+    pub(crate) fn statics(&self) -> Result<Vec<(String, u16)>, ConfigError> {
+        self.peers
+            .iter()
+            .map(|entry| {
+                let invalid = |why: &str| ConfigError::Invalid {
+                    what: "--peers",
+                    why: format!("{entry:?}: {why}"),
+                };
+                let (host, port) = entry
+                    .rsplit_once(':')
+                    .ok_or_else(|| invalid("not HOST:PORT"))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| invalid("port is not 1-65535"))?;
+                if host.parse::<IpAddr>().is_err() && !crate::dns::is_dns1123_subdomain(host) {
+                    return Err(invalid("host is neither an IP nor a DNS name"));
+                }
+                Ok((host.to_owned(), port))
+            })
+            .collect()
+    }
 }
 
 /// A namespaced Kubernetes object, written `NAMESPACE/NAME`.
@@ -239,6 +287,7 @@ impl Default for ServerConfig {
             metrics: None,
             transports: Transports::default(),
             dns: DnsConfig::default(),
+            peers: PeerConfig::default(),
         }
     }
 }
@@ -301,6 +350,23 @@ impl ServerConfig {
                 why,
             });
         }
+        if self.peers.is_set() {
+            self.peers.statics()?;
+            if let Some(name) = &self.peers.dns_name
+                && !crate::dns::is_dns1123_subdomain(name.trim_end_matches('.'))
+            {
+                return Err(ConfigError::Invalid {
+                    what: "--peer-dns-name",
+                    why: format!("{name:?} is not a DNS name"),
+                });
+            }
+            if !self.transports.quic {
+                return Err(ConfigError::Invalid {
+                    what: "--peers / --peer-dns-name",
+                    why: "peer links run over QUIC: serve it (--transports quic,grpc)".into(),
+                });
+            }
+        }
         if self.max_front_connections == 0 {
             return Err(ConfigError::Invalid {
                 what: "max front connections",
@@ -318,6 +384,38 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_are_host_port_over_quic() {
+        let peers = |list: &[&str]| ServerConfig {
+            peers: PeerConfig {
+                peers: list.iter().map(ToString::to_string).collect(),
+                dns_name: None,
+            },
+            ..with_certs()
+        };
+        let ok = peers(&["10.0.0.1:10262", "[fd00::1]:10262", "replica-2.peers:10262"]);
+        ok.validate().unwrap();
+        assert_eq!(
+            ok.peers.statics().unwrap()[1],
+            ("fd00::1".to_owned(), 10262)
+        );
+        for bad in ["10.0.0.1", "10.0.0.1:0", "bad_host!:10262"] {
+            let err = peers(&[bad]).validate().unwrap_err().to_string();
+            assert!(err.contains("--peers"), "{bad}: {err}");
+        }
+        let grpc_only = ServerConfig {
+            transports: "grpc".parse().unwrap(),
+            ..peers(&["10.0.0.1:10262"])
+        };
+        assert!(
+            grpc_only
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("QUIC")
+        );
+    }
 
     fn with_certs() -> ServerConfig {
         ServerConfig {

@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod dns;
 mod front;
+mod peers;
 pub mod pki;
 pub mod ports;
 pub mod registry;
@@ -95,6 +96,7 @@ pub struct Server {
     egress: Egress,
     meta: Option<TcpListener>,
     dns: dns::Setup,
+    peers: peers::Setup,
 }
 
 /// The egress front's listeners, when configured.
@@ -152,6 +154,7 @@ async fn bind_tunnel(
     tls: rustls::ServerConfig,
     key: Vec<u8>,
     policy: watch::Receiver<PortPolicy>,
+    replicas: Option<tokio::sync::mpsc::Sender<tunnel_core::ReplicaSession>>,
 ) -> Result<Listener, ServerError> {
     let addr = config.addr(config.tunnel_port);
     let listener = ListenerConfig {
@@ -160,6 +163,7 @@ async fn bind_tunnel(
         transports: config.transports,
         reset_secret: Some(key),
         port_policy: Some(policy),
+        replicas,
     };
     Listener::bind(addr, tls, listener)
         .await
@@ -286,8 +290,9 @@ impl Server {
             }
         };
         let ports = Arc::new(ports);
+        let (peers, replicas) = peers::Setup::prepare(&config, &files, config.tunnel_port)?;
         // The QUIC reset secret derives from the key's bytes.
-        let tunnel = bind_tunnel(&config, tls, files.key.clone(), ports.policy()).await?;
+        let tunnel = bind_tunnel(&config, tls, files.key.clone(), ports.policy(), replicas).await?;
         let https_proxies = front::proxies::bind_all(config.bind_address, &ports.current())
             .await
             .map_err(|(port, source)| ServerError::Bind {
@@ -317,6 +322,7 @@ impl Server {
             egress,
             meta,
             dns,
+            peers,
         })
     }
 
@@ -389,15 +395,20 @@ impl Server {
             egress,
             meta,
             dns: dns_setup,
+            peers,
         } = self;
         // Stop: drain (no new agents or clients). Cut: the drain is over, end what is left.
         let (stop_tx, stop) = watch::channel(false);
         let (cut_tx, cut) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
+        let mut tasks = JoinSet::new();
+        // Peer links outlive the drain (streams forwarded to our agents finish with it).
+        let peers = peers.start(&mut tasks, &config, &registry, &ports, &cut);
         let fronts = Arc::new(front::Fronts::new(
             registry.clone(),
             config.clone(),
             ports.clone(),
+            peers,
         ));
         info!(
             tunnel = %tunnel.local_addr(),
@@ -420,7 +431,6 @@ impl Server {
                 .and_then(|(l, _)| l.local_addr().ok())
                 .map(|a| a.port()),
         };
-        let mut tasks = JoinSet::new();
         let (close_tunnel, close) = tokio::sync::oneshot::channel();
         let agents = tokio::spawn(tunnel::serve(
             tunnel,

@@ -169,7 +169,11 @@ async fn agent_refuses_forbidden_targets_from_a_hostile_server_without_dialing()
         ..Default::default()
     };
     let agent = tokio::spawn(tunnel_agent::run(config, std::future::pending()));
-    let session = listener.accept().await.unwrap().establish().await.unwrap();
+    let tunnel_core::transport::Accepted::Agent(session) =
+        listener.accept().await.unwrap().establish().await.unwrap()
+    else {
+        panic!("an agent's certificate makes an agent session")
+    };
     assert_eq!(session.identity().node_name, "node-a");
 
     let forbidden_before = metric_value(

@@ -18,5 +18,6 @@ mod prometheus_node_exporter;
 mod real_clients;
 mod refusal_logs;
 mod refusals;
+mod replicas;
 mod streams;
 mod through_tunnel;

@@ -126,6 +126,9 @@ pub struct OpenRequest {
     pub compress: bool,
     /// Correlates the server's and the agent's logs for this stream.
     pub trace_id: u64,
+    /// Peer links only: the node whose agent the receiving replica opens the stream to (by
+    /// its own registry, so `target.host` is left for it to decide). `None` on agent links.
+    pub node: Option<route::NodeRef>,
 }
 
 impl OpenRequest {
@@ -135,6 +138,20 @@ impl OpenRequest {
             target,
             compress: false,
             trace_id,
+            node: None,
+        }
+    }
+
+    /// A request a replica forwards to the peer holding `node`'s agent, for `port` there.
+    pub fn to_peer(node: route::NodeRef, port: u16, trace_id: u64) -> Self {
+        Self {
+            target: route::Target {
+                host: TargetHost::Node,
+                port,
+            },
+            compress: false,
+            trace_id,
+            node: Some(node),
         }
     }
 
@@ -158,6 +175,11 @@ impl OpenRequest {
             }),
             compress: self.compress,
             trace_id: self.trace_id,
+            node: self
+                .node
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
 
@@ -196,10 +218,18 @@ impl OpenRequest {
                 return Err(DecodeError::Invalid("unknown target host kind"));
             }
         };
+        let node = match msg.node.as_str() {
+            "" => None,
+            node => Some(
+                route::parse_host(node)
+                    .map_err(|_| DecodeError::Invalid("peer request for an invalid node"))?,
+            ),
+        };
         Ok(Self {
             target: route::Target { host, port },
             compress: msg.compress,
             trace_id: msg.trace_id,
+            node,
         })
     }
 }
@@ -254,6 +284,31 @@ mod tests {
         let (msg, used) = decode_frame::<StreamOpen>(&buf, MAX_OPEN_LEN).unwrap();
         assert_eq!(used, buf.len());
         assert_eq!(OpenRequest::from_proto(msg).unwrap(), req);
+    }
+
+    #[test]
+    fn peer_requests_carry_their_node_and_reject_invalid_ones() {
+        for node in [
+            route::NodeRef::Name("edge-1".into()),
+            route::NodeRef::Ip("fd00::5".parse().unwrap()),
+        ] {
+            let req = OpenRequest::to_peer(node, 10250, 9);
+            assert_eq!(OpenRequest::from_proto(req.to_proto()).unwrap(), req);
+        }
+        let mut msg = OpenRequest::new(
+            route::Target {
+                host: TargetHost::Node,
+                port: 10250,
+            },
+            1,
+        )
+        .to_proto();
+        assert_eq!(OpenRequest::from_proto(msg.clone()).unwrap().node, None);
+        msg.node = "not a node!".into();
+        assert!(matches!(
+            OpenRequest::from_proto(msg),
+            Err(DecodeError::Invalid(_))
+        ));
     }
 
     #[test]

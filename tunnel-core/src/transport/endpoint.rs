@@ -9,14 +9,15 @@ use tracing::debug;
 
 use super::grpc::{GrpcConnector, GrpcListener};
 use super::link::Welcome;
-use super::quic::{PendingSession, QuicConnector, QuicListener};
+use super::quic::{Accepted, PendingSession, QuicConnector, QuicListener};
 use super::{
-    AgentSession, BindError, HandshakeError, Server, ServerSession, SessionConfig, TransportKind,
+    AgentSession, BindError, HandshakeError, ReplicaSession, Server, ServerSession, SessionConfig,
+    TransportKind,
 };
 use crate::error::{CloseCause, SessionError};
 use crate::proto;
 use crate::route::PortPolicy;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// The transports a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,11 @@ pub struct ListenerConfig {
     /// every change of it later, to agents that understand policies. `None`: agents follow
     /// their own flags alone.
     pub port_policy: Option<watch::Receiver<PortPolicy>>,
+    /// Where peer links go: with a sender, QUIC takes links from other replicas (certificates
+    /// with [`crate::tls::REPLICA_URI`]) and hands each over here; one that finds the queue
+    /// full is closed (`busy`), and the replica dials again. Without one, a replica's
+    /// certificate is refused as naming no node. gRPC never takes peer links.
+    pub replicas: Option<mpsc::Sender<ReplicaSession>>,
 }
 
 impl Default for ListenerConfig {
@@ -90,6 +96,7 @@ impl Default for ListenerConfig {
             transports: Transports::default(),
             reset_secret: None,
             port_policy: None,
+            replicas: None,
         }
     }
 }
@@ -101,7 +108,8 @@ pub struct Listener {
     grpc: Option<GrpcListener>,
     addr: SocketAddr,
     /// QUIC handshakes and registrations in progress.
-    handshakes: JoinSet<Result<ServerSession, HandshakeError>>,
+    handshakes: JoinSet<Result<Accepted, HandshakeError>>,
+    replicas: Option<mpsc::Sender<ReplicaSession>>,
     draining: bool,
 }
 
@@ -171,6 +179,7 @@ impl Listener {
                 grpc,
                 addr,
                 handshakes: JoinSet::new(),
+                replicas: config.replicas.clone(),
                 draining: false,
             });
         }
@@ -204,8 +213,11 @@ impl Listener {
                 },
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     // A panicked handshake is one agent fewer, not the listener's end.
-                    if let Ok(done) = done {
-                        return Some(done);
+                    match done {
+                        Ok(Ok(Accepted::Agent(session))) => return Some(Ok(session)),
+                        Ok(Ok(Accepted::Replica(peer))) => self.hand_over(peer),
+                        Ok(Err(failure)) => return Some(Err(failure)),
+                        Err(_) => {}
                     }
                 }
                 accepted = accept_grpc(self.grpc.as_mut()) => match accepted {
@@ -213,6 +225,22 @@ impl Listener {
                     None => self.grpc = None,
                 },
             }
+        }
+    }
+
+    /// Gives a peer link to whoever serves them; closed when nobody takes it now.
+    fn hand_over(&self, peer: ReplicaSession) {
+        let refused = match &self.replicas {
+            Some(replicas) => replicas.try_send(peer).err().map(|e| match e {
+                mpsc::error::TrySendError::Full(peer) | mpsc::error::TrySendError::Closed(peer) => {
+                    peer
+                }
+            }),
+            None => Some(peer),
+        };
+        if let Some(peer) = refused {
+            debug!(peer.addr = %peer.remote_addr(), "peer link not taken: closing it");
+            peer.close(CloseCause::Refused);
         }
     }
 
@@ -244,13 +272,17 @@ fn bind_quic(
     config: &ListenerConfig,
 ) -> Result<QuicListener, BindError> {
     let (session, id) = (config.session.clone(), config.server_id.as_str());
+    let replicas = config.replicas.is_some();
     let quic = match &config.reset_secret {
         Some(secret) => {
             QuicListener::bind_with_reset_secret(addr, tls.clone(), session, id, secret)
         }
         None => QuicListener::bind(addr, tls.clone(), session, id),
     };
-    quic.map(|q| q.with_port_policy(config.port_policy.clone()))
+    quic.map(|q| {
+        q.with_port_policy(config.port_policy.clone())
+            .with_replicas(replicas)
+    })
 }
 
 async fn accept_quic(quic: Option<&QuicListener>) -> Option<PendingSession> {
@@ -269,7 +301,7 @@ async fn accept_grpc(
     }
 }
 
-async fn establish(pending: PendingSession) -> Result<ServerSession, HandshakeError> {
+async fn establish(pending: PendingSession) -> Result<Accepted, HandshakeError> {
     let remote = pending.remote_addr();
     pending.establish().await.map_err(|error| HandshakeError {
         remote,

@@ -427,12 +427,22 @@ impl Welcome {
     }
 }
 
-/// Server side: runs the agent's registration on `channel` and starts the link's driver. The
-/// node name comes from `identity` (the certificate) only; a differing claim is logged. On
-/// failure the channel is closed with the cause.
+/// Who registers on a link the server accepted, as its certificate says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Registrant<'a> {
+    /// An agent, for the node its certificate names.
+    Agent(&'a AgentIdentity),
+    /// Another replica dialing a peer link: it is told no port policy, and registers under
+    /// the server id it claims.
+    Replica,
+}
+
+/// Server side: runs the registration on `channel` and starts the link's driver. An agent's
+/// node name comes from its certificate only; a differing claim is logged. On failure the
+/// channel is closed with the cause.
 pub(crate) async fn accept_agent<C: ControlChannel>(
     mut channel: C,
-    identity: &AgentIdentity,
+    registrant: Registrant<'_>,
     welcome: &Welcome,
     config: &SessionConfig,
     capacity: usize,
@@ -440,7 +450,10 @@ pub(crate) async fn accept_agent<C: ControlChannel>(
 ) -> Result<(proto::Register, Link), CloseReason> {
     let mut control = Control::server(now(), config.control.clone());
     // Marked seen here: a change after this point goes out as a message of its own.
-    let mut ports = welcome.ports.clone();
+    let mut ports = match registrant {
+        Registrant::Agent(_) => welcome.ports.clone(),
+        Registrant::Replica => None,
+    };
     let current = ports
         .as_mut()
         .map(|p| proto::PortPolicy::from_policy(&p.borrow_and_update()));
@@ -449,14 +462,27 @@ pub(crate) async fn accept_agent<C: ControlChannel>(
             Event::RegisterReceived(r) => r,
             other => return Err(unexpected(&other, "await-register")),
         };
-        if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
-            warn!(
-                agent.claimed = %claims.node_name,
-                "agent claims another node name; using its certificate's"
-            );
-        }
+        let name = match registrant {
+            Registrant::Agent(identity) => {
+                if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
+                    warn!(
+                        agent.claimed = %claims.node_name,
+                        "agent claims another node name; using its certificate's"
+                    );
+                }
+                identity.node_name.clone()
+            }
+            Registrant::Replica => {
+                if claims.node_name.is_empty() || claims.node_name.len() > 253 {
+                    return Err(
+                        ControlError::Invalid("replica registered without a server id").into(),
+                    );
+                }
+                claims.node_name.clone()
+            }
+        };
         let registered = proto::Registered {
-            node_name: identity.node_name.clone(),
+            node_name: name,
             server_id: welcome.server_id.to_string(),
             ports: current,
         };

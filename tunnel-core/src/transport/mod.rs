@@ -26,8 +26,10 @@ use crate::error::{ConfigError, SessionError};
 pub use endpoint::{Connector, Listener, ListenerConfig, QUIC_FIRST, TransportChoice, Transports};
 pub use grpc::GrpcListener;
 pub use link::LinkState;
-pub use quic::{PendingSession, QuicListener};
-pub use session::{AgentSession, IncomingStream, RequestedStream, ServerSession};
+pub use quic::{Accepted, PendingSession, QuicListener};
+pub use session::{
+    AgentSession, IncomingStream, ReplicaIdentity, ReplicaSession, RequestedStream, ServerSession,
+};
 pub use stream::TunnelStream;
 
 /// Which transport carries a session.

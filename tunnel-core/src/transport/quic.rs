@@ -12,10 +12,10 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tracing::{debug, debug_span, warn};
 
 use super::link::{
-    self, Acceptor, BoxFuture, ControlChannel, Incoming, Link, Opener, Opening, RequestRead,
-    Requested, Welcome,
+    self, Acceptor, BoxFuture, ControlChannel, Incoming, Link, Opener, Opening, Registrant,
+    RequestRead, Requested, Welcome,
 };
-use super::session::{AgentParts, ServerParts, answer_to_result};
+use super::session::{AgentParts, ReplicaIdentity, ReplicaSession, ServerParts, answer_to_result};
 use super::stream::StreamIo;
 use super::{AgentSession, BindError, Server, ServerSession, SessionConfig, TransportKind};
 use crate::error::{CloseCause, CloseReason, ConfigError, OpenError, SessionError};
@@ -93,6 +93,8 @@ pub struct QuicListener {
     endpoint: quinn::Endpoint,
     config: Arc<SessionConfig>,
     welcome: Welcome,
+    /// Whether replicas' certificates make peer links (else they are refused).
+    replicas: bool,
 }
 
 impl QuicListener {
@@ -159,6 +161,7 @@ impl QuicListener {
             endpoint,
             config: Arc::new(config),
             welcome: Welcome::new(server_id),
+            replicas: false,
         })
     }
 
@@ -166,6 +169,13 @@ impl QuicListener {
     /// not understand policies are told nothing).
     pub(crate) fn with_port_policy(mut self, ports: Option<watch::Receiver<PortPolicy>>) -> Self {
         self.welcome.ports = ports;
+        self
+    }
+
+    /// Takes peer links from other replicas too (certificates with the replica mark); without
+    /// this, such a certificate is refused like any that names no node.
+    pub(crate) fn with_replicas(mut self, replicas: bool) -> Self {
+        self.replicas = replicas;
         self
     }
 
@@ -181,6 +191,7 @@ impl QuicListener {
             incoming,
             config: self.config.clone(),
             welcome: self.welcome.clone(),
+            replicas: self.replicas,
         })
     }
 
@@ -202,6 +213,18 @@ pub struct PendingSession {
     incoming: quinn::Incoming,
     config: Arc<SessionConfig>,
     welcome: Welcome,
+    replicas: bool,
+}
+
+/// What a QUIC handshake and registration produced: an agent's session, or a peer link
+/// another replica dialed (only on a listener that takes them).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Accepted {
+    /// An agent, for the node its certificate names.
+    Agent(ServerSession),
+    /// Another replica's peer link.
+    Replica(ReplicaSession),
 }
 
 impl PendingSession {
@@ -218,7 +241,8 @@ impl PendingSession {
 
     /// Completes TLS, takes the node identity from the client certificate, and runs the
     /// registration. The node name comes from the certificate only; a differing claim is logged.
-    pub async fn establish(self) -> Result<ServerSession, SessionError> {
+    /// A replica's certificate makes a peer link when the listener takes them.
+    pub async fn establish(self) -> Result<Accepted, SessionError> {
         let remote = self.incoming.remote_address();
         let config = self.config;
         let connecting = self.incoming.accept().map_err(|e| reason_of(&e))?;
@@ -226,14 +250,23 @@ impl PendingSession {
             .await
             .map_err(|_| CloseReason::local(CloseCause::HandshakeTimeout))?
             .map_err(|e| reason_of(&e))?;
-        let identity = match peer_identity(&conn) {
+        let identity = match peer_identity(&conn, self.replicas) {
             Ok(identity) => identity,
             Err(e) => {
                 close(&conn, CloseCause::Refused, &e.to_string());
                 return Err(e.into());
             }
         };
-        let span = debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote, transport = "quic");
+        let (registrant, span) = match &identity {
+            Some(identity) => (
+                Registrant::Agent(identity),
+                debug_span!("session", agent.id = %identity.node_name, peer.addr = %remote, transport = "quic"),
+            ),
+            None => (
+                Registrant::Replica,
+                debug_span!("peer", peer.addr = %remote, transport = "quic"),
+            ),
+        };
         let control =
             match tokio::time::timeout(config.control.register_timeout, conn.accept_bi()).await {
                 Ok(Ok((send, recv))) => QuicControl::new(conn.clone(), send, recv),
@@ -245,29 +278,52 @@ impl PendingSession {
             };
         // The agent opens only the control stream; the server's commands are go-aways.
         let (claims, link) =
-            link::accept_agent(control, &identity, &self.welcome, &config, 4, span).await?;
-        let opener = QuicOpener {
+            link::accept_agent(control, registrant, &self.welcome, &config, 4, span).await?;
+        let opener = Box::new(QuicOpener {
             conn,
             timeout: config.open_timeout,
-        };
-        Ok(ServerSession::new(ServerParts {
-            identity,
-            claims,
-            remote,
-            transport: TransportKind::Quic,
-            config,
-            opener: Box::new(opener),
-            link,
-        }))
+        });
+        let transport = TransportKind::Quic;
+        Ok(match identity {
+            Some(identity) => Accepted::Agent(ServerSession::new(ServerParts {
+                identity,
+                claims,
+                remote,
+                transport,
+                config,
+                opener,
+                link,
+            })),
+            None => Accepted::Replica(ServerSession::new(ServerParts {
+                identity: ReplicaIdentity {
+                    server_id: claims.node_name.clone(),
+                },
+                claims,
+                remote,
+                transport,
+                config,
+                opener,
+                link,
+            })),
+        })
     }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<AgentIdentity, crate::tls::IdentityError> {
+/// The agent's identity from its certificate, or `None` for a replica's certificate where
+/// `replicas` allows those.
+fn peer_identity(
+    conn: &quinn::Connection,
+    replicas: bool,
+) -> Result<Option<AgentIdentity>, crate::tls::IdentityError> {
     let chain = conn.peer_identity().and_then(|any| {
         any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
             .ok()
     });
-    AgentIdentity::from_chain(chain.as_deref().map(Vec::as_slice))
+    let chain = chain.as_deref().map(Vec::as_slice);
+    match AgentIdentity::from_chain(chain) {
+        Err(crate::tls::IdentityError::ReplicaCertificate) if replicas => Ok(None),
+        other => other.map(Some),
+    }
 }
 
 /// The agent's side of QUIC: connects to servers.

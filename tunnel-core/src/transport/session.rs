@@ -33,9 +33,9 @@ impl Drop for PendingOpen {
 }
 
 #[derive(Debug)]
-struct ServerShared {
+struct ServerShared<I> {
     id: u64,
-    identity: AgentIdentity,
+    identity: I,
     claims: proto::Register,
     remote: SocketAddr,
     transport: TransportKind,
@@ -45,17 +45,40 @@ struct ServerShared {
     trace_ids: AtomicU64,
 }
 
-/// The server's handle on one agent link. Cheap to clone; the link lives while a handle does.
-#[derive(Debug, Clone)]
-pub struct ServerSession {
-    shared: Arc<ServerShared>,
+/// The server's handle on one agent link (or, as [`ReplicaSession`], on the link another
+/// replica dialed to this one). Cheap to clone; the link lives while a handle does. `I` is who
+/// is at the other end, as the certificate says.
+#[derive(Debug)]
+pub struct ServerSession<I = AgentIdentity> {
+    shared: Arc<ServerShared<I>>,
 }
+
+impl<I> Clone for ServerSession<I> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Who dialed a peer link: another replica, proven by its certificate's replica mark
+/// ([`crate::tls::REPLICA_URI`]). Which replica it is, it says at registration (its server id);
+/// that is for logs and for telling its links apart, not a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaIdentity {
+    /// The server id the replica registered with.
+    pub server_id: String,
+}
+
+/// The server's handle on a peer link another replica dialed: this replica opens streams on
+/// it toward agents that replica holds ([`OpenRequest::to_peer`]).
+pub type ReplicaSession = ServerSession<ReplicaIdentity>;
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// What a transport hands over to make a [`ServerSession`].
-pub(crate) struct ServerParts {
-    pub(crate) identity: AgentIdentity,
+pub(crate) struct ServerParts<I> {
+    pub(crate) identity: I,
     pub(crate) claims: proto::Register,
     pub(crate) remote: SocketAddr,
     pub(crate) transport: TransportKind,
@@ -64,8 +87,8 @@ pub(crate) struct ServerParts {
     pub(crate) link: Link,
 }
 
-impl ServerSession {
-    pub(crate) fn new(parts: ServerParts) -> Self {
+impl<I> ServerSession<I> {
+    pub(crate) fn new(parts: ServerParts<I>) -> Self {
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: Arc::new(ServerShared {
@@ -87,8 +110,9 @@ impl ServerSession {
         self.shared.id
     }
 
-    /// The agent's identity, from its certificate.
-    pub fn identity(&self) -> &AgentIdentity {
+    /// Who is at the other end, from its certificate: the agent's node identity, or the
+    /// replica's.
+    pub fn identity(&self) -> &I {
         &self.shared.identity
     }
 

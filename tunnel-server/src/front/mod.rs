@@ -26,6 +26,7 @@ use tunnel_core::{
 use tunnel_process::throttle::LogThrottle;
 
 use crate::config::ServerConfig;
+use crate::peers::Peers;
 use crate::ports::Ports;
 use crate::registry::Registry;
 
@@ -242,6 +243,8 @@ pub(crate) async fn linger<IO: AsyncRead + Unpin>(io: &mut IO) {
 #[derive(Debug)]
 pub(crate) struct Fronts {
     pub(crate) registry: Arc<Registry>,
+    /// The other replicas, for nodes whose agent is not here.
+    peers: Option<Arc<Peers>>,
     pub(crate) config: Arc<ServerConfig>,
     /// The port configuration in force.
     pub(crate) ports: Arc<Ports>,
@@ -256,9 +259,11 @@ impl Fronts {
         registry: Arc<Registry>,
         config: Arc<ServerConfig>,
         ports: Arc<Ports>,
+        peers: Option<Arc<Peers>>,
     ) -> Self {
         Self {
             registry,
+            peers,
             config,
             ports,
             refusals: LogThrottle::default(),
@@ -301,7 +306,8 @@ impl Fronts {
 
     /// Opens on the node's session; when that session ends while the open waits and the node
     /// has a new one already (its agent restarted, or moved to another transport), once more
-    /// on the new one, so that the client gets its answer rather than a 503.
+    /// on the new one, so that the client gets its answer rather than a 503. A node whose
+    /// agent is not here is asked of the other replicas.
     async fn open_on_node(&self, node: &NodeRef, port: u16) -> Result<TunnelStream, OpenFailure> {
         // Refused here, before any agent hears of it.
         if !self.ports.current().serves(port) {
@@ -312,7 +318,14 @@ impl Fronts {
             source,
         };
         let Some((session, host)) = self.registry.lookup(node) else {
-            return Err(OpenFailure::NoAgent(node.clone()));
+            return match &self.peers {
+                Some(peers) => match peers.open(node, port).await {
+                    Ok(Some(stream)) => Ok(stream),
+                    Ok(None) => Err(OpenFailure::NoAgent(node.clone())),
+                    Err(e) => Err(failed(e)),
+                },
+                None => Err(OpenFailure::NoAgent(node.clone())),
+            };
         };
         match open_on(&session, host, port).await {
             Err(OpenError::LinkClosed(reason)) => match self.registry.lookup(node) {

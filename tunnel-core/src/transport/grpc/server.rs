@@ -280,7 +280,7 @@ async fn register(
     let capacity = 2 * shared.config.max_streams as usize + 16;
     let accepted = link::accept_agent(
         control,
-        &identity,
+        link::Registrant::Agent(&identity),
         &shared.welcome,
         &shared.config,
         capacity,

@@ -1,0 +1,341 @@
+//! Several replicas, each agent on one of them: a request for any node through any replica
+//! reaches that node (forwarded over a peer link when its agent is elsewhere), an agent that
+//! moves is found again, and a node no replica holds is a 503. Each node's service listens on
+//! the node's own IP (127.0.0.x) and answers with the node's name, so a request that reached
+//! the wrong node would show.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_tunnel_testkit::{TestPki, client, free_port_on, metric_value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tunnel_agent::{Agent, AgentConfig, AgentStatus};
+use tunnel_core::route::config::{FixedPorts, LOCALHOST_PROXY_PORTS};
+use tunnel_core::{PortConfig, PortSet, TransportChoice};
+use tunnel_server::config::PeerConfig;
+use tunnel_server::{Registry, Server, ServerConfig};
+
+/// The port each node's service listens on, on the node's IP.
+fn node_ip(i: usize) -> IpAddr {
+    IpAddr::from([127, 0, 0, 20 + u8::try_from(i).expect("few nodes")])
+}
+
+fn node_name(i: usize) -> String {
+    format!("edge-{i}")
+}
+
+/// A service on `ip:port` that answers every request with `name` and closes.
+async fn node_service(ip: IpAddr, port: u16, name: String) -> JoinHandle<()> {
+    let listener = TcpListener::bind((ip, port))
+        .await
+        .expect("node service binds");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            });
+        }
+    })
+}
+
+/// A replica running in this process.
+struct Replica {
+    id: String,
+    tunnel: SocketAddr,
+    http: SocketAddr,
+    registry: Arc<Registry>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// `n` replicas whose tunnel ports are one another's `--peers` (each finds itself in the list).
+async fn replicas(pki: &TestPki, n: usize, port: u16) -> Vec<Replica> {
+    let tunnel_ports: Vec<u16> = (0..n).map(|_| free_port_on(&["127.0.0.1"])).collect();
+    let peers: Vec<String> = tunnel_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let mut out = Vec::new();
+    for (i, tunnel_port) in tunnel_ports.into_iter().enumerate() {
+        let config = ServerConfig {
+            bind_address: "127.0.0.1".parse().expect("ip"),
+            meta_bind_address: "127.0.0.1".parse().expect("ip"),
+            tunnel_port,
+            secure_port: 0,
+            insecure_port: 0,
+            meta_port: 0,
+            tls_cert_file: Some(pki.tunnel.server_cert.clone()),
+            tls_private_key_file: Some(pki.tunnel.server_key.clone()),
+            client_ca_file: Some(pki.tunnel.ca_cert.clone()),
+            server_id: format!("replica-{i}"),
+            kubelet_port: port,
+            kubelet_read_only_port: port,
+            metrics: Some(edge_tunnel_testkit::metrics()),
+            // The service is on the node's IP, not its loopback.
+            ports: Some(
+                PortConfig::parse(
+                    [(LOCALHOST_PROXY_PORTS, "")],
+                    FixedPorts {
+                        kubelet: port,
+                        kubelet_read_only: port,
+                        ..FixedPorts::default()
+                    },
+                )
+                .expect("port config"),
+            ),
+            peers: PeerConfig {
+                peers: peers.clone(),
+                dns_name: None,
+            },
+            ..ServerConfig::default()
+        };
+        let server = Server::bind(config).await.expect("replica binds");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let replica = Replica {
+            id: format!("replica-{i}"),
+            tunnel: server.tunnel_addr(),
+            http: server.insecure_addr(),
+            registry: server.registry(),
+            stop: Some(stop),
+            task: tokio::spawn(async move {
+                let _ = server
+                    .run(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            }),
+        };
+        out.push(replica);
+    }
+    out
+}
+
+/// An agent for node `i` dialing `server` over `transport`, its node's service on `port`.
+fn agent_config(
+    pki: &TestPki,
+    i: usize,
+    server: SocketAddr,
+    port: u16,
+    transport: TransportChoice,
+) -> AgentConfig {
+    let (crt, key) = pki.agent(&node_name(i));
+    AgentConfig {
+        server_address: server.to_string(),
+        server_name: Some("localhost".into()),
+        node_name: node_name(i),
+        node_ips: vec![node_ip(i)],
+        tls_cert_file: Some(crt),
+        tls_private_key_file: Some(key),
+        ca_file: Some(pki.tunnel.ca_cert.clone()),
+        meta_port: 0,
+        allowed_ports: Some(PortSet::new([port])),
+        localhost_proxy_ports: Some(PortSet::default()),
+        transport,
+        metrics: Some(edge_tunnel_testkit::metrics()),
+        ..AgentConfig::default()
+    }
+}
+
+struct RunningAgent {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningAgent {
+    async fn start(config: AgentConfig, expect_server: &str) -> Self {
+        let agent = Agent::new(config);
+        let mut status = agent.status();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = agent
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            status.wait_for(|s| matches!(s, AgentStatus::Connected { server_id, .. } if server_id == expect_server)),
+        )
+        .await
+        .expect("agent connects in time")
+        .expect("agent runs");
+        Self {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// What the HTTP front of `front` answers for node `node` on `port`: status and body.
+async fn ask(front: SocketAddr, node: &str, port: u16) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(front)
+        .await
+        .expect("front accepts");
+    let mut sender = client::http1(tcp).await.expect("http/1");
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        client::get(&mut sender, &format!("{node}:{port}"), "/"),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("a response");
+    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Waits until every replica has a peer link from each other one.
+async fn linked(replicas: &[Replica]) {
+    let want = (replicas.len() * (replicas.len() - 1)) as f64;
+    let metrics = edge_tunnel_testkit::metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics.render();
+        // One process: every replica's gauge is the same series; the sum of the
+        // per-replica sets is not, so count the links each side reports instead.
+        let out = metric_value(
+            &text,
+            "edge_tunnel_server_peer_links",
+            &[("direction", "out")],
+        );
+        if out >= want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peer links up: {out} of {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    const NODES: usize = 6;
+    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
+        .map(|i| (node_name(i), vec![node_ip(i)]))
+        .collect();
+    let refs: Vec<(&str, &[IpAddr])> = nodes
+        .iter()
+        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
+        .collect();
+    let pki = TestPki::new(&refs);
+    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let port = free_port_on(&ip_refs);
+    let mut services = Vec::new();
+    for i in 0..NODES {
+        services.push(node_service(node_ip(i), port, node_name(i)).await);
+    }
+    let replicas = replicas(&pki, 3, port).await;
+    linked(&replicas).await;
+
+    // Node i's agent on replica i % 3, over QUIC and gRPC in turn.
+    let mut agents = Vec::new();
+    for i in 0..NODES {
+        let home = &replicas[i % 3];
+        let transport = if i % 2 == 0 {
+            TransportChoice::Quic
+        } else {
+            TransportChoice::Grpc
+        };
+        let config = agent_config(&pki, i, home.tunnel, port, transport);
+        agents.push(Some(RunningAgent::start(config, &home.id).await));
+        home.registry.wait_for(&node_name(i)).await;
+    }
+
+    for replica in &replicas {
+        for i in 0..NODES {
+            let (status, body) = ask(replica.http, &node_name(i), port).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (200, node_name(i).as_str()),
+                "node {i} through {}",
+                replica.id
+            );
+        }
+        // By IP too: the holding replica maps it through the agent's certificate.
+        let (status, body) = ask(replica.http, &node_ip(4).to_string(), port).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "edge-4"),
+            "by IP through {}",
+            replica.id
+        );
+    }
+    let text = edge_tunnel_testkit::metrics().render();
+    // Each replica holds 2 of the 6 nodes: 4 of every 6 requests (and the IP one on two
+    // replicas) were forwarded.
+    assert!(
+        metric_value(
+            &text,
+            "edge_tunnel_server_peer_forwards_total",
+            &[("result", "ok")]
+        ) >= 14.0,
+        "{text}"
+    );
+
+    // No replica holds it: 503, from every replica.
+    for replica in &replicas {
+        let (status, _) = ask(replica.http, "edge-nowhere", port).await;
+        assert_eq!(status, 503, "unknown node through {}", replica.id);
+    }
+
+    // Node 0 moves from replica 0 to replica 1. Replica 2 remembers replica 0 as its holder:
+    // that answer is stale now, and replica 2 must find the node on replica 1.
+    agents[0].take().expect("agent 0").stop().await;
+    replicas[0].registry.wait_gone(&node_name(0)).await;
+    let config = agent_config(&pki, 0, replicas[1].tunnel, port, TransportChoice::Quic);
+    agents[0] = Some(RunningAgent::start(config, &replicas[1].id).await);
+    for replica in &replicas {
+        let (status, body) = ask(replica.http, &node_name(0), port).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "edge-0"),
+            "the moved node through {}",
+            replica.id
+        );
+    }
+
+    for agent in agents.into_iter().flatten() {
+        agent.stop().await;
+    }
+    drop(replicas);
+    for service in services {
+        service.abort();
+    }
+}

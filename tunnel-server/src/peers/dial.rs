@@ -1,0 +1,264 @@
+//! This replica's side of the peer links it dials: who the peers are (a static list, the
+//! headless Service's DNS name re-resolved), one link kept to each, and the streams the peers
+//! open on those links served from this replica's own agents.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_core::copy::{CopyConfig, copy_bidirectional};
+use tunnel_core::{
+    AgentSession, CloseCause, Connector, IncomingStream, OpenError, OpenRequest, Refusal,
+    RequestedStream, Target, TransportChoice, proto,
+};
+
+use crate::ports::Ports;
+use crate::registry::Registry;
+
+/// How often the peer list is resolved again: a replica added to the headless Service is
+/// linked within this (plus its DNS TTL).
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// Redial backoff of a peer link: from the first to the longest wait.
+const REDIAL_FIRST: Duration = Duration::from_millis(500);
+const REDIAL_MAX: Duration = Duration::from_secs(10);
+/// How long a forwarded stream waits for the peer to acknowledge its last bytes.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the peers are: `HOST:PORT` entries, and a DNS name whose addresses are the replicas
+/// (the headless Service), at `port`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Membership {
+    pub(crate) statics: Vec<(String, u16)>,
+    pub(crate) dns_name: Option<(String, u16)>,
+}
+
+impl Membership {
+    /// Every address the peers have now. A name that does not resolve is logged and left
+    /// out until it does.
+    async fn resolve(&self, resolver: &TokioResolver) -> BTreeSet<SocketAddr> {
+        let mut addrs = BTreeSet::new();
+        let names = self.statics.iter().chain(self.dns_name.as_ref());
+        for (host, port) in names {
+            if let Ok(ip) = host.parse() {
+                addrs.insert(SocketAddr::new(ip, *port));
+                continue;
+            }
+            match resolver.lookup_ip(host.as_str()).await {
+                Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, *port))),
+                Err(e) => debug!(peer.host = %host, error = %e, "peer name does not resolve"),
+            }
+        }
+        addrs
+    }
+}
+
+/// What serving the peers' streams needs of this replica.
+#[derive(Debug, Clone)]
+pub(crate) struct Dialing {
+    pub(crate) server_id: String,
+    /// The name the peers' certificate carries (they serve the same one as this replica).
+    pub(crate) server_name: String,
+    pub(crate) connector: Connector,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) ports: Arc<Ports>,
+    pub(crate) copy: CopyConfig,
+}
+
+/// Keeps a peer link to every address of `membership` but this replica's own, until `stop`.
+pub(crate) async fn dial(
+    membership: Membership,
+    resolver: TokioResolver,
+    dialing: Dialing,
+    mut stop: watch::Receiver<bool>,
+) {
+    let dialing = Arc::new(dialing);
+    let mut links: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    loop {
+        let addrs = membership.resolve(&resolver).await;
+        links.retain(|addr, task| {
+            let keep = addrs.contains(addr);
+            if !keep {
+                info!(peer.addr = %addr, "peer left the peer list");
+                task.abort();
+            }
+            keep
+        });
+        for addr in addrs {
+            links.entry(addr).or_insert_with(|| {
+                let span = info_span!("peer", peer.addr = %addr);
+                tokio::spawn(keep_link(addr, dialing.clone()).instrument(span))
+            });
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RESOLVE_EVERY) => {}
+            () = crate::stopped(&mut stop) => break,
+        }
+    }
+    for task in links.into_values() {
+        task.abort();
+    }
+}
+
+/// Dials `addr` until it answers, serves the link until it ends, and again; returns when the
+/// address is this replica's own.
+async fn keep_link(addr: SocketAddr, dialing: Arc<Dialing>) {
+    let register = proto::Register {
+        node_name: dialing.server_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    };
+    let mut wait = REDIAL_FIRST;
+    let mut failures = 0u32;
+    loop {
+        let connect = dialing.connector.connect_over(
+            TransportChoice::Quic,
+            addr,
+            &dialing.server_name,
+            register.clone(),
+        );
+        match connect.await {
+            Ok(link) if link.server_id() == dialing.server_id => {
+                debug!("this address is this replica's own");
+                link.close(CloseCause::Refused);
+                return;
+            }
+            Ok(link) => {
+                info!(peer.id = %link.server_id(), "peer link up");
+                wait = REDIAL_FIRST;
+                failures = 0;
+                let gauge = metrics::gauge!("edge_tunnel_server_peer_links", "direction" => "out");
+                gauge.increment(1.0);
+                let reason = serve(link, &dialing).await;
+                gauge.decrement(1.0);
+                info!(%reason, "peer link ended");
+            }
+            Err(e) => {
+                failures += 1;
+                // A replica still starting, or one going away: say so once, then quietly.
+                if failures == 1 {
+                    warn!(error = %e, "cannot link to a peer; retrying");
+                } else {
+                    debug!(error = %e, failures, "cannot link to a peer; retrying");
+                }
+            }
+        }
+        tokio::time::sleep(jittered(wait)).await;
+        wait = (wait * 2).min(REDIAL_MAX);
+    }
+}
+
+/// Between 50 % and 100 % of `wait`, so that replicas restarted together do not redial in step.
+fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+/// Serves the streams the peer opens on `link` until the link ends.
+async fn serve(link: AgentSession, dialing: &Arc<Dialing>) -> tunnel_core::CloseReason {
+    loop {
+        match link.accept().await {
+            Ok(incoming) => {
+                tokio::spawn(serve_stream(incoming, dialing.clone()));
+            }
+            Err(_) => return link.closed().await,
+        }
+    }
+}
+
+/// One stream a peer opened: open the same port of the node on this replica's agent, answer
+/// with that agent's answer, and copy.
+async fn serve_stream(incoming: IncomingStream, dialing: Arc<Dialing>) {
+    let mut requested = match incoming.read_request().await {
+        Ok(r) => r,
+        Err(e) => {
+            served("bad_header");
+            debug!(error = %e, "peer stream with a bad header");
+            return;
+        }
+    };
+    let request = requested.request().clone();
+    let Some(node) = request.node.clone() else {
+        served("unsupported");
+        return refuse(
+            requested,
+            Refusal::Unsupported,
+            "a peer link carries requests for a node only",
+        )
+        .await;
+    };
+    let port = request.target.port;
+    // The peer checked its own port configuration; ours is the same, and a replica that
+    // has not caught up yet must not serve what it does not.
+    if !dialing.ports.current().serves(port) {
+        served("forbidden");
+        let why = format!("port {port} is not served by this replica");
+        return refuse(requested, Refusal::Forbidden, &why).await;
+    }
+    let Some((session, host)) = dialing.registry.lookup(&node) else {
+        served("no_agent");
+        return refuse(requested, Refusal::NoAgent, "no agent for this node here").await;
+    };
+    let open = OpenRequest::new(Target { host, port }, request.trace_id);
+    debug!(%node, port, trace.id = request.trace_id, "serving a peer's stream");
+    let opened = tokio::select! {
+        opened = session.open(&open) => opened,
+        // The peer's client left: the open on our agent is dropped, which withdraws it.
+        () = requested.withdrawn() => {
+            served("withdrawn");
+            return;
+        }
+    };
+    let mut agent = match opened {
+        Ok(stream) => stream,
+        Err(e) => {
+            let (refusal, detail) = match &e {
+                OpenError::Refused {
+                    refusal, detail, ..
+                } => (*refusal, detail.clone()),
+                // The agent left while we opened: the peer may find it elsewhere.
+                OpenError::LinkClosed(_) => (Refusal::NoAgent, e.to_string()),
+                _ => (e.refusal(), e.to_string()),
+            };
+            served(refusal.as_str());
+            return refuse(requested, refusal, &detail).await;
+        }
+    };
+    let mut peer = match requested.accept().await {
+        Ok(stream) => stream,
+        Err(e) => {
+            served("abandoned");
+            debug!(error = %e, "the peer gave up on the stream");
+            agent.abort();
+            return;
+        }
+    };
+    served("ok");
+    match copy_bidirectional(&mut peer, &mut agent, &dialing.copy).await {
+        Ok(_) => {
+            tokio::join!(
+                peer.delivered(DELIVERY_TIMEOUT),
+                agent.delivered(DELIVERY_TIMEOUT)
+            );
+        }
+        Err(e) => {
+            debug!(error = %e, "forwarded stream ended with an error");
+            peer.abort();
+            agent.abort();
+        }
+    }
+}
+
+async fn refuse(requested: RequestedStream, refusal: Refusal, detail: &str) {
+    if let Err(e) = requested.refuse(refusal, detail).await {
+        debug!(error = %e, "refusal not delivered to the peer");
+    }
+}
+
+fn served(result: &'static str) {
+    metrics::counter!("edge_tunnel_server_peer_streams_served_total", "result" => result)
+        .increment(1);
+}

@@ -1,0 +1,182 @@
+//! Replicas serving one another's nodes. Behind a load balancer an agent lands on whichever
+//! replica it picks; a request for its node may land on any other. So every replica dials a
+//! peer link to every other one (QUIC, mutual TLS with its serving certificate, which carries
+//! the replica mark), and on a link it *accepted* a replica opens streams toward the dialer:
+//! "open this port on node N among your agents". The dialer serves such a stream from its own
+//! registry only, so a request crosses one peer link at most and never loops.
+//!
+//! Who holds which node is asked, not told: on a miss, the peers are tried one by one (the
+//! stream's own opening is the question, `no_agent` the answer), and the replica that answered
+//! is remembered until it says `no_agent` or its link goes. Nothing is sent while agents come and
+//! go, which with thousands of agents reconnecting at once (a replica's restart) would be a
+//! storm of deltas to every peer; a miss costs one round trip per peer asked, on a LAN.
+
+mod dial;
+mod setup;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info};
+use tunnel_core::{
+    CloseCause, CloseReason, NodeRef, OpenError, OpenRequest, Refusal, ReplicaSession, TunnelStream,
+};
+
+use dial::{Dialing, Membership, dial};
+pub(crate) use setup::Setup;
+
+/// The most nodes remembered with their holder. Past it the directory starts again empty: it
+/// is a cache, and asking again costs a round trip per peer.
+const DIRECTORY_CAP: usize = 100_000;
+
+/// How long streams on a replica's older peer link may run once a newer link replaced it.
+const REPLACED_DRAIN: Duration = Duration::from_secs(30);
+
+/// The peer links other replicas dialed to this one, and where nodes were last found.
+#[derive(Debug)]
+pub(crate) struct Peers {
+    server_id: String,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// By the server id each replica registered with.
+    links: HashMap<String, ReplicaSession>,
+    /// Node → the server id of the replica that last served it.
+    holders: HashMap<NodeRef, String>,
+}
+
+impl Peers {
+    pub(crate) fn new(server_id: &str) -> Self {
+        Self {
+            server_id: server_id.to_owned(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every statement leaves the maps consistent; a panic elsewhere cannot break them.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens `port` on `node` through the replica that holds its agent: `Ok(None)` when no
+    /// peer does. The replica that served it last is asked first; a refusal other than
+    /// `no_agent` is that replica's agent's answer and ends the search.
+    pub(crate) async fn open(
+        &self,
+        node: &NodeRef,
+        port: u16,
+    ) -> Result<Option<TunnelStream>, OpenError> {
+        let candidates = {
+            let state = self.state();
+            let cached = state.holders.get(node);
+            let mut links: Vec<(String, ReplicaSession)> = state
+                .links
+                .iter()
+                .map(|(id, link)| (id.clone(), link.clone()))
+                .collect();
+            // The remembered holder first, then the others in a stable order.
+            links.sort_by_key(|(id, _)| (Some(id) != cached, id.clone()));
+            links
+        };
+        for (id, link) in candidates {
+            let request = OpenRequest::to_peer(node.clone(), port, link.next_trace_id());
+            debug!(%node, port, peer.id = %id, trace.id = request.trace_id, "asking a peer");
+            match link.open(&request).await {
+                Ok(stream) => {
+                    let mut state = self.state();
+                    if state.holders.len() >= DIRECTORY_CAP {
+                        state.holders.clear();
+                    }
+                    state.holders.insert(node.clone(), id);
+                    directory_gauge(&state);
+                    forwarded("ok");
+                    return Ok(Some(stream));
+                }
+                Err(OpenError::Refused {
+                    refusal: Refusal::NoAgent,
+                    ..
+                })
+                | Err(OpenError::LinkClosed(_)) => {
+                    let mut state = self.state();
+                    if state.holders.get(node) == Some(&id) {
+                        state.holders.remove(node);
+                        directory_gauge(&state);
+                    }
+                }
+                Err(e) => {
+                    forwarded(if e.is_refusal() { "refused" } else { "failed" });
+                    return Err(e);
+                }
+            }
+        }
+        forwarded("no_agent");
+        Ok(None)
+    }
+
+    /// Takes the peer links the tunnel listener accepts until its queue closes. A link from
+    /// this replica itself (found in its own peer list) is closed; a newer link of a replica
+    /// replaces its older one, which may finish what it carries.
+    pub(crate) async fn accept(&self, mut links: mpsc::Receiver<ReplicaSession>) {
+        let mut ends = JoinSet::new();
+        loop {
+            tokio::select! {
+                link = links.recv() => match link {
+                    Some(link) => self.add(link, &mut ends),
+                    None => break,
+                },
+                Some(Ok((id, session, reason))) = ends.join_next(), if !ends.is_empty() => {
+                    self.forget(&id, session, &reason);
+                }
+            }
+        }
+    }
+
+    fn add(&self, link: ReplicaSession, ends: &mut JoinSet<(String, u64, CloseReason)>) {
+        let id = link.identity().server_id.clone();
+        if id == self.server_id {
+            debug!("our own peer link (this replica is in its peer list): closing it");
+            link.close(CloseCause::Refused);
+            return;
+        }
+        info!(peer.id = %id, peer.addr = %link.remote_addr(), "peer link accepted");
+        let replaced = self.state().links.insert(id.clone(), link.clone());
+        match replaced {
+            Some(old) => old.go_away(CloseCause::Replaced, REPLACED_DRAIN),
+            None => links_gauge().increment(1.0),
+        }
+        ends.spawn(async move {
+            let reason = link.closed().await;
+            (id, link.id(), reason)
+        });
+    }
+
+    fn forget(&self, id: &str, session: u64, reason: &CloseReason) {
+        let mut state = self.state();
+        if state.links.get(id).is_some_and(|l| l.id() == session) {
+            state.links.remove(id);
+            state.holders.retain(|_, holder| holder != id);
+            directory_gauge(&state);
+            links_gauge().decrement(1.0);
+            info!(peer.id = %id, %reason, "peer link ended");
+        }
+    }
+}
+
+fn forwarded(result: &'static str) {
+    metrics::counter!("edge_tunnel_server_peer_forwards_total", "result" => result).increment(1);
+}
+
+fn directory_gauge(state: &State) {
+    metrics::gauge!("edge_tunnel_server_peer_directory_entries").set(state.holders.len() as f64);
+}
+
+/// Peer links other replicas dialed to this one (this replica forwards over them).
+fn links_gauge() -> metrics::Gauge {
+    metrics::gauge!("edge_tunnel_server_peer_links", "direction" => "in")
+}
