@@ -168,7 +168,8 @@ struct RunningAgent {
 }
 
 impl RunningAgent {
-    async fn start(config: AgentConfig, expect_server: &str) -> Self {
+    /// Starts an agent and waits until it is connected (to `expect_server`, when given).
+    async fn start(config: AgentConfig, expect_server: Option<&str>) -> Self {
         let agent = Agent::new(config);
         let mut status = agent.status();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -181,7 +182,7 @@ impl RunningAgent {
         });
         tokio::time::timeout(
             Duration::from_secs(20),
-            status.wait_for(|s| matches!(s, AgentStatus::Connected { server_id, .. } if server_id == expect_server)),
+            status.wait_for(|s| matches!(s, AgentStatus::Connected { server_id, .. } if expect_server.is_none_or(|e| e == server_id))),
         )
         .await
         .expect("agent connects in time")
@@ -274,7 +275,7 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
             TransportChoice::Grpc
         };
         let config = agent_config(&pki, i, home.tunnel, port, transport);
-        agents.push(Some(RunningAgent::start(config, &home.id).await));
+        agents.push(Some(RunningAgent::start(config, Some(&home.id)).await));
         home.registry.wait_for(&node_name(i)).await;
     }
 
@@ -320,7 +321,7 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
     agents[0].take().expect("agent 0").stop().await;
     replicas[0].registry.wait_gone(&node_name(0)).await;
     let config = agent_config(&pki, 0, replicas[1].tunnel, port, TransportChoice::Quic);
-    agents[0] = Some(RunningAgent::start(config, &replicas[1].id).await);
+    agents[0] = Some(RunningAgent::start(config, Some(&replicas[1].id)).await);
     for replica in &replicas {
         let (status, body) = ask(replica.http, &node_name(0), port).await;
         assert_eq!(
@@ -334,6 +335,268 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
     for agent in agents.into_iter().flatten() {
         agent.stop().await;
     }
+    drop(replicas);
+    for service in services {
+        service.abort();
+    }
+}
+
+/// haproxy (`mode tcp`, round robin, health-checked) in front of the replicas' TCP tunnel
+/// ports, as a cloud load balancer in front of the Deployment. Killed on drop.
+struct Haproxy {
+    addr: SocketAddr,
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    async fn start(backends: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port_on(&["127.0.0.1"]);
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("  server r{i} {addr} check inter 200ms fall 1 rise 1\n"))
+            .collect();
+        let config = format!(
+            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option redispatch\n  retries 3\nfrontend tunnel\n  bind 127.0.0.1:{port}\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let child = tokio::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy runs (scripts/test installs it)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Self {
+                    addr,
+                    child,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("haproxy does not listen on {addr}");
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A replica as its own `tunnel-server` process, so that it can be killed (SIGKILL: nothing
+/// is closed gracefully, as when a pod's node dies).
+struct ReplicaProcess {
+    id: String,
+    tunnel: SocketAddr,
+    http: SocketAddr,
+    meta: SocketAddr,
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl ReplicaProcess {
+    /// `n` replica processes, each with the others (and itself) as `--peers`, the service
+    /// `port` dialed on the node's IP.
+    async fn start_all(pki: &TestPki, n: usize, port: u16) -> Vec<Self> {
+        let tunnel_ports: Vec<u16> = (0..n).map(|_| free_port_on(&["127.0.0.1"])).collect();
+        let peers = tunnel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut out = Vec::new();
+        for (i, tunnel_port) in tunnel_ports.into_iter().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            // The ConfigMap as mounted: no localhost-proxy ports, so `port` is the node's.
+            std::fs::write(dir.path().join(LOCALHOST_PROXY_PORTS), "").expect("config dir");
+            let (http, meta) = (free_port_on(&["127.0.0.1"]), free_port_on(&["127.0.0.1"]));
+            let id = format!("replica-{i}");
+            let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testkit-server"))
+                .args(["--bind-address", "127.0.0.1", "--secure-port", "0"])
+                .args(["--tunnel-port", &tunnel_port.to_string()])
+                .args(["--insecure-port", &http.to_string()])
+                .args(["--meta-port", &meta.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&pki.tunnel.server_cert)
+                .arg("--tls-private-key-file")
+                .arg(&pki.tunnel.server_key)
+                .arg("--client-ca-file")
+                .arg(&pki.tunnel.ca_cert)
+                .arg("--config-dir")
+                .arg(dir.path())
+                .args(["--kubelet-port", &port.to_string()])
+                .args(["--kubelet-read-only-port", &port.to_string()])
+                .args(["--server-id", &id, "--peers", &peers])
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .spawn()
+                .expect("tunnel-server runs");
+            out.push(Self {
+                id,
+                tunnel: SocketAddr::from(([127, 0, 0, 1], tunnel_port)),
+                http: SocketAddr::from(([127, 0, 0, 1], http)),
+                meta: SocketAddr::from(([127, 0, 0, 1], meta)),
+                child,
+                _dir: dir,
+            });
+        }
+        for replica in &out {
+            replica.wait_ready().await;
+        }
+        out
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(tcp) = tokio::net::TcpStream::connect(self.meta).await
+                && let Ok(mut sender) = client::http1(tcp).await
+                && let Ok((status, _)) = client::get(&mut sender, "meta", "/readyz").await
+                && status == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} not ready", self.id);
+    }
+
+    async fn scrape(&self) -> String {
+        let tcp = tokio::net::TcpStream::connect(self.meta)
+            .await
+            .expect("meta accepts");
+        let mut sender = client::http1(tcp).await.expect("http/1");
+        let (_, body) = client::get(&mut sender, "meta", "/metrics")
+            .await
+            .expect("metrics");
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Agents this replica holds now.
+    async fn agents(&self) -> f64 {
+        metric_value(&self.scrape().await, "edge_tunnel_server_sessions", &[])
+    }
+
+    /// Peer links other replicas dialed to this one.
+    async fn peers_in(&self) -> f64 {
+        metric_value(
+            &self.scrape().await,
+            "edge_tunnel_server_peer_links",
+            &[("direction", "in")],
+        )
+    }
+}
+
+/// Every node answers through every replica of `http_fronts`.
+async fn all_served(http_fronts: &[SocketAddr], nodes: usize, port: u16) {
+    for front in http_fronts {
+        for i in 0..nodes {
+            let (status, body) = ask(*front, &node_name(i), port).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (200, node_name(i).as_str()),
+                "node {i} through {front}"
+            );
+        }
+    }
+}
+
+/// Agents the replicas hold, by replica.
+async fn held(replicas: &[ReplicaProcess]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for replica in replicas {
+        out.push(replica.agents().await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_every_node_answers_through_every_replica_and_survives_losing_one() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    const NODES: usize = 30;
+    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
+        .map(|i| (node_name(i), vec![node_ip(i)]))
+        .collect();
+    let refs: Vec<(&str, &[IpAddr])> = nodes
+        .iter()
+        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
+        .collect();
+    let pki = TestPki::new(&refs);
+    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let port = free_port_on(&ip_refs);
+    let mut services = Vec::new();
+    for i in 0..NODES {
+        services.push(node_service(node_ip(i), port, node_name(i)).await);
+    }
+    let mut replicas = ReplicaProcess::start_all(&pki, 3, port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for replica in &replicas {
+        while replica.peers_in().await < 2.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} has its peers",
+                replica.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let lb = Haproxy::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
+
+    // The agents know only the load balancer; gRPC, since haproxy carries TCP.
+    let mut agents = Vec::new();
+    for i in 0..NODES {
+        let config = agent_config(&pki, i, lb.addr, port, TransportChoice::Grpc);
+        agents.push(RunningAgent::start(config, None).await);
+    }
+    let spread = held(&replicas).await;
+    println!("agents per replica through haproxy: {spread:?}");
+    assert_eq!(spread.iter().sum::<f64>(), NODES as f64, "{spread:?}");
+    assert!(
+        spread.iter().all(|n| *n > 0.0),
+        "round robin reaches every replica: {spread:?}"
+    );
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    all_served(&fronts, NODES, port).await;
+
+    // One replica is killed. Its agents come back through the load balancer to the others,
+    // and every node answers through both again.
+    let mut dead = replicas.remove(1);
+    let lost = dead.agents().await;
+    let started = tokio::time::Instant::now();
+    dead.child.start_kill().expect("SIGKILL");
+    let _ = dead.child.wait().await;
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let now = held(&replicas).await;
+        if now.iter().sum::<f64>() >= NODES as f64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agents back on the other replicas: {now:?} of {NODES}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "{lost} agents of the killed replica held again by the others after {:?}",
+        started.elapsed()
+    );
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    all_served(&fronts, NODES, port).await;
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    drop(lb);
     drop(replicas);
     for service in services {
         service.abort();
