@@ -77,6 +77,7 @@ pub(crate) async fn dial(
     mut stop: watch::Receiver<bool>,
 ) {
     let dialing = Arc::new(dialing);
+    // One task per peer address, aborted when the address leaves the list or at the cut.
     let mut links: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
     loop {
         let addrs = membership.resolve(&resolver).await;
@@ -157,14 +158,18 @@ fn jittered(wait: Duration) -> Duration {
     wait.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
-/// Serves the streams the peer opens on `link` until the link ends.
+/// Serves the streams the peer opens on `link` until the link ends (they end with it).
 async fn serve(link: AgentSession, dialing: &Arc<Dialing>) -> tunnel_core::CloseReason {
+    let mut streams = tokio::task::JoinSet::new();
     loop {
-        match link.accept().await {
-            Ok(incoming) => {
-                tokio::spawn(serve_stream(incoming, dialing.clone()));
-            }
-            Err(_) => return link.closed().await,
+        tokio::select! {
+            incoming = link.accept() => match incoming {
+                Ok(incoming) => {
+                    streams.spawn(serve_stream(incoming, dialing.clone()));
+                }
+                Err(_) => return link.closed().await,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
     }
 }
