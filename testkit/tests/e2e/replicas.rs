@@ -77,63 +77,68 @@ impl Drop for Replica {
 /// `n` replicas whose tunnel ports are one another's `--peers` (each finds itself in the list).
 async fn replicas(pki: &TestPki, n: usize, port: u16) -> Vec<Replica> {
     let tunnel_ports: Vec<u16> = (0..n).map(|_| free_port_on(&["127.0.0.1"])).collect();
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(start_replica(pki, i, &tunnel_ports, port).await);
+    }
+    out
+}
+
+/// Replica `i` of those at `tunnel_ports` (all of them its `--peers`), its nodes' service on
+/// `port`.
+async fn start_replica(pki: &TestPki, i: usize, tunnel_ports: &[u16], port: u16) -> Replica {
     let peers: Vec<String> = tunnel_ports
         .iter()
         .map(|p| format!("127.0.0.1:{p}"))
         .collect();
-    let mut out = Vec::new();
-    for (i, tunnel_port) in tunnel_ports.into_iter().enumerate() {
-        let config = ServerConfig {
-            bind_address: "127.0.0.1".parse().expect("ip"),
-            meta_bind_address: "127.0.0.1".parse().expect("ip"),
-            tunnel_port,
-            secure_port: 0,
-            insecure_port: 0,
-            meta_port: 0,
-            tls_cert_file: Some(pki.tunnel.server_cert.clone()),
-            tls_private_key_file: Some(pki.tunnel.server_key.clone()),
-            client_ca_file: Some(pki.tunnel.ca_cert.clone()),
-            server_id: format!("replica-{i}"),
-            kubelet_port: port,
-            kubelet_read_only_port: port,
-            metrics: Some(edge_tunnel_testkit::metrics()),
-            // The service is on the node's IP, not its loopback.
-            ports: Some(
-                PortConfig::parse(
-                    [(LOCALHOST_PROXY_PORTS, "")],
-                    FixedPorts {
-                        kubelet: port,
-                        kubelet_read_only: port,
-                        ..FixedPorts::default()
-                    },
-                )
-                .expect("port config"),
-            ),
-            peers: PeerConfig {
-                peers: peers.clone(),
-                dns_name: None,
-            },
-            ..ServerConfig::default()
-        };
-        let server = Server::bind(config).await.expect("replica binds");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let replica = Replica {
-            id: format!("replica-{i}"),
-            tunnel: server.tunnel_addr(),
-            http: server.insecure_addr(),
-            registry: server.registry(),
-            stop: Some(stop),
-            task: tokio::spawn(async move {
-                let _ = server
-                    .run(async move {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            }),
-        };
-        out.push(replica);
+    let config = ServerConfig {
+        bind_address: "127.0.0.1".parse().expect("ip"),
+        meta_bind_address: "127.0.0.1".parse().expect("ip"),
+        tunnel_port: tunnel_ports[i],
+        secure_port: 0,
+        insecure_port: 0,
+        meta_port: 0,
+        tls_cert_file: Some(pki.tunnel.server_cert.clone()),
+        tls_private_key_file: Some(pki.tunnel.server_key.clone()),
+        client_ca_file: Some(pki.tunnel.ca_cert.clone()),
+        server_id: format!("replica-{i}"),
+        kubelet_port: port,
+        kubelet_read_only_port: port,
+        metrics: Some(edge_tunnel_testkit::metrics()),
+        // The service is on the node's IP, not its loopback.
+        ports: Some(
+            PortConfig::parse(
+                [(LOCALHOST_PROXY_PORTS, "")],
+                FixedPorts {
+                    kubelet: port,
+                    kubelet_read_only: port,
+                    ..FixedPorts::default()
+                },
+            )
+            .expect("port config"),
+        ),
+        peers: PeerConfig {
+            peers,
+            dns_name: None,
+        },
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(config).await.expect("replica binds");
+    let (stop, stopped) = oneshot::channel::<()>();
+    Replica {
+        id: format!("replica-{i}"),
+        tunnel: server.tunnel_addr(),
+        http: server.insecure_addr(),
+        registry: server.registry(),
+        stop: Some(stop),
+        task: tokio::spawn(async move {
+            let _ = server
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        }),
     }
-    out
 }
 
 /// An agent for node `i` dialing `server` over `transport`, its node's service on `port`.
@@ -219,7 +224,12 @@ async fn ask(front: SocketAddr, node: &str, port: u16) -> (u16, String) {
 
 /// Waits until every replica has a peer link from each other one.
 async fn linked(replicas: &[Replica]) {
-    let want = (replicas.len() * (replicas.len() - 1)) as f64;
+    links_up(replicas.len() * (replicas.len() - 1)).await;
+}
+
+/// Waits until the replicas of this process have dialed `want` peer links together.
+async fn links_up(want: usize) {
+    let want = want as f64;
     let metrics = edge_tunnel_testkit::metrics();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -322,6 +332,8 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
     replicas[0].registry.wait_gone(&node_name(0)).await;
     let config = agent_config(&pki, 0, replicas[1].tunnel, port, TransportChoice::Quic);
     agents[0] = Some(RunningAgent::start(config, Some(&replicas[1].id)).await);
+    // The agent hears it is registered just before the replica's registry has it.
+    replicas[1].registry.wait_for(&node_name(0)).await;
     for replica in &replicas {
         let (status, body) = ask(replica.http, &node_name(0), port).await;
         assert_eq!(
@@ -339,6 +351,52 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
     for service in services {
         service.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_later_is_found_and_serves_the_others_nodes() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    let pki = TestPki::new(&[(&node_name(0), &[node_ip(0)])]);
+    let port = free_port_on(&[&node_ip(0).to_string()]);
+    let service = node_service(node_ip(0), port, node_name(0)).await;
+    // Three replicas listed everywhere; the third not started yet.
+    let tunnel_ports: Vec<u16> = (0..3).map(|_| free_port_on(&["127.0.0.1"])).collect();
+    let first = start_replica(&pki, 0, &tunnel_ports, port).await;
+    let second = start_replica(&pki, 1, &tunnel_ports, port).await;
+    links_up(2).await;
+    let config = agent_config(&pki, 0, first.tunnel, port, TransportChoice::Quic);
+    let agent = RunningAgent::start(config, Some(&first.id)).await;
+    first.registry.wait_for(&node_name(0)).await;
+    let (status, body) = ask(second.http, &node_name(0), port).await;
+    assert_eq!((status, body.as_str()), (200, "edge-0"));
+
+    // The first replicas have been failing to reach the third for a while (backing off).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = tokio::time::Instant::now();
+    let third = start_replica(&pki, 2, &tunnel_ports, port).await;
+    // Used as soon as the holder's link to it is up: the request is forwarded to the first.
+    let deadline = started + Duration::from_secs(10);
+    loop {
+        let (status, body) = ask(third.http, &node_name(0), port).await;
+        if status == 200 {
+            assert_eq!(body, "edge-0");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new replica serves the first one's node within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "a replica started later served another's node after {:?}",
+        started.elapsed()
+    );
+    agent.stop().await;
+    drop((first, second, third));
+    service.abort();
 }
 
 /// haproxy (`mode tcp`, round robin, health-checked) in front of the replicas' TCP tunnel

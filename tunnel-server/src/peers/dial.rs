@@ -23,9 +23,10 @@ use crate::registry::Registry;
 /// How often the peer list is resolved again: a replica added to the headless Service is
 /// linked within this (plus its DNS TTL).
 const RESOLVE_EVERY: Duration = Duration::from_secs(5);
-/// Redial backoff of a peer link: from the first to the longest wait.
+/// Redial backoff of a peer link: from the first to the longest wait. A replica that starts
+/// (or comes back) is linked within the longest wait of the others.
 const REDIAL_FIRST: Duration = Duration::from_millis(500);
-const REDIAL_MAX: Duration = Duration::from_secs(10);
+const REDIAL_MAX: Duration = Duration::from_secs(5);
 /// How long a forwarded stream waits for the peer to acknowledge its last bytes.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
