@@ -49,6 +49,8 @@ async fn main() -> anyhow::Result<()> {
         kubelet_read_only_port: read_only_port,
         metrics: Some(metrics.clone()),
         drain_timeout: Duration::from_secs(2),
+        // No load balancer in front to wait for.
+        shutdown_delay: Duration::ZERO,
         ..ServerConfig::default()
     })
     .await

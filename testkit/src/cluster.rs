@@ -103,6 +103,8 @@ impl TestCluster {
             tls_private_key_file: Some(pki.tunnel.server_key.clone()),
             client_ca_file: Some(pki.tunnel.ca_cert.clone()),
             server_id: "test-server".into(),
+            // Nothing balances load in front of a test server.
+            shutdown_delay: std::time::Duration::ZERO,
             kubelet_port,
             kubelet_read_only_port: read_only_port,
             metrics: Some(crate::metrics()),

@@ -24,6 +24,9 @@ pub enum Refusal {
     Unsupported,
     /// Peer links: the replica asked holds no agent for the node (the asker tries another).
     NoAgent,
+    /// Peer links: the replica's agent for the node is leaving it (its link drains or just
+    /// closed), on its way to another replica: the asker waits for it there.
+    Leaving,
 }
 
 impl Refusal {
@@ -36,6 +39,7 @@ impl Refusal {
             Self::Timeout => "timeout",
             Self::Unsupported => "unsupported",
             Self::NoAgent => "no_agent",
+            Self::Leaving => "leaving",
         }
     }
 
@@ -48,6 +52,7 @@ impl Refusal {
             Self::Timeout => proto::OpenResult::Timeout,
             Self::Unsupported => proto::OpenResult::Unsupported,
             Self::NoAgent => proto::OpenResult::NoAgent,
+            Self::Leaving => proto::OpenResult::Leaving,
         }
     }
 
@@ -62,6 +67,7 @@ impl Refusal {
             Ok(proto::OpenResult::Timeout) => Ok(Some(Self::Timeout)),
             Ok(proto::OpenResult::Unsupported) => Ok(Some(Self::Unsupported)),
             Ok(proto::OpenResult::NoAgent) => Ok(Some(Self::NoAgent)),
+            Ok(proto::OpenResult::Leaving) => Ok(Some(Self::Leaving)),
             Ok(proto::OpenResult::Unspecified) | Err(_) => {
                 Err(DecodeError::Invalid("unknown open result"))
             }

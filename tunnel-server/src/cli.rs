@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// Seconds open streams may run on after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_seconds: u64,
+    /// Seconds /readyz says 503 after SIGTERM while everything still serves, so that load
+    /// balancers stop sending new work before the listeners close (the drain follows).
+    #[arg(long, default_value_t = 2)]
+    pub shutdown_delay_seconds: u64,
     /// Longest pause, in seconds, between two pieces of a plain HTTP request's body on the
     /// HTTP front; past it the client gets 408. Upgrades and CONNECT tunnels are not affected.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -271,6 +275,7 @@ impl ServeArgs {
             kubelet_port: self.kubelet_port,
             kubelet_read_only_port: self.kubelet_read_only_port,
             drain_timeout: Duration::from_secs(self.drain_timeout_seconds),
+            shutdown_delay: Duration::from_secs(self.shutdown_delay_seconds),
             request_body_timeout: Duration::from_secs(self.request_body_timeout_seconds),
             header_timeout: Duration::from_secs(self.header_timeout_seconds),
             config_dir: self.config_dir,

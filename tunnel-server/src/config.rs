@@ -76,6 +76,11 @@ pub struct ServerConfig {
     pub max_front_connections: usize,
     /// On shutdown, how long open streams may finish. Default 30 s.
     pub drain_timeout: Duration,
+    /// On shutdown, how long `/readyz` says 503 while everything still serves, before the
+    /// listeners stop and the drain begins: load balancers take the replica out of rotation
+    /// first, so that no client reaches a closing listener. Default 2 s (a health check of a
+    /// second, failing once, and room).
+    pub shutdown_delay: Duration,
     /// Which tunnel transports to serve. Default both: QUIC on UDP and gRPC on TCP, at the
     /// same port number.
     pub transports: Transports,
@@ -284,6 +289,7 @@ impl Default for ServerConfig {
             request_body_timeout: Duration::from_secs(60),
             max_front_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
+            shutdown_delay: Duration::from_secs(2),
             metrics: None,
             transports: Transports::default(),
             dns: DnsConfig::default(),

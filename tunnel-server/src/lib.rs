@@ -523,8 +523,12 @@ impl Server {
         });
 
         shutdown.await;
-        info!(drain = ?config.drain_timeout, agents = registry.len(), "shutting down: draining");
         ready.store(false, Ordering::Release);
+        if !config.shutdown_delay.is_zero() {
+            info!(delay = ?config.shutdown_delay, "shutting down: not ready, still serving while load balancers take this replica out");
+            tokio::time::sleep(config.shutdown_delay).await;
+        }
+        info!(drain = ?config.drain_timeout, agents = registry.len(), "shutting down: draining");
         let _ = stop_tx.send(true);
         for session in registry.sessions() {
             session.go_away(CloseCause::Shutdown, config.drain_timeout);

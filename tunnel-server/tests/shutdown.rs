@@ -275,6 +275,8 @@ async fn start_binary(pki: &PkiFiles, config: &Path) -> (Child, [SocketAddr; 3],
     std::fs::write(config.join("http-proxy-ports"), "9100, 9101").expect("config file");
     let mut child = common::server_command(pki, 0)
         .args(["--drain-timeout-seconds", &DRAIN.as_secs().to_string()])
+        // No load balancer to wait for.
+        .args(["--shutdown-delay-seconds", "0"])
         .arg("--config-dir")
         .arg(config)
         .env("RUST_LOG", "info")

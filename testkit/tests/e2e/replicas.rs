@@ -28,7 +28,8 @@ fn node_name(i: usize) -> String {
     format!("edge-{i}")
 }
 
-/// A service on `ip:port` that answers every request with `name` and closes.
+/// A service on `ip:port` that answers every request with `name` and closes; `GET /follow`
+/// gets a followed log instead: a line every 100 ms, chunked, until the client leaves.
 async fn node_service(ip: IpAddr, port: u16, name: String) -> JoinHandle<()> {
     let listener = TcpListener::bind((ip, port))
         .await
@@ -43,6 +44,20 @@ async fn node_service(ip: IpAddr, port: u16, name: String) -> JoinHandle<()> {
                     match tcp.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /follow ") {
+                    let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    if tcp.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for n in 0u64.. {
+                        let line = format!("{name} line {n}\n");
+                        let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                        if tcp.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
                 let reply = format!(
@@ -102,6 +117,7 @@ async fn start_replica(pki: &TestPki, i: usize, tunnel_ports: &[u16], port: u16)
         tls_private_key_file: Some(pki.tunnel.server_key.clone()),
         client_ca_file: Some(pki.tunnel.ca_cert.clone()),
         server_id: format!("replica-{i}"),
+        shutdown_delay: Duration::ZERO,
         kubelet_port: port,
         kubelet_read_only_port: port,
         metrics: Some(edge_tunnel_testkit::metrics()),
@@ -204,6 +220,24 @@ impl RunningAgent {
         }
         let _ = (&mut self.task).await;
     }
+}
+
+/// What the HTTP front of `front` answers for node `node` on `port`, or how the exchange failed.
+async fn try_ask(front: SocketAddr, node: &str, port: u16) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(front)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut sender = client::http1(tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        client::get(&mut sender, &format!("{node}:{port}"), "/"),
+    )
+    .await
+    .map_err(|_| "no answer in 20 s".to_owned())?
+    .map_err(|e| format!("response: {e}"))?;
+    Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// What the HTTP front of `front` answers for node `node` on `port`: status and body.
@@ -407,18 +441,54 @@ struct Haproxy {
     _dir: tempfile::TempDir,
 }
 
+/// One haproxy frontend: its backends, and for each the meta address whose `/readyz` says
+/// whether it takes new connections (else the backend's own port is checked).
+struct Frontend<'a> {
+    backends: &'a [SocketAddr],
+    ready: Option<&'a [SocketAddr]>,
+}
+
 impl Haproxy {
     async fn start(backends: &[SocketAddr]) -> Self {
+        let (lb, _) = Self::start_with(
+            Frontend {
+                backends,
+                ready: None,
+            },
+            None,
+        )
+        .await;
+        lb
+    }
+
+    /// A TCP frontend for `tunnel` and, with `fronts`, a second one whose address is returned.
+    async fn start_with(
+        tunnel: Frontend<'_>,
+        fronts: Option<Frontend<'_>>,
+    ) -> (Self, Option<SocketAddr>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port_on(&["127.0.0.1"]);
-        let servers: String = backends
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| format!("  server r{i} {addr} check inter 200ms fall 1 rise 1\n"))
-            .collect();
-        let config = format!(
-            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option redispatch\n  retries 3\nfrontend tunnel\n  bind 127.0.0.1:{port}\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
+        let mut config = String::from(
+            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option redispatch\n  retries 3\n",
         );
+        let mut ports = Vec::new();
+        for (name, frontend) in [("tunnel", Some(tunnel)), ("fronts", fronts)] {
+            let Some(frontend) = frontend else { continue };
+            let port = free_port_on(&["127.0.0.1"]);
+            ports.push(port);
+            config += &format!(
+                "frontend {name}\n  bind 127.0.0.1:{port}\n  default_backend {name}\nbackend {name}\n  balance roundrobin\n"
+            );
+            if frontend.ready.is_some() {
+                config += "  option httpchk GET /readyz\n";
+            }
+            for (i, addr) in frontend.backends.iter().enumerate() {
+                let check = match frontend.ready {
+                    Some(meta) => format!("check port {}", meta[i].port()),
+                    None => "check".into(),
+                };
+                config += &format!("  server r{i} {addr} {check} inter 200ms fall 1 rise 1\n");
+            }
+        }
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).expect("write haproxy.cfg");
         let child = tokio::process::Command::new("haproxy")
@@ -428,18 +498,27 @@ impl Haproxy {
             .kill_on_drop(true)
             .spawn()
             .expect("haproxy runs (scripts/test installs it)");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Self {
-                    addr,
-                    child,
-                    _dir: dir,
-                };
+        let addrs: Vec<SocketAddr> = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        for addr in &addrs {
+            let mut up = false;
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    up = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(up, "haproxy does not listen on {addr}");
         }
-        panic!("haproxy does not listen on {addr}");
+        let lb = Self {
+            addr: addrs[0],
+            child,
+            _dir: dir,
+        };
+        (lb, addrs.get(1).copied())
     }
 }
 
@@ -463,7 +542,7 @@ struct ReplicaProcess {
 impl ReplicaProcess {
     /// `n` replica processes, each with the others (and itself) as `--peers`, the service
     /// `port` dialed on the node's IP.
-    async fn start_all(pki: &TestPki, n: usize, port: u16) -> Vec<Self> {
+    async fn start_all(pki: &TestPki, n: usize, port: u16, extra: &[&str]) -> Vec<Self> {
         let tunnel_ports: Vec<u16> = (0..n).map(|_| free_port_on(&["127.0.0.1"])).collect();
         let peers = tunnel_ports
             .iter()
@@ -493,7 +572,11 @@ impl ReplicaProcess {
                 .args(["--kubelet-port", &port.to_string()])
                 .args(["--kubelet-read-only-port", &port.to_string()])
                 .args(["--server-id", &id, "--peers", &peers])
-                .env("RUST_LOG", "warn")
+                .args(extra)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("REPLICA_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .kill_on_drop(true)
                 .spawn()
                 .expect("tunnel-server runs");
@@ -506,8 +589,18 @@ impl ReplicaProcess {
                 _dir: dir,
             });
         }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         for replica in &out {
             replica.wait_ready().await;
+            // Linked from every other replica: it can forward to each.
+            while replica.peers_in().await < (n - 1) as f64 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} has its peers",
+                    replica.id
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         out
     }
@@ -595,7 +688,7 @@ async fn behind_haproxy_every_node_answers_through_every_replica_and_survives_lo
     for i in 0..NODES {
         services.push(node_service(node_ip(i), port, node_name(i)).await);
     }
-    let mut replicas = ReplicaProcess::start_all(&pki, 3, port).await;
+    let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     for replica in &replicas {
         while replica.peers_in().await < 2.0 {
@@ -650,6 +743,196 @@ async fn behind_haproxy_every_node_answers_through_every_replica_and_survives_lo
     );
     let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
     all_served(&fronts, NODES, port).await;
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    drop(lb);
+    drop(replicas);
+    for service in services {
+        service.abort();
+    }
+}
+
+/// How a followed log ended, as its client saw it.
+#[derive(Debug)]
+struct Followed {
+    lines: usize,
+    /// When its last byte came, or `None` while it was still running at the end.
+    ended: Option<tokio::time::Instant>,
+}
+
+/// Follows `/follow` of `node` through `front` until it ends or `until`.
+async fn follow(
+    front: SocketAddr,
+    node: String,
+    port: u16,
+    until: tokio::time::Instant,
+) -> Followed {
+    let mut tcp = tokio::net::TcpStream::connect(front)
+        .await
+        .expect("front accepts");
+    let request = format!("GET /follow HTTP/1.1\r\nHost: {node}:{port}\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("request");
+    let mut lines = 0;
+    let mut buf = [0u8; 4096];
+    let mut last = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout_at(until, tcp.read(&mut buf)).await {
+            Err(_) => return Followed { lines, ended: None },
+            Ok(Ok(0) | Err(_)) => {
+                return Followed {
+                    lines,
+                    ended: Some(last),
+                };
+            }
+            Ok(Ok(n)) => {
+                lines += buf[..n].iter().filter(|b| **b == b'\n').count();
+                last = tokio::time::Instant::now();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    const NODES: usize = 12;
+    const DRAIN: Duration = Duration::from_secs(4);
+    const DELAY: Duration = Duration::from_secs(1);
+    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
+        .map(|i| (node_name(i), vec![node_ip(i)]))
+        .collect();
+    let refs: Vec<(&str, &[IpAddr])> = nodes
+        .iter()
+        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
+        .collect();
+    let pki = TestPki::new(&refs);
+    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let port = free_port_on(&ip_refs);
+    let mut services = Vec::new();
+    for i in 0..NODES {
+        services.push(node_service(node_ip(i), port, node_name(i)).await);
+    }
+    let drain = DRAIN.as_secs().to_string();
+    // haproxy checks /readyz every 200 ms: a second of not ready takes the replica out.
+    let replicas = [
+        "--drain-timeout-seconds",
+        &drain,
+        "--shutdown-delay-seconds",
+        "1",
+    ];
+    let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &replicas).await;
+    let tunnels: Vec<SocketAddr> = replicas.iter().map(|r| r.tunnel).collect();
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    let metas: Vec<SocketAddr> = replicas.iter().map(|r| r.meta).collect();
+    // The load balancer sends agents to the tunnel ports, clients to the HTTP fronts of the
+    // replicas whose /readyz says so.
+    let (lb, front) = Haproxy::start_with(
+        Frontend {
+            backends: &tunnels,
+            ready: None,
+        },
+        Some(Frontend {
+            backends: &fronts,
+            ready: Some(&metas),
+        }),
+    )
+    .await;
+    let front = front.expect("fronts frontend");
+    let mut agents = Vec::new();
+    for i in 0..NODES {
+        let config = agent_config(&pki, i, lb.addr, port, TransportChoice::Grpc);
+        agents.push(RunningAgent::start(config, None).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while held(&replicas).await.iter().sum::<f64>() < NODES as f64 {
+        assert!(tokio::time::Instant::now() < deadline, "agents registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    all_served(&[front], NODES, port).await;
+
+    // 10 followed logs, and 200 short requests a second (2,000 at most, 10 s at most).
+    let end = tokio::time::Instant::now() + Duration::from_secs(14);
+    let followers: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(follow(front, node_name(i), port, end)))
+        .collect();
+    let load = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        let mut sent = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let mut requests = tokio::task::JoinSet::new();
+        let stop = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sent < 2_000 && tokio::time::Instant::now() < stop {
+            tick.tick().await;
+            let i = sent % NODES;
+            sent += 1;
+            let at = tokio::time::Instant::now();
+            requests.spawn(async move { (i, at, try_ask(front, &node_name(i), port).await) });
+        }
+        while let Some(done) = requests.join_next().await {
+            let (i, at, answer) = done.expect("request task");
+            match answer {
+                Ok((200, body)) if body == node_name(i) => {}
+                other => failures.push(format!("{} sent at {at:?}: {other:?}", node_name(i))),
+            }
+        }
+        (sent, failures)
+    });
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut leaving = replicas.remove(1);
+    let held_before = leaving.agents().await;
+    let pid = leaving.child.id().expect("running").to_string();
+    let sigterm = tokio::time::Instant::now();
+    println!("SIGTERM at {sigterm:?}");
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill runs");
+    assert!(killed.success());
+    let exit = tokio::time::timeout(
+        DELAY + DRAIN + Duration::from_secs(10),
+        leaving.child.wait(),
+    )
+    .await
+    .expect("the drained replica exits after its drain")
+    .expect("wait");
+    let exited_after = sigterm.elapsed();
+    assert!(exit.success(), "the drained replica exits 0: {exit:?}");
+
+    let (sent, failures) = load.await.expect("load task");
+    let mut ended = Vec::new();
+    for follower in followers {
+        let followed = follower.await.expect("follower task");
+        assert!(followed.lines > 0, "a follower got lines: {followed:?}");
+        if let Some(at) = followed.ended {
+            ended.push(at.duration_since(sigterm));
+        }
+    }
+    println!(
+        "drain: replica held {held_before} agents, exited 0 after {exited_after:?}; {sent} requests, {} failed; {} of 10 followed logs ended, after {ended:?}",
+        failures.len(),
+        ended.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "requests failed during the drain: {failures:?}"
+    );
+    // A log through the leaving replica runs until its drain deadline, then ends: never
+    // before, never long after (no hang).
+    for at in &ended {
+        assert!(
+            *at >= DELAY + DRAIN - Duration::from_millis(500)
+                && *at <= DELAY + DRAIN + Duration::from_secs(3),
+            "a followed log ended {at:?} after SIGTERM (delay {DELAY:?}, drain {DRAIN:?})"
+        );
+    }
+    // Every agent is held by the two replicas left.
+    assert_eq!(held(&replicas).await.iter().sum::<f64>(), NODES as f64);
 
     for agent in agents {
         agent.stop().await;

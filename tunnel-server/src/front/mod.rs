@@ -26,7 +26,10 @@ use tunnel_core::{
 use tunnel_process::throttle::LogThrottle;
 
 use crate::config::ServerConfig;
-use crate::peers::Peers;
+use crate::peers::{Found, MOVE_WAIT, Peers};
+
+/// How often the replicas are asked again while a node's agent moves between them.
+const MOVE_POLL: Duration = Duration::from_millis(100);
 use crate::ports::Ports;
 use crate::registry::Registry;
 
@@ -307,7 +310,9 @@ impl Fronts {
     /// Opens on the node's session; when that session ends while the open waits and the node
     /// has a new one already (its agent restarted, or moved to another transport), once more
     /// on the new one, so that the client gets its answer rather than a 503. A node whose
-    /// agent is not here is asked of the other replicas.
+    /// agent is not here is asked of the other replicas; one that is moving between replicas
+    /// (its session here draining, or its last holder having let it go) is waited for,
+    /// until [`MOVE_WAIT`] after that, while its agent connects to another.
     async fn open_on_node(&self, node: &NodeRef, port: u16) -> Result<TunnelStream, OpenFailure> {
         // Refused here, before any agent hears of it.
         if !self.ports.current().serves(port) {
@@ -317,25 +322,41 @@ impl Fronts {
             node: node.clone(),
             source,
         };
-        let Some((session, host)) = self.registry.lookup(node) else {
-            return match &self.peers {
-                Some(peers) => match peers.open(node, port).await {
-                    Ok(Some(stream)) => Ok(stream),
-                    Ok(None) => Err(OpenFailure::NoAgent(node.clone())),
-                    Err(e) => Err(failed(e)),
-                },
-                None => Err(OpenFailure::NoAgent(node.clone())),
-            };
-        };
-        match open_on(&session, host, port).await {
-            Err(OpenError::LinkClosed(reason)) => match self.registry.lookup(node) {
-                Some((next, host)) if next.id() != session.id() => {
-                    debug!(%node, %reason, session.id = next.id(), "session closed while opening; opening on its successor");
-                    open_on(&next, host, port).await.map_err(failed)
+        let started = Instant::now();
+        // The session here that closed under an open, and how.
+        let mut closed: Option<(u64, OpenError)> = None;
+        loop {
+            if let Some((session, host)) = self.registry.lookup(node)
+                && closed.as_ref().is_none_or(|(id, _)| *id != session.id())
+            {
+                match open_on(&session, host, port).await {
+                    Err(OpenError::LinkClosed(reason)) => {
+                        let first = closed.is_none();
+                        closed = Some((session.id(), OpenError::LinkClosed(reason)));
+                        if first && self.peers.is_none() {
+                            debug!(%node, "session closed while opening; looking for its successor");
+                            continue;
+                        }
+                    }
+                    other => return other.map_err(failed),
                 }
-                _ => Err(failed(OpenError::LinkClosed(reason))),
-            },
-            other => other.map_err(failed),
+            }
+            let moving = match &self.peers {
+                Some(peers) => match peers.open(node, port).await {
+                    Ok(Found::Stream(stream)) => return Ok(stream),
+                    Ok(Found::Nowhere { moving }) => moving || closed.is_some(),
+                    Err(e) => return Err(failed(e)),
+                },
+                None => false,
+            };
+            if !moving || started.elapsed() >= MOVE_WAIT {
+                return Err(match closed {
+                    Some((_, e)) => failed(e),
+                    None => OpenFailure::NoAgent(node.clone()),
+                });
+            }
+            debug!(%node, "the node's agent is moving between replicas; waiting for it");
+            tokio::time::sleep(MOVE_POLL).await;
         }
     }
 

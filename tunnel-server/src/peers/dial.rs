@@ -225,8 +225,9 @@ async fn serve_stream(incoming: IncomingStream, dialing: Arc<Dialing>) {
                 OpenError::Refused {
                     refusal, detail, ..
                 } => (*refusal, detail.clone()),
-                // The agent left while we opened: the peer may find it elsewhere.
-                OpenError::LinkClosed(_) => (Refusal::NoAgent, e.to_string()),
+                // The agent is leaving (its link drains, or closed as we opened): it is on its
+                // way to another replica, where the peer will find it.
+                OpenError::LinkClosed(_) => (Refusal::Leaving, e.to_string()),
                 _ => (e.refusal(), e.to_string()),
             };
             served(refusal.as_str());

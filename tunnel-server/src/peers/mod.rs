@@ -17,7 +17,7 @@ mod setup;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -33,6 +33,34 @@ pub(crate) use setup::Setup;
 /// is a cache, and asking again costs a round trip per peer.
 const DIRECTORY_CAP: usize = 100_000;
 
+/// Where a node was last found.
+#[derive(Debug, Clone)]
+enum Holder {
+    /// On the replica of this server id.
+    At(String),
+    /// Its replica said it no longer holds it, or went away, at this instant: the agent is
+    /// moving to another replica (its own drained or died), and appears there shortly.
+    Left(Instant),
+}
+
+/// How long a node whose replica let it go counts as moving: opens for it wait that long for
+/// its agent to turn up on another replica (a reconnect through the load balancer: a backoff
+/// of a second or two, then a handshake).
+pub(crate) const MOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// What asking the peers found.
+#[derive(Debug)]
+pub(crate) enum Found {
+    /// The stream, through the replica that holds the node's agent.
+    Stream(TunnelStream),
+    /// No peer holds the node. `moving`: its last holder let it go within [`MOVE_WAIT`]: the
+    /// agent is likely about to appear on another replica.
+    Nowhere {
+        /// The node's last holder said `no_agent`, or its link ended, that recently.
+        moving: bool,
+    },
+}
+
 /// How long streams on a replica's older peer link may run once a newer link replaced it.
 const REPLACED_DRAIN: Duration = Duration::from_secs(30);
 
@@ -47,8 +75,19 @@ pub(crate) struct Peers {
 struct State {
     /// By the server id each replica registered with.
     links: HashMap<String, ReplicaSession>,
-    /// Node → the server id of the replica that last served it.
-    holders: HashMap<NodeRef, String>,
+    /// Node → where it was last found.
+    holders: HashMap<NodeRef, Holder>,
+}
+
+impl State {
+    /// Records where `node` is, within [`DIRECTORY_CAP`].
+    fn remember(&mut self, node: &NodeRef, holder: Holder) {
+        if self.holders.len() >= DIRECTORY_CAP && !self.holders.contains_key(node) {
+            self.holders.clear();
+        }
+        self.holders.insert(node.clone(), holder);
+        directory_gauge(self);
+    }
 }
 
 impl Peers {
@@ -64,17 +103,16 @@ impl Peers {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Opens `port` on `node` through the replica that holds its agent: `Ok(None)` when no
-    /// peer does. The replica that served it last is asked first; a refusal other than
-    /// `no_agent` is that replica's agent's answer and ends the search.
-    pub(crate) async fn open(
-        &self,
-        node: &NodeRef,
-        port: u16,
-    ) -> Result<Option<TunnelStream>, OpenError> {
+    /// Opens `port` on `node` through the replica that holds its agent. The replica that
+    /// served it last is asked first; a refusal other than `no_agent` is that replica's
+    /// agent's answer and ends the search.
+    pub(crate) async fn open(&self, node: &NodeRef, port: u16) -> Result<Found, OpenError> {
         let candidates = {
             let state = self.state();
-            let cached = state.holders.get(node);
+            let cached = match state.holders.get(node) {
+                Some(Holder::At(id)) => Some(id),
+                _ => None,
+            };
             let mut links: Vec<(String, ReplicaSession)> = state
                 .links
                 .iter()
@@ -89,14 +127,15 @@ impl Peers {
             debug!(%node, port, peer.id = %id, trace.id = request.trace_id, "asking a peer");
             match link.open(&request).await {
                 Ok(stream) => {
-                    let mut state = self.state();
-                    if state.holders.len() >= DIRECTORY_CAP {
-                        state.holders.clear();
-                    }
-                    state.holders.insert(node.clone(), id);
-                    directory_gauge(&state);
+                    self.state().remember(node, Holder::At(id));
                     forwarded("ok");
-                    return Ok(Some(stream));
+                    return Ok(Found::Stream(stream));
+                }
+                Err(OpenError::Refused {
+                    refusal: Refusal::Leaving,
+                    ..
+                }) => {
+                    self.state().remember(node, Holder::Left(Instant::now()));
                 }
                 Err(OpenError::Refused {
                     refusal: Refusal::NoAgent,
@@ -104,9 +143,11 @@ impl Peers {
                 })
                 | Err(OpenError::LinkClosed(_)) => {
                     let mut state = self.state();
-                    if state.holders.get(node) == Some(&id) {
-                        state.holders.remove(node);
-                        directory_gauge(&state);
+                    if matches!(state.holders.get(node), Some(Holder::At(holder)) if *holder == id)
+                    {
+                        state
+                            .holders
+                            .insert(node.clone(), Holder::Left(Instant::now()));
                     }
                 }
                 Err(e) => {
@@ -116,7 +157,17 @@ impl Peers {
             }
         }
         forwarded("no_agent");
-        Ok(None)
+        let mut state = self.state();
+        let moving = match state.holders.get(node) {
+            Some(Holder::Left(since)) if since.elapsed() < MOVE_WAIT => true,
+            Some(Holder::Left(_)) => {
+                state.holders.remove(node);
+                directory_gauge(&state);
+                false
+            }
+            _ => false,
+        };
+        Ok(Found::Nowhere { moving })
     }
 
     /// Takes the peer links the tunnel listener accepts until its queue closes. A link from
@@ -160,8 +211,13 @@ impl Peers {
         let mut state = self.state();
         if state.links.get(id).is_some_and(|l| l.id() == session) {
             state.links.remove(id);
-            state.holders.retain(|_, holder| holder != id);
-            directory_gauge(&state);
+            // Its agents are on their way to the other replicas.
+            let now = Instant::now();
+            for holder in state.holders.values_mut() {
+                if matches!(holder, Holder::At(at) if at == id) {
+                    *holder = Holder::Left(now);
+                }
+            }
             links_gauge().decrement(1.0);
             info!(peer.id = %id, %reason, "peer link ended");
         }

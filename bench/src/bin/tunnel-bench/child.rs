@@ -150,6 +150,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         max_front_connections: 40_000,
         drain_timeout: Duration::from_millis(100),
+        shutdown_delay: Duration::ZERO,
         session: crate::session_config(args.max_streams),
         metrics: Some(
             metrics_exporter_prometheus::PrometheusBuilder::new()
