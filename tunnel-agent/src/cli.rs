@@ -48,6 +48,11 @@ pub struct Cli {
     /// Transport to the server: auto (QUIC, else gRPC over TLS/TCP), quic or grpc.
     #[arg(long, default_value = "auto")]
     pub transport: tunnel_core::TransportChoice,
+    /// Sessions kept at once, each to a distinct server replica (through the same
+    /// --server-address): with 2, the node stays served when one replica goes, without a
+    /// reconnect. 1 to 8.
+    #[arg(long, default_value_t = 1)]
+    pub server_redundancy: usize,
     /// With --transport auto running over gRPC: seconds between attempts to move back to QUIC
     /// (open streams finish on gRPC).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
@@ -83,6 +88,7 @@ impl Cli {
             allowed_ports: self.allowed_ports,
             localhost_proxy_ports: self.localhost_proxy_ports,
             transport: self.transport,
+            server_redundancy: self.server_redundancy,
             quic_retry_interval: std::time::Duration::from_secs(self.quic_retry_interval_seconds),
             session: tunnel_core::SessionConfig {
                 max_streams: self.max_concurrent_streams,

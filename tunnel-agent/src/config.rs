@@ -88,6 +88,10 @@ pub struct AgentConfig {
     pub metrics: Option<PrometheusHandle>,
     /// Which transport to use. Default auto (QUIC, else gRPC).
     pub transport: tunnel_core::TransportChoice,
+    /// Sessions kept at once, each to a distinct replica (server id) reached through
+    /// `server_address`: with 2, losing a replica leaves the node served by the other without
+    /// waiting for a reconnect. Default 1; at most 8.
+    pub server_redundancy: usize,
     /// With `auto` running over gRPC: how often to try QUIC again. A QUIC session that comes
     /// up takes over; the gRPC one finishes its open streams first. Default 5 min.
     pub quic_retry_interval: Duration,
@@ -114,6 +118,7 @@ impl Default for AgentConfig {
             drain_timeout: Duration::from_secs(10),
             metrics: None,
             transport: tunnel_core::TransportChoice::default(),
+            server_redundancy: 1,
             quic_retry_interval: Duration::from_secs(300),
         }
     }
@@ -146,6 +151,12 @@ impl AgentConfig {
                 ),
             });
         }
+        if !(1..=MAX_REDUNDANCY).contains(&self.server_redundancy) {
+            return Err(ConfigError::Invalid {
+                what: "--server-redundancy",
+                why: format!("must be 1 to {MAX_REDUNDANCY}"),
+            });
+        }
         if self.quic_retry_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 what: "--quic-retry-interval-seconds",
@@ -155,6 +166,9 @@ impl AgentConfig {
         Ok(())
     }
 }
+
+/// The most sessions an agent keeps to distinct replicas.
+pub const MAX_REDUNDANCY: usize = 8;
 
 #[cfg(test)]
 mod tests {

@@ -105,16 +105,90 @@ impl Agent {
     /// problems a restart would not fix (configuration, files).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let Self { config, status } = self;
+        config.validate()?;
         let ready = Arc::new(AtomicBool::new(false));
-        let mut links = Links::prepare(config, status, ready.clone()).await?;
-        let meta = links.start_meta(ready).await?;
-        links.run(shutdown).await;
-        drain::join_set(&mut links.streams, links.shared.config.drain_timeout).await;
+        let slots = Arc::new(Slots::new(config.server_redundancy, status, ready.clone()));
+        let drain_timeout = config.drain_timeout;
+        let mut all = Vec::new();
+        for slot in 0..config.server_redundancy {
+            all.push(Links::prepare(config.clone(), slots.clone(), slot).await?);
+        }
+        let meta = all[0].start_meta(ready).await?;
+        // Each slot connects, serves and reconnects on its own task until the shutdown.
+        let (stop, stopped) = watch::channel(false);
+        let mut running = JoinSet::new();
+        for mut links in all {
+            let mut stopped = stopped.clone();
+            running.spawn(async move {
+                links
+                    .run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+                // Their open streams get the drain, all slots' at once.
+                drain::join_set(&mut links.streams, drain_timeout).await;
+            });
+        }
+        shutdown.await;
+        let _ = stop.send(true);
+        while running.join_next().await.is_some() {}
         if let Some(meta) = meta {
             meta.stop().await;
         }
         info!("tunnel agent stopped");
         Ok(())
+    }
+}
+
+/// What the agent's slots share (one per session kept at once, `--server-redundancy`): whom
+/// each is connected to, which makes the agent's status (the first slot connected) and its
+/// readiness (any slot connected), and which replicas another slot must not register with.
+#[derive(Debug)]
+struct Slots {
+    connected: std::sync::Mutex<Vec<Option<AgentStatus>>>,
+    status: watch::Sender<AgentStatus>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Slots {
+    fn new(n: usize, status: watch::Sender<AgentStatus>, ready: Arc<AtomicBool>) -> Self {
+        Self {
+            connected: std::sync::Mutex::new(vec![None; n]),
+            status,
+            ready,
+        }
+    }
+
+    /// Slot `slot` is now `state` (`None`: not connected).
+    fn set(&self, slot: usize, state: Option<AgentStatus>) {
+        let mut connected = self
+            .connected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = connected.get_mut(slot) {
+            *entry = state;
+        }
+        let first = connected.iter().flatten().next().cloned();
+        self.ready.store(first.is_some(), Ordering::Release);
+        self.status
+            .send_replace(first.unwrap_or(AgentStatus::Disconnected));
+    }
+
+    /// The server ids the other slots are connected to.
+    fn others(&self, slot: usize) -> Vec<String> {
+        let connected = self
+            .connected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        connected
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != slot)
+            .filter_map(|(_, state)| match state {
+                Some(AgentStatus::Connected { server_id, .. }) => Some(server_id.clone()),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -124,8 +198,9 @@ struct Links {
     shared: Arc<Shared>,
     server: ServerConnector,
     register: proto::Register,
-    status: watch::Sender<AgentStatus>,
-    ready: Arc<AtomicBool>,
+    slots: Arc<Slots>,
+    /// Which of the agent's slots this is (0 unless `--server-redundancy` is more than 1).
+    slot: usize,
     /// Every stream's task, and every retired session's, so that shutdown drains them.
     streams: JoinSet<()>,
     reconnect: Reconnect,
@@ -167,10 +242,9 @@ impl Links {
     /// connector, the claims to register with, the allowlist.
     async fn prepare(
         config: AgentConfig,
-        status: watch::Sender<AgentStatus>,
-        ready: Arc<AtomicBool>,
+        slots: Arc<Slots>,
+        slot: usize,
     ) -> Result<Self, AgentError> {
-        config.validate()?;
         let loaded = certs::load(&config).await?;
         let reconnect = Reconnect::new(config.backoff.clone());
         let connector = Connector::new(loaded.client, config.session.clone(), config.transport)
@@ -201,12 +275,14 @@ impl Links {
             instance_id: rand::random::<u64>() | 1,
             live_sessions: 0,
             capabilities: vec![proto::Capability::PortPolicy.into()],
+            connected_server_ids: Vec::new(),
         };
         info!(
             node = %loaded.identity.node_name,
             node.ips = ?loaded.dial_ips,
             server = %config.server_address,
             transport = config.transport.as_str(),
+            slot,
             "tunnel agent starting"
         );
         // Every reason is a series from the start, so that a rate over it works before the
@@ -230,8 +306,8 @@ impl Links {
             }),
             server,
             register,
-            status,
-            ready,
+            slots,
+            slot,
             streams: JoinSet::new(),
             reconnect,
             live: Arc::new(AtomicUsize::new(0)),
@@ -244,6 +320,7 @@ impl Links {
         let live = self.live.load(Ordering::Acquire);
         proto::Register {
             live_sessions: u32::try_from(live).unwrap_or(u32::MAX),
+            connected_server_ids: self.slots.others(self.slot),
             ..self.register.clone()
         }
     }
@@ -317,6 +394,12 @@ impl Links {
             .increment(1);
         metrics::counter!("edge_tunnel_agent_reconnects_total", "reason" => cause).increment(1);
         match (reason.cause, reason.initiator) {
+            // Another slot holds a session to the replica the load balancer chose: the next
+            // attempt may land elsewhere.
+            (CloseCause::AlreadyConnected, _) => debug!(
+                slot = self.slot,
+                "the load balancer chose a replica another session holds; trying again"
+            ),
             (CloseCause::Refused, Initiator::Remote) => warn!(
                 cause = %cause,
                 error = %e,
@@ -342,7 +425,7 @@ impl Links {
         let live = LiveSession::new(&self.live);
         let transport = session.transport().as_str();
         let up = metrics::gauge!("edge_tunnel_agent_session_up", "transport" => transport);
-        up.set(1.0);
+        up.increment(1.0);
         let session = Arc::new(session);
         let span = info_span!("session", server.addr = %session.remote_addr(), transport);
         let quic_return = QuicReturn {
@@ -358,7 +441,7 @@ impl Links {
         )
         .instrument(span)
         .await;
-        up.set(0.0);
+        up.decrement(1.0);
         let unit = rand::random::<f64>();
         match end {
             SessionEnd::Moved(newer) => {
@@ -444,17 +527,18 @@ impl Links {
             serving = %serving,
             "connected"
         );
-        self.status.send_replace(AgentStatus::Connected {
-            node_name: session.node_name().to_owned(),
-            server_id: session.server_id().to_owned(),
-            server: session.remote_addr(),
-        });
-        self.ready.store(true, Ordering::Release);
+        self.slots.set(
+            self.slot,
+            Some(AgentStatus::Connected {
+                node_name: session.node_name().to_owned(),
+                server_id: session.server_id().to_owned(),
+                server: session.remote_addr(),
+            }),
+        );
     }
 
     fn disconnected(&self) {
-        self.ready.store(false, Ordering::Release);
-        self.status.send_replace(AgentStatus::Disconnected);
+        self.slots.set(self.slot, None);
     }
 }
 

@@ -170,11 +170,14 @@ pub enum CloseCause {
     Transport,
     /// The handshake or registration did not finish in time.
     HandshakeTimeout,
+    /// The agent already holds a session to this replica and wants one to another
+    /// (`--server-redundancy`): registration refused, try another replica.
+    AlreadyConnected,
 }
 
 impl CloseCause {
     /// Every cause, for metrics that list each label from the start.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::GoAway,
         Self::PingDeadline,
         Self::IdleTimeout,
@@ -184,6 +187,7 @@ impl CloseCause {
         Self::Refused,
         Self::Transport,
         Self::HandshakeTimeout,
+        Self::AlreadyConnected,
     ];
 
     /// A stable, lowercase label for metrics and logs.
@@ -198,6 +202,7 @@ impl CloseCause {
             Self::Refused => "refused",
             Self::Transport => "transport",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::AlreadyConnected => "already_connected",
         }
     }
 
@@ -213,6 +218,7 @@ impl CloseCause {
             Self::Refused => proto::CloseCause::Refused,
             Self::Transport => proto::CloseCause::Transport,
             Self::HandshakeTimeout => proto::CloseCause::HandshakeTimeout,
+            Self::AlreadyConnected => proto::CloseCause::AlreadyConnected,
         }
     }
 
@@ -227,6 +233,7 @@ impl CloseCause {
             Ok(proto::CloseCause::Protocol) => Self::Protocol,
             Ok(proto::CloseCause::Refused) => Self::Refused,
             Ok(proto::CloseCause::HandshakeTimeout) => Self::HandshakeTimeout,
+            Ok(proto::CloseCause::AlreadyConnected) => Self::AlreadyConnected,
             Ok(proto::CloseCause::Transport | proto::CloseCause::Unspecified) | Err(_) => {
                 Self::Transport
             }
@@ -250,6 +257,7 @@ impl CloseCause {
             Self::Refused => "refused",
             Self::Transport => "transport error",
             Self::HandshakeTimeout => "handshake timed out",
+            Self::AlreadyConnected => "already connected to this replica",
         }
     }
 }

@@ -943,3 +943,74 @@ async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
         service.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_server_redundancy_2_a_killed_replica_loses_no_node() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    const NODES: usize = 12;
+    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
+        .map(|i| (node_name(i), vec![node_ip(i)]))
+        .collect();
+    let refs: Vec<(&str, &[IpAddr])> = nodes
+        .iter()
+        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
+        .collect();
+    let pki = TestPki::new(&refs);
+    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let port = free_port_on(&ip_refs);
+    let mut services = Vec::new();
+    for i in 0..NODES {
+        services.push(node_service(node_ip(i), port, node_name(i)).await);
+    }
+    let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
+    let lb = Haproxy::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
+
+    // Two sessions per agent, each to a different replica, both through the load balancer.
+    let mut agents = Vec::new();
+    for i in 0..NODES {
+        let mut config = agent_config(&pki, i, lb.addr, port, TransportChoice::Grpc);
+        config.server_redundancy = 2;
+        agents.push(RunningAgent::start(config, None).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let spread = held(&replicas).await;
+        // A replica holds one session per node: 2 × NODES in all means two replicas each.
+        if spread.iter().sum::<f64>() >= 2.0 * NODES as f64 {
+            println!("sessions per replica with redundancy 2: {spread:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every agent holds two sessions: {spread:?} of {}",
+            2 * NODES
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    all_served(&fronts, NODES, port).await;
+
+    // A replica dies. Every node still has a session on another one: it answers through the
+    // two left at once, before any agent has connected again.
+    let mut dead = replicas.remove(1);
+    dead.child.start_kill().expect("SIGKILL");
+    let _ = dead.child.wait().await;
+    let killed = tokio::time::Instant::now();
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    all_served(&fronts, NODES, port).await;
+    println!(
+        "every node answered through both replicas left within {:?} of the kill",
+        killed.elapsed()
+    );
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    drop(lb);
+    drop(replicas);
+    for service in services {
+        service.abort();
+    }
+}

@@ -464,6 +464,15 @@ pub(crate) async fn accept_agent<C: ControlChannel>(
         };
         let name = match registrant {
             Registrant::Agent(identity) => {
+                if claims
+                    .connected_server_ids
+                    .iter()
+                    .any(|id| **id == *welcome.server_id)
+                {
+                    // A redundant session must go to another replica; taken here, it would
+                    // replace the agent's session to us.
+                    return Err(CloseReason::local(CloseCause::AlreadyConnected));
+                }
                 if claims.node_name != identity.node_name && !claims.node_name.is_empty() {
                     warn!(
                         agent.claimed = %claims.node_name,
