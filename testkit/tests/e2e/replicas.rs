@@ -645,6 +645,67 @@ impl ReplicaProcess {
     }
 }
 
+/// nginx's stream module in front of the replicas' UDP tunnel ports, hashing each client's
+/// address and port to a replica: a cloud load balancer for QUIC. Killed on drop.
+struct Nginx {
+    addr: SocketAddr,
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    async fn start(backends: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_udp_port();
+        let servers: String = backends
+            .iter()
+            .map(|addr| format!("    server {addr};\n"))
+            .collect();
+        let config = format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nstream {{\n  upstream replicas {{\n    hash $remote_addr$remote_port consistent;\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port} udp;\n    proxy_pass replicas;\n    proxy_timeout 1h;\n  }}\n}}\n",
+            pid = dir.path().join("nginx.pid").display()
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, config).expect("write nginx.conf");
+        let child = tokio::process::Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg("stderr")
+            .arg("-c")
+            .arg(&path)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nginx runs (scripts/test installs it with its stream module)");
+        let pid = dir.path().join("nginx.pid");
+        for _ in 0..100 {
+            if pid.exists() {
+                return Self {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    child,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nginx did not start");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A UDP port free on 127.0.0.1 at the time of asking.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+}
+
 /// Every node answers through every replica of `http_fronts`.
 async fn all_served(http_fronts: &[SocketAddr], nodes: usize, port: u16) {
     for front in http_fronts {
@@ -1004,6 +1065,65 @@ async fn with_server_redundancy_2_a_killed_replica_loses_no_node() {
         "every node answered through both replicas left within {:?} of the kill",
         killed.elapsed()
     );
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    drop(lb);
+    drop(replicas);
+    for service in services {
+        service.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    const NODES: usize = 30;
+    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
+        .map(|i| (node_name(i), vec![node_ip(i)]))
+        .collect();
+    let refs: Vec<(&str, &[IpAddr])> = nodes
+        .iter()
+        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
+        .collect();
+    let pki = TestPki::new(&refs);
+    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let port = free_port_on(&ip_refs);
+    let mut services = Vec::new();
+    for i in 0..NODES {
+        services.push(node_service(node_ip(i), port, node_name(i)).await);
+    }
+    let replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
+    let lb = Nginx::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
+
+    // QUIC only: the agents know only nginx's UDP port.
+    let mut agents = Vec::new();
+    for i in 0..NODES {
+        let config = agent_config(&pki, i, lb.addr, port, TransportChoice::Quic);
+        agents.push(RunningAgent::start(config, None).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let spread = loop {
+        let spread = held(&replicas).await;
+        if spread.iter().sum::<f64>() >= NODES as f64 {
+            break spread;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agents registered: {spread:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("QUIC agents per replica through nginx: {spread:?}");
+    assert!(
+        spread.iter().all(|n| *n > 0.0),
+        "the hash reaches every replica: {spread:?}"
+    );
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    all_served(&fronts, NODES, port).await;
 
     for agent in agents {
         agent.stop().await;
