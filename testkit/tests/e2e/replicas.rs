@@ -536,10 +536,33 @@ struct ReplicaProcess {
     http: SocketAddr,
     meta: SocketAddr,
     child: tokio::process::Child,
+    /// What it was started with, to start it again.
+    args: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
+/// `tunnel-server` with `args`, its log level from `REPLICA_LOG` (default warn).
+fn spawn_replica(args: &[std::ffi::OsString]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_testkit-server"))
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("REPLICA_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tunnel-server runs")
+}
+
 impl ReplicaProcess {
+    /// Kills it (SIGKILL) and starts it again with the same flags, ports and certificate.
+    async fn restart(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+        self.child = spawn_replica(&self.args);
+        self.wait_ready().await;
+    }
+
     /// `n` replica processes, each with the others (and itself) as `--peers`, the service
     /// `port` dialed on the node's IP.
     async fn start_all(pki: &TestPki, n: usize, port: u16, extra: &[&str]) -> Vec<Self> {
@@ -556,36 +579,49 @@ impl ReplicaProcess {
             std::fs::write(dir.path().join(LOCALHOST_PROXY_PORTS), "").expect("config dir");
             let (http, meta) = (free_port_on(&["127.0.0.1"]), free_port_on(&["127.0.0.1"]));
             let id = format!("replica-{i}");
-            let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testkit-server"))
-                .args(["--bind-address", "127.0.0.1", "--secure-port", "0"])
-                .args(["--tunnel-port", &tunnel_port.to_string()])
-                .args(["--insecure-port", &http.to_string()])
-                .args(["--meta-port", &meta.to_string()])
-                .arg("--tls-cert-file")
-                .arg(&pki.tunnel.server_cert)
-                .arg("--tls-private-key-file")
-                .arg(&pki.tunnel.server_key)
-                .arg("--client-ca-file")
-                .arg(&pki.tunnel.ca_cert)
-                .arg("--config-dir")
-                .arg(dir.path())
-                .args(["--kubelet-port", &port.to_string()])
-                .args(["--kubelet-read-only-port", &port.to_string()])
-                .args(["--server-id", &id, "--peers", &peers])
-                .args(extra)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("REPLICA_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .kill_on_drop(true)
-                .spawn()
-                .expect("tunnel-server runs");
+            let mut args: Vec<std::ffi::OsString> = Vec::new();
+            let mut add =
+                |list: &[&std::ffi::OsStr]| args.extend(list.iter().map(|a| a.to_os_string()));
+            let (tunnel_s, http_s, meta_s, port_s) = (
+                tunnel_port.to_string(),
+                http.to_string(),
+                meta.to_string(),
+                port.to_string(),
+            );
+            for pair in [
+                ["--bind-address", "127.0.0.1"],
+                ["--secure-port", "0"],
+                ["--tunnel-port", &tunnel_s],
+                ["--insecure-port", &http_s],
+                ["--meta-port", &meta_s],
+                ["--kubelet-port", &port_s],
+                ["--kubelet-read-only-port", &port_s],
+                ["--server-id", &id],
+                ["--peers", &peers],
+            ] {
+                add(&[pair[0].as_ref(), pair[1].as_ref()]);
+            }
+            add(&[
+                "--tls-cert-file".as_ref(),
+                pki.tunnel.server_cert.as_os_str(),
+            ]);
+            add(&[
+                "--tls-private-key-file".as_ref(),
+                pki.tunnel.server_key.as_os_str(),
+            ]);
+            add(&["--client-ca-file".as_ref(), pki.tunnel.ca_cert.as_os_str()]);
+            add(&["--config-dir".as_ref(), dir.path().as_os_str()]);
+            for arg in extra {
+                add(&[arg.as_ref()]);
+            }
+            let child = spawn_replica(&args);
             out.push(Self {
                 id,
                 tunnel: SocketAddr::from(([127, 0, 0, 1], tunnel_port)),
                 http: SocketAddr::from(([127, 0, 0, 1], http)),
                 meta: SocketAddr::from(([127, 0, 0, 1], meta)),
                 child,
+                args,
                 _dir: dir,
             });
         }
@@ -1133,4 +1169,48 @@ async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica() {
     for service in services {
         service.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_links_to_a_restarted_replica_are_made_again() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    let pki = TestPki::new(&[(&node_name(0), &[node_ip(0)])]);
+    let port = free_port_on(&[&node_ip(0).to_string()]);
+    let service = node_service(node_ip(0), port, node_name(0)).await;
+    let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
+    let config = agent_config(&pki, 0, replicas[0].tunnel, port, TransportChoice::Quic);
+    let agent = RunningAgent::start(config, Some(&replicas[0].id)).await;
+    let (status, _) = ask(replicas[2].http, &node_name(0), port).await;
+    assert_eq!(status, 200);
+
+    // The third replica dies and comes back on the same ports: every link to and from it is
+    // cut. The others' links to it are made again (their old ones hear a stateless reset),
+    // and it forwards to the node's replica again.
+    let started = tokio::time::Instant::now();
+    replicas[2].restart().await;
+    let deadline = started + Duration::from_secs(15);
+    while replicas[2].peers_in().await < 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted replica is linked from both others again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let relinked = started.elapsed();
+    let (status, body) = ask(replicas[2].http, &node_name(0), port).await;
+    assert_eq!((status, body.as_str()), (200, "edge-0"));
+    // Its own links to the others are made too (each counts the links it accepted).
+    for replica in &replicas[..2] {
+        assert_eq!(
+            replica.peers_in().await,
+            2.0,
+            "{} is linked from both others",
+            replica.id
+        );
+    }
+    println!("a restarted replica was linked again after {relinked:?}");
+    agent.stop().await;
+    drop(replicas);
+    service.abort();
 }

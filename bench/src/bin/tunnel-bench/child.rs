@@ -50,6 +50,12 @@ pub(crate) struct ServeArgs {
     /// The node ports served (on the nodes' loopback): the targets of the measured paths.
     #[arg(long, value_delimiter = ',')]
     pub(crate) ports: Vec<u16>,
+    /// This replica's id.
+    #[arg(long, default_value = "bench")]
+    pub(crate) server_id: String,
+    /// The replicas' tunnel ports (`HOST:PORT`): section 8 runs three that forward.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) peers: Vec<String>,
 }
 
 /// What `agent` needs: the server, the agent's TLS files, and the ports it may dial.
@@ -135,7 +141,11 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_cert_file: Some(args.tls.cert),
         tls_private_key_file: Some(args.tls.key),
         client_ca_file: Some(args.tls.ca),
-        server_id: "bench".into(),
+        server_id: args.server_id.clone(),
+        peers: tunnel_server::config::PeerConfig {
+            peers: args.peers.clone(),
+            dns_name: None,
+        },
         ports: Some(
             tunnel_core::PortConfig::parse(
                 [(
@@ -226,7 +236,11 @@ impl ServerChild {
             cmd.args(["--tunnel-port", &args.tunnel_port.to_string()])
                 .args(["--insecure-port", &args.insecure_port.to_string()])
                 .args(["--meta-port", &args.meta_port.to_string()])
-                .args(["--max-streams", &args.max_streams.to_string()]);
+                .args(["--max-streams", &args.max_streams.to_string()])
+                .args(["--server-id", &args.server_id]);
+            if !args.peers.is_empty() {
+                cmd.args(["--peers", &args.peers.join(",")]);
+            }
             if !args.ports.is_empty() {
                 cmd.args([
                     "--ports",

@@ -14,6 +14,7 @@ mod measure;
 mod memory;
 mod paths;
 mod rathole;
+mod replicas;
 mod report;
 
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ struct Cli {
     json: bool,
     /// Only these sections of the table (numbers, comma-separated: `--only 1,3`); for
     /// profiling one path. Default: all.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=7))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=8))]
     only: Vec<u8>,
     /// Only these paths (comma-separated), for profiling one of them: sections 1 to 3 and 5
     /// measure just these, and rathole is not started without `rathole`. Default: all;
@@ -64,7 +65,7 @@ enum Mode {
 }
 
 /// Sizes of one run.
-struct Sizes {
+pub(crate) struct Sizes {
     bulk_bytes: u64,
     bulk_runs: usize,
     rtt_single: usize,
@@ -73,6 +74,8 @@ struct Sizes {
     idle_conns: usize,
     idle_agents: usize,
     hol_each: u64,
+    /// Section 8: idle agents on each of the three replicas.
+    agents_per_replica: usize,
 }
 
 impl Sizes {
@@ -87,6 +90,7 @@ impl Sizes {
                 idle_conns: 1_000,
                 idle_agents: 200,
                 hol_each: 8 << 20,
+                agents_per_replica: 100,
             }
         } else {
             Self {
@@ -98,6 +102,7 @@ impl Sizes {
                 idle_conns: 10_000,
                 idle_agents: 5_000,
                 hol_each: 32 << 20,
+                agents_per_replica: 1_000,
             }
         }
     }
@@ -112,14 +117,14 @@ pub(crate) fn session_config(max_streams: u32) -> SessionConfig {
 }
 
 /// An agent running in this process.
-struct RunningAgent {
+pub(crate) struct RunningAgent {
     status: tokio::sync::watch::Receiver<AgentStatus>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningAgent {
-    fn start(config: AgentConfig) -> Self {
+    pub(crate) fn start(config: AgentConfig) -> Self {
         let agent = Agent::new(config);
         let status = agent.status();
         let (tx, rx) = oneshot::channel::<()>();
@@ -148,7 +153,7 @@ impl RunningAgent {
         Ok(())
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -179,7 +184,7 @@ pub(crate) fn agent_config(
 }
 
 /// The TLS files of agent `index` of `pki`.
-fn agent_tls(pki: &tunnel_server::pki::PkiFiles, index: usize) -> TlsFiles {
+pub(crate) fn agent_tls(pki: &tunnel_server::pki::PkiFiles, index: usize) -> TlsFiles {
     let (_, cert, key) = &pki.agents[index];
     TlsFiles {
         cert: cert.clone(),
@@ -190,7 +195,7 @@ fn agent_tls(pki: &tunnel_server::pki::PkiFiles, index: usize) -> TlsFiles {
 
 /// Waits until the server has `want` sessions over `transport`; returns how long it took
 /// until half of them and until all of them were there.
-async fn sessions_reach(
+pub(crate) async fn sessions_reach(
     server: &ServerChild,
     transport: &str,
     want: usize,
@@ -282,7 +287,12 @@ async fn run(
         sizes.idle_agents
     } else {
         0
-    };
+    }
+    .max(if sections.wants(8) {
+        3 * sizes.agents_per_replica
+    } else {
+        0
+    });
     let idle_conns = sizes
         .idle_conns
         .min((nofile as usize).saturating_sub(2_000) / 4);
@@ -328,6 +338,8 @@ async fn run(
         meta_port: 0,
         max_streams: 20_000,
         ports: ports.iter().collect(),
+        server_id: "bench".into(),
+        peers: Vec::new(),
     };
     let server = ServerChild::start(serve_args.clone()).await?;
     // The agents of the measured paths run in processes of their own, as on a node (and as
@@ -631,6 +643,16 @@ async fn run(
                 back_all,
             );
         }
+    }
+
+    if sections.wants(8) {
+        let targets = replicas::Targets {
+            sink,
+            echo,
+            source: &source,
+            ports: &ports,
+        };
+        replicas::measure(&sizes, &mut report, &serve_args, &pki, &targets).await?;
     }
 
     if sections.wants(7) {
