@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// tunnel port is --tunnel-port.
     #[arg(long)]
     pub peer_dns_name: Option<String>,
+    /// The DNS server asked for --peer-dns-name, IP or IP:PORT (default: the nameservers of
+    /// /etc/resolv.conf).
+    #[arg(long, value_parser = parse_upstream)]
+    pub peer_dns_server: Option<SocketAddr>,
     /// Node port reached through the TLS front.
     #[arg(long, default_value_t = 10250)]
     pub kubelet_port: u16,
@@ -291,6 +295,7 @@ impl ServeArgs {
             peers: crate::config::PeerConfig {
                 peers: self.peers,
                 dns_name: self.peer_dns_name,
+                dns_server: self.peer_dns_server,
             },
             ..ServerConfig::default()
         })

@@ -103,6 +103,8 @@ pub struct PeerConfig {
     /// A DNS name whose A/AAAA records are the replicas (the headless Service), re-resolved
     /// every 5 s; their tunnel port is this replica's.
     pub dns_name: Option<String>,
+    /// The DNS server asked for `dns_name`. `None`: the nameservers of `/etc/resolv.conf`.
+    pub dns_server: Option<SocketAddr>,
 }
 
 impl PeerConfig {
@@ -397,6 +399,7 @@ mod tests {
             peers: PeerConfig {
                 peers: list.iter().map(ToString::to_string).collect(),
                 dns_name: None,
+                dns_server: None,
             },
             ..with_certs()
         };

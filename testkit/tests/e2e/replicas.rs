@@ -106,10 +106,34 @@ async fn start_replica(pki: &TestPki, i: usize, tunnel_ports: &[u16], port: u16)
         .iter()
         .map(|p| format!("127.0.0.1:{p}"))
         .collect();
+    let peers = PeerConfig {
+        peers,
+        dns_name: None,
+        dns_server: None,
+    };
+    let loopback = "127.0.0.1".parse().expect("ip");
+    start_replica_on(
+        pki,
+        i,
+        SocketAddr::new(loopback, tunnel_ports[i]),
+        peers,
+        port,
+    )
+    .await
+}
+
+/// Replica `i` listening on `tunnel`'s address (its fronts there too), with `peers`.
+async fn start_replica_on(
+    pki: &TestPki,
+    i: usize,
+    tunnel: SocketAddr,
+    peers: PeerConfig,
+    port: u16,
+) -> Replica {
     let config = ServerConfig {
-        bind_address: "127.0.0.1".parse().expect("ip"),
+        bind_address: tunnel.ip(),
         meta_bind_address: "127.0.0.1".parse().expect("ip"),
-        tunnel_port: tunnel_ports[i],
+        tunnel_port: tunnel.port(),
         secure_port: 0,
         insecure_port: 0,
         meta_port: 0,
@@ -133,10 +157,7 @@ async fn start_replica(pki: &TestPki, i: usize, tunnel_ports: &[u16], port: u16)
             )
             .expect("port config"),
         ),
-        peers: PeerConfig {
-            peers,
-            dns_name: None,
-        },
+        peers,
         ..ServerConfig::default()
     };
     let server = Server::bind(config).await.expect("replica binds");
@@ -1210,6 +1231,82 @@ async fn peer_links_to_a_restarted_replica_are_made_again() {
         );
     }
     println!("a restarted replica was linked again after {relinked:?}");
+    agent.stop().await;
+    drop(replicas);
+    service.abort();
+}
+
+/// A dnsmasq on 127.0.0.1 answering `name` with `ips`, and nothing else. Killed on drop.
+async fn dnsmasq(name: &str, ips: &[IpAddr]) -> (tokio::process::Child, SocketAddr) {
+    let port = free_udp_port();
+    let mut command = tokio::process::Command::new("dnsmasq");
+    command.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--except-interface=nonexistent",
+        "--pid-file",
+        "--user=root",
+        "--log-facility=-",
+    ]);
+    command.arg(format!("--port={port}"));
+    for ip in ips {
+        command.arg(format!("--host-record={name},{ip}"));
+    }
+    let child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("dnsmasq runs (scripts/test installs it)");
+    // Ready once it holds its UDP port.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..100 {
+        if std::net::UdpSocket::bind(addr).is_err() {
+            return (child, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("dnsmasq does not listen on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_find_each_other_by_a_dns_name() {
+    edge_tunnel_testkit::init_tracing();
+    let _exclusive = edge_tunnel_testkit::exclusive().await;
+    let pki = TestPki::new(&[(&node_name(0), &[node_ip(0)])]);
+    let port = free_port_on(&[&node_ip(0).to_string()]);
+    let service = node_service(node_ip(0), port, node_name(0)).await;
+    // Three replicas on one port of three addresses, as pods behind a headless Service.
+    let ips: Vec<IpAddr> = (1..=3).map(|n| IpAddr::from([127, 0, 0, n])).collect();
+    let texts: Vec<String> = ips.iter().map(ToString::to_string).collect();
+    let tunnel_port = free_port_on(&texts.iter().map(String::as_str).collect::<Vec<_>>());
+    let (_dns, dns_server) = dnsmasq("replicas.test", &ips).await;
+    let mut replicas = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let peers = PeerConfig {
+            peers: Vec::new(),
+            dns_name: Some("replicas.test".into()),
+            dns_server: Some(dns_server),
+        };
+        let tunnel = SocketAddr::new(*ip, tunnel_port);
+        replicas.push(start_replica_on(&pki, i, tunnel, peers, port).await);
+    }
+    links_up(6).await;
+    let config = agent_config(&pki, 0, replicas[0].tunnel, port, TransportChoice::Quic);
+    let agent = RunningAgent::start(config, Some(&replicas[0].id)).await;
+    replicas[0].registry.wait_for(&node_name(0)).await;
+    for replica in &replicas {
+        let (status, body) = ask(replica.http, &node_name(0), port).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "edge-0"),
+            "through {}",
+            replica.id
+        );
+    }
     agent.stop().await;
     drop(replicas);
     service.abort();

@@ -76,12 +76,7 @@ impl Setup {
         })?;
         let connector = Connector::new(tls, config.session.clone(), TransportChoice::Quic)
             .map_err(|e| invalid(e.to_string()))?;
-        let resolver = TokioResolver::builder_tokio()
-            .and_then(|b| b.build())
-            .map_err(|e| ConfigError::Invalid {
-                what: "resolver configuration (/etc/resolv.conf) for --peer-dns-name",
-                why: e.to_string(),
-            })?;
+        let resolver = resolver(config.peers.dns_server)?;
         let membership = Membership {
             statics: config.peers.statics()?,
             dns_name: config
@@ -130,4 +125,28 @@ impl Setup {
         ));
         Some(peers)
     }
+}
+
+/// A resolver asking `server`, or the nameservers of `/etc/resolv.conf`. No cache: the peer
+/// list is resolved every few seconds to see replicas come and go.
+fn resolver(server: Option<std::net::SocketAddr>) -> Result<TokioResolver, ConfigError> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let invalid = |why: String| ConfigError::Invalid {
+        what: "resolver for --peer-dns-name (--peer-dns-server, or /etc/resolv.conf)",
+        why,
+    };
+    let mut builder = match server {
+        Some(addr) => {
+            let mut name_server = NameServerConfig::udp_and_tcp(addr.ip());
+            for connection in &mut name_server.connections {
+                connection.port = addr.port();
+            }
+            let config = ResolverConfig::from_name_servers(vec![name_server]);
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        }
+        None => TokioResolver::builder_tokio().map_err(|e| invalid(e.to_string()))?,
+    };
+    builder.options_mut().cache_size = 0;
+    builder.build().map_err(|e| invalid(e.to_string()))
 }

@@ -145,6 +145,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         peers: tunnel_server::config::PeerConfig {
             peers: args.peers.clone(),
             dns_name: None,
+            dns_server: None,
         },
         ports: Some(
             tunnel_core::PortConfig::parse(
