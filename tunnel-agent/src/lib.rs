@@ -114,12 +114,12 @@ impl Agent {
             all.push(Links::prepare(config.clone(), slots.clone(), slot).await?);
         }
         let meta = all[0].start_meta(ready).await?;
-        // Each slot connects, serves and reconnects on its own task until the shutdown.
+        // The slots connect, serve and reconnect side by side on this task until the
+        // shutdown (the streams they carry run on tasks of their own).
         let (stop, stopped) = watch::channel(false);
-        let mut running = JoinSet::new();
-        for mut links in all {
+        let slots = all.iter_mut().map(|links| {
             let mut stopped = stopped.clone();
-            running.spawn(async move {
+            async move {
                 links
                     .run(async move {
                         let _ = stopped.wait_for(|s| *s).await;
@@ -127,11 +127,14 @@ impl Agent {
                     .await;
                 // Their open streams get the drain, all slots' at once.
                 drain::join_set(&mut links.streams, drain_timeout).await;
-            });
-        }
-        shutdown.await;
-        let _ = stop.send(true);
-        while running.join_next().await.is_some() {}
+            }
+        });
+        let running = futures_util::future::join_all(slots);
+        let stopping = async {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        tokio::join!(running, stopping);
         if let Some(meta) = meta {
             meta.stop().await;
         }
