@@ -113,6 +113,83 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A replica's side of its peer links: TLS 1.3, its serving certificate presented as client
+/// certificate, and the peer's certificate verified against `roots` for the server name *and*
+/// required to carry the replica mark ([`REPLICA_URI`]), so that no other certificate the CA
+/// issued for that name can pose as a replica and be served its peers' requests.
+pub fn replica_client_config(
+    identity: Identity,
+    roots: RootCertStore,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, ConfigError> {
+    let provider = provider();
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ReplicaVerifier { inner }))
+        .with_client_auth_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The web PKI's verdict, and then the replica mark.
+#[derive(Debug)]
+struct ReplicaVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ReplicaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match is_replica_certificate(end_entity) {
+            Ok(true) => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// The validity window of a certificate, in seconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
@@ -308,6 +385,59 @@ impl AgentIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_accepts_as_its_peer_only_a_certificate_with_the_replica_mark() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            SanType,
+        };
+        use rustls::client::danger::ServerCertVerifier;
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |marked: bool| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["replicas.test".into()]).unwrap();
+            if marked {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(REPLICA_URI.try_into().unwrap()));
+            }
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.signed_by(&key, &issuer).unwrap().der().clone()
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let verifier = ReplicaVerifier { inner };
+        let name = rustls_pki_types::ServerName::try_from("replicas.test").unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        assert!(
+            verifier
+                .verify_server_cert(&leaf(true), &[], &name, &[], now)
+                .is_ok()
+        );
+        // The same CA and name without the mark: an agent's or anyone's, not a replica.
+        assert_eq!(
+            verifier
+                .verify_server_cert(&leaf(false), &[], &name, &[], now)
+                .unwrap_err(),
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure
+            )
+        );
+    }
 
     fn cert(params: rcgen::CertificateParams) -> CertificateDer<'static> {
         let key = rcgen::KeyPair::generate().unwrap();

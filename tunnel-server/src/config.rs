@@ -368,6 +368,14 @@ impl ServerConfig {
                     why: format!("{name:?} is not a DNS name"),
                 });
             }
+            // Replicas tell themselves from their peers by server id: a shared one (the
+            // default, where HOSTNAME is not set) would make every peer look like itself.
+            if self.server_id == Self::default().server_id {
+                return Err(ConfigError::Invalid {
+                    what: "--server-id",
+                    why: "with peers, each replica needs an id of its own (in a pod, $HOSTNAME, the pod's name, is used)".into(),
+                });
+            }
             if !self.transports.quic {
                 return Err(ConfigError::Invalid {
                     what: "--peers / --peer-dns-name",
@@ -396,6 +404,7 @@ mod tests {
     #[test]
     fn peers_are_host_port_over_quic() {
         let peers = |list: &[&str]| ServerConfig {
+            server_id: "replica-a".into(),
             peers: PeerConfig {
                 peers: list.iter().map(ToString::to_string).collect(),
                 dns_name: None,

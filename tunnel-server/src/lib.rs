@@ -408,7 +408,7 @@ impl Server {
             registry.clone(),
             config.clone(),
             ports.clone(),
-            peers,
+            peers.clone(),
         ));
         info!(
             tunnel = %tunnel.local_addr(),
@@ -533,7 +533,14 @@ impl Server {
         for session in registry.sessions() {
             session.go_away(CloseCause::Shutdown, config.drain_timeout);
         }
-        drain::within(config.drain_timeout, fronts.idle()).await;
+        // The fronts' streams, and those other replicas forwarded to our agents.
+        let idle = async {
+            fronts.idle().await;
+            if let Some(peers) = &peers {
+                peers.idle().await;
+            }
+        };
+        drain::within(config.drain_timeout, idle).await;
         let _ = cut_tx.send(true);
         for session in registry.sessions() {
             session.close(CloseCause::Shutdown);

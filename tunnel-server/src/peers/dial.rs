@@ -2,14 +2,14 @@
 //! headless Service's DNS name re-resolved), one link kept to each, and the streams the peers
 //! open on those links served from this replica's own agents.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_core::copy::{CopyConfig, copy_bidirectional};
 use tunnel_core::{
@@ -39,9 +39,13 @@ pub(crate) struct Membership {
 }
 
 impl Membership {
-    /// Every address the peers have now. A name that does not resolve is logged and left
-    /// out until it does.
-    async fn resolve(&self, resolver: &TokioResolver) -> BTreeSet<SocketAddr> {
+    /// Every address the peers have now. A name whose lookup fails keeps its last answer: a
+    /// DNS hiccup (CoreDNS restarting) must not cut the links to every peer.
+    async fn resolve(
+        &self,
+        resolver: &TokioResolver,
+        last: &mut HashMap<String, Vec<IpAddr>>,
+    ) -> BTreeSet<SocketAddr> {
         let mut addrs = BTreeSet::new();
         let names = self.statics.iter().chain(self.dns_name.as_ref());
         for (host, port) in names {
@@ -50,8 +54,15 @@ impl Membership {
                 continue;
             }
             match resolver.lookup_ip(host.as_str()).await {
-                Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, *port))),
-                Err(e) => debug!(peer.host = %host, error = %e, "peer name does not resolve"),
+                Ok(ips) => {
+                    last.insert(host.clone(), ips.iter().collect());
+                }
+                Err(e) => {
+                    debug!(peer.host = %host, error = %e, "peer name does not resolve; keeping its last answer")
+                }
+            }
+            if let Some(ips) = last.get(host) {
+                addrs.extend(ips.iter().map(|ip| SocketAddr::new(*ip, *port)));
             }
         }
         addrs
@@ -59,7 +70,7 @@ impl Membership {
 }
 
 /// What serving the peers' streams needs of this replica.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Dialing {
     pub(crate) server_id: String,
     /// The name the peers' certificate carries (they serve the same one as this replica).
@@ -68,6 +79,38 @@ pub(crate) struct Dialing {
     pub(crate) registry: Arc<Registry>,
     pub(crate) ports: Arc<Ports>,
     pub(crate) copy: CopyConfig,
+    /// The server ids this replica holds a link to (one per replica, whatever its addresses).
+    pub(crate) linked: std::sync::Mutex<HashSet<String>>,
+    /// Forwarded streams being served, which the drain waits for as for the fronts'.
+    pub(crate) serving: Arc<Serving>,
+}
+
+/// Counts the streams peers opened here while they run; [`idle`](Self::idle) waits for none.
+#[derive(Debug, Default)]
+pub(crate) struct Serving {
+    streams: watch::Sender<usize>,
+}
+
+impl Serving {
+    fn start(self: &Arc<Self>) -> ServingGuard {
+        self.streams.send_modify(|n| *n += 1);
+        ServingGuard(self.clone())
+    }
+
+    /// Resolves when no forwarded stream is being served.
+    pub(crate) async fn idle(&self) {
+        let mut rx = self.streams.subscribe();
+        // The sender lives in `self`.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+struct ServingGuard(Arc<Serving>);
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        self.0.streams.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Keeps a peer link to every address of `membership` but this replica's own, until `stop`.
@@ -79,9 +122,14 @@ pub(crate) async fn dial(
 ) {
     let dialing = Arc::new(dialing);
     // One task per peer address, aborted when the address leaves the list or at the cut.
-    let mut links: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let mut links: HashMap<SocketAddr, AbortHandle> = HashMap::new();
+    let mut last = HashMap::new();
     loop {
-        let addrs = membership.resolve(&resolver).await;
+        let addrs = tokio::select! {
+            addrs = membership.resolve(&resolver, &mut last) => addrs,
+            () = crate::stopped(&mut stop) => break,
+        };
         links.retain(|addr, task| {
             let keep = addrs.contains(addr);
             if !keep {
@@ -93,17 +141,16 @@ pub(crate) async fn dial(
         for addr in addrs {
             links.entry(addr).or_insert_with(|| {
                 let span = info_span!("peer", peer.addr = %addr);
-                tokio::spawn(keep_link(addr, dialing.clone()).instrument(span))
+                tasks.spawn(keep_link(addr, dialing.clone()).instrument(span))
             });
         }
         tokio::select! {
             () = tokio::time::sleep(RESOLVE_EVERY) => {}
             () = crate::stopped(&mut stop) => break,
         }
+        while tasks.try_join_next().is_some() {}
     }
-    for task in links.into_values() {
-        task.abort();
-    }
+    tasks.shutdown().await;
 }
 
 /// Dials `addr` until it answers, serves the link until it ends, and again; returns when the
@@ -129,16 +176,23 @@ async fn keep_link(addr: SocketAddr, dialing: Arc<Dialing>) {
                 link.close(CloseCause::Refused);
                 return;
             }
-            Ok(link) => {
-                info!(peer.id = %link.server_id(), "peer link up");
-                wait = REDIAL_FIRST;
-                failures = 0;
-                let gauge = metrics::gauge!("edge_tunnel_server_peer_links", "direction" => "out");
-                gauge.increment(1.0);
-                let reason = serve(link, &dialing).await;
-                gauge.decrement(1.0);
-                info!(%reason, "peer link ended");
-            }
+            Ok(link) => match Linked::claim(&dialing, link.server_id()) {
+                Some(_linked) => {
+                    info!(peer.id = %link.server_id(), "peer link up");
+                    wait = REDIAL_FIRST;
+                    failures = 0;
+                    let reason = serve(link, &dialing).await;
+                    info!(%reason, "peer link ended");
+                }
+                None => {
+                    // The same replica under another address (an AAAA record beside its A
+                    // record, or in both lists): one link is enough, and two would keep
+                    // replacing each other on its side.
+                    debug!(peer.id = %link.server_id(), "already linked to this replica at another address");
+                    link.close(CloseCause::Replaced);
+                    wait = REDIAL_MAX;
+                }
+            },
             Err(e) => {
                 failures += 1;
                 // A replica still starting, or one going away: say so once, then quietly.
@@ -154,6 +208,45 @@ async fn keep_link(addr: SocketAddr, dialing: Arc<Dialing>) {
     }
 }
 
+/// A peer link up, counted in the `out` gauge and in [`Dialing::linked`] while it lives
+/// (however its task ends, an abort included).
+struct Linked {
+    dialing: Arc<Dialing>,
+    server_id: String,
+    gauge: metrics::Gauge,
+}
+
+impl Linked {
+    /// Claims the link to `server_id`: `None` when another address's task holds one already.
+    fn claim(dialing: &Arc<Dialing>, server_id: &str) -> Option<Self> {
+        let mut linked = dialing
+            .linked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !linked.insert(server_id.to_owned()) {
+            return None;
+        }
+        let gauge = metrics::gauge!("edge_tunnel_server_peer_links", "direction" => "out");
+        gauge.increment(1.0);
+        Some(Self {
+            dialing: dialing.clone(),
+            server_id: server_id.to_owned(),
+            gauge,
+        })
+    }
+}
+
+impl Drop for Linked {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+        self.dialing
+            .linked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.server_id);
+    }
+}
+
 /// Between 50 % and 100 % of `wait`, so that replicas restarted together do not redial in step.
 fn jittered(wait: Duration) -> Duration {
     wait.mul_f64(0.5 + rand::random::<f64>() / 2.0)
@@ -161,7 +254,7 @@ fn jittered(wait: Duration) -> Duration {
 
 /// Serves the streams the peer opens on `link` until the link ends (they end with it).
 async fn serve(link: AgentSession, dialing: &Arc<Dialing>) -> tunnel_core::CloseReason {
-    let mut streams = tokio::task::JoinSet::new();
+    let mut streams = JoinSet::new();
     loop {
         tokio::select! {
             incoming = link.accept() => match incoming {
@@ -197,6 +290,11 @@ async fn serve_stream(incoming: IncomingStream, dialing: Arc<Dialing>) {
         .await;
     };
     let port = request.target.port;
+    // Whether we hold the node comes first: only the holder's answer ends the peer's search.
+    let Some((session, host)) = dialing.registry.lookup(&node) else {
+        served("no_agent");
+        return refuse(requested, Refusal::NoAgent, "no agent for this node here").await;
+    };
     // The peer checked its own port configuration; ours is the same, and a replica that
     // has not caught up yet must not serve what it does not.
     if !dialing.ports.current().serves(port) {
@@ -204,10 +302,7 @@ async fn serve_stream(incoming: IncomingStream, dialing: Arc<Dialing>) {
         let why = format!("port {port} is not served by this replica");
         return refuse(requested, Refusal::Forbidden, &why).await;
     }
-    let Some((session, host)) = dialing.registry.lookup(&node) else {
-        served("no_agent");
-        return refuse(requested, Refusal::NoAgent, "no agent for this node here").await;
-    };
+    let _serving = dialing.serving.start();
     let open = OpenRequest::new(Target { host, port }, request.trace_id);
     debug!(%node, port, trace.id = request.trace_id, "serving a peer's stream");
     let opened = tokio::select! {

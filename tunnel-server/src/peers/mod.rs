@@ -26,7 +26,7 @@ use tunnel_core::{
     CloseCause, CloseReason, NodeRef, OpenError, OpenRequest, Refusal, ReplicaSession, TunnelStream,
 };
 
-use dial::{Dialing, Membership, dial};
+use dial::{Dialing, Membership, Serving, dial};
 pub(crate) use setup::Setup;
 
 /// The most nodes remembered with their holder. Past it the directory starts again empty: it
@@ -69,6 +69,8 @@ const REPLACED_DRAIN: Duration = Duration::from_secs(30);
 pub(crate) struct Peers {
     server_id: String,
     state: Mutex<State>,
+    /// The streams other replicas forwarded here, being served.
+    serving: std::sync::Arc<Serving>,
 }
 
 #[derive(Debug, Default)]
@@ -91,11 +93,18 @@ impl State {
 }
 
 impl Peers {
-    pub(crate) fn new(server_id: &str) -> Self {
+    pub(crate) fn new(server_id: &str, serving: std::sync::Arc<Serving>) -> Self {
         Self {
             server_id: server_id.to_owned(),
             state: Mutex::new(State::default()),
+            serving,
         }
+    }
+
+    /// Resolves when no stream another replica forwarded here is being served: the drain
+    /// waits for these as for the fronts' own.
+    pub(crate) async fn idle(&self) {
+        self.serving.idle().await;
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

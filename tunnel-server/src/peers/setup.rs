@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tunnel_core::{Connector, ReplicaSession, TransportChoice};
 use tunnel_process::files::TlsFiles;
 
-use super::{Dialing, Membership, Peers, dial};
+use super::{Dialing, Membership, Peers, Serving, dial};
 use crate::config::{ConfigError, ServerConfig};
 use crate::ports::Ports;
 use crate::registry::Registry;
@@ -64,8 +64,8 @@ impl Setup {
             .next()
             .ok_or_else(|| invalid("it has no DNS name to verify the peers by".into()))?;
         // The peers present the same kind of certificate, issued by the CA this replica
-        // verifies agents with.
-        let tls = tunnel_core::tls::client_config(
+        // verifies agents with, and must carry the replica mark.
+        let tls = tunnel_core::tls::replica_client_config(
             identity,
             files.roots()?,
             &[tunnel_core::tls::ALPN_QUIC],
@@ -106,7 +106,8 @@ impl Setup {
         stop: &watch::Receiver<bool>,
     ) -> Option<Arc<Peers>> {
         let prepared = self.0?;
-        let peers = Arc::new(Peers::new(&config.server_id));
+        let serving = Arc::new(Serving::default());
+        let peers = Arc::new(Peers::new(&config.server_id, serving.clone()));
         let accepting = peers.clone();
         tasks.spawn(async move { accepting.accept(prepared.links).await });
         let dialing = Dialing {
@@ -116,6 +117,8 @@ impl Setup {
             registry: registry.clone(),
             ports: ports.clone(),
             copy: config.copy.clone(),
+            linked: std::sync::Mutex::default(),
+            serving,
         };
         tasks.spawn(dial(
             prepared.membership,
