@@ -101,6 +101,18 @@ impl Default for SessionConfig {
     }
 }
 
+impl SessionConfig {
+    /// The settings of a peer link between replicas: as these, with room for 16 times the
+    /// streams, since one peer link carries the forwarded streams of every node the dialing
+    /// replica holds (each node is still bounded by its own agent link's `max_streams`).
+    pub fn for_peer_links(&self) -> Self {
+        Self {
+            max_streams: self.max_streams.saturating_mul(16),
+            ..self.clone()
+        }
+    }
+}
+
 /// The server an agent connects to: its address, and the name its certificate must carry.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Server<'a> {

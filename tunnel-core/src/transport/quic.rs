@@ -301,7 +301,7 @@ impl PendingSession {
                 claims,
                 remote,
                 transport,
-                config,
+                config: Arc::new(config.for_peer_links()),
                 opener,
                 link,
             })),

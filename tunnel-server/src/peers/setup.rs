@@ -74,7 +74,8 @@ impl Setup {
             flag: "--tls-cert-file",
             source,
         })?;
-        let connector = Connector::new(tls, config.session.clone(), TransportChoice::Quic)
+        let session = config.session.for_peer_links();
+        let connector = Connector::new(tls, session, TransportChoice::Quic)
             .map_err(|e| invalid(e.to_string()))?;
         let resolver = resolver(config.peers.dns_server)?;
         let membership = Membership {
