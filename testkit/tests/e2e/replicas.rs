@@ -70,6 +70,26 @@ async fn node_service(ip: IpAddr, port: u16, name: String) -> JoinHandle<()> {
     })
 }
 
+/// `n` edge nodes: their certificates (node `i` named `edge-i` at 127.0.0.2i), and each
+/// node's service on one port free on all their IPs. Returns the PKI, the port and the
+/// services' tasks.
+async fn edge_nodes(n: usize) -> (TestPki, u16, Vec<JoinHandle<()>>) {
+    let nodes: Vec<(String, Vec<IpAddr>)> =
+        (0..n).map(|i| (node_name(i), vec![node_ip(i)])).collect();
+    let refs: Vec<(&str, &[IpAddr])> = nodes
+        .iter()
+        .map(|(name, ips)| (name.as_str(), ips.as_slice()))
+        .collect();
+    let pki = TestPki::new(&refs);
+    let ips: Vec<String> = (0..n).map(|i| node_ip(i).to_string()).collect();
+    let port = free_port_on(&ips.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut services = Vec::new();
+    for i in 0..n {
+        services.push(node_service(node_ip(i), port, node_name(i)).await);
+    }
+    (pki, port, services)
+}
+
 /// A replica running in this process.
 struct Replica {
     id: String,
@@ -312,21 +332,7 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 6;
-    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
-        .map(|i| (node_name(i), vec![node_ip(i)]))
-        .collect();
-    let refs: Vec<(&str, &[IpAddr])> = nodes
-        .iter()
-        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
-        .collect();
-    let pki = TestPki::new(&refs);
-    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
-    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
-    let port = free_port_on(&ip_refs);
-    let mut services = Vec::new();
-    for i in 0..NODES {
-        services.push(node_service(node_ip(i), port, node_name(i)).await);
-    }
+    let (pki, port, services) = edge_nodes(NODES).await;
     let replicas = replicas(&pki, 3, port).await;
     linked(&replicas).await;
 
@@ -412,9 +418,7 @@ async fn any_replica_serves_any_node_and_follows_an_agent_that_moved() {
 async fn a_replica_started_later_is_found_and_serves_the_others_nodes() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
-    let pki = TestPki::new(&[(&node_name(0), &[node_ip(0)])]);
-    let port = free_port_on(&[&node_ip(0).to_string()]);
-    let service = node_service(node_ip(0), port, node_name(0)).await;
+    let (pki, port, services) = edge_nodes(1).await;
     // Three replicas listed everywhere; the third not started yet.
     let tunnel_ports: Vec<u16> = (0..3).map(|_| free_port_on(&["127.0.0.1"])).collect();
     let first = start_replica(&pki, 0, &tunnel_ports, port).await;
@@ -451,7 +455,9 @@ async fn a_replica_started_later_is_found_and_serves_the_others_nodes() {
     );
     agent.stop().await;
     drop((first, second, third));
-    service.abort();
+    for service in services {
+        service.abort();
+    }
 }
 
 /// haproxy (`mode tcp`, round robin, health-checked) in front of the replicas' TCP tunnel
@@ -791,21 +797,7 @@ async fn behind_haproxy_every_node_answers_through_every_replica_and_survives_lo
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 30;
-    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
-        .map(|i| (node_name(i), vec![node_ip(i)]))
-        .collect();
-    let refs: Vec<(&str, &[IpAddr])> = nodes
-        .iter()
-        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
-        .collect();
-    let pki = TestPki::new(&refs);
-    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
-    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
-    let port = free_port_on(&ip_refs);
-    let mut services = Vec::new();
-    for i in 0..NODES {
-        services.push(node_service(node_ip(i), port, node_name(i)).await);
-    }
+    let (pki, port, services) = edge_nodes(NODES).await;
     let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     for replica in &replicas {
@@ -919,21 +911,7 @@ async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
     const NODES: usize = 12;
     const DRAIN: Duration = Duration::from_secs(4);
     const DELAY: Duration = Duration::from_secs(1);
-    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
-        .map(|i| (node_name(i), vec![node_ip(i)]))
-        .collect();
-    let refs: Vec<(&str, &[IpAddr])> = nodes
-        .iter()
-        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
-        .collect();
-    let pki = TestPki::new(&refs);
-    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
-    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
-    let port = free_port_on(&ip_refs);
-    let mut services = Vec::new();
-    for i in 0..NODES {
-        services.push(node_service(node_ip(i), port, node_name(i)).await);
-    }
+    let (pki, port, services) = edge_nodes(NODES).await;
     let drain = DRAIN.as_secs().to_string();
     // haproxy checks /readyz every 200 ms: a second of not ready takes the replica out.
     let replicas = [
@@ -1067,21 +1045,7 @@ async fn with_server_redundancy_2_a_killed_replica_loses_no_node() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 12;
-    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
-        .map(|i| (node_name(i), vec![node_ip(i)]))
-        .collect();
-    let refs: Vec<(&str, &[IpAddr])> = nodes
-        .iter()
-        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
-        .collect();
-    let pki = TestPki::new(&refs);
-    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
-    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
-    let port = free_port_on(&ip_refs);
-    let mut services = Vec::new();
-    for i in 0..NODES {
-        services.push(node_service(node_ip(i), port, node_name(i)).await);
-    }
+    let (pki, port, services) = edge_nodes(NODES).await;
     let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
     let lb = Haproxy::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
 
@@ -1138,21 +1102,7 @@ async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 30;
-    let nodes: Vec<(String, Vec<IpAddr>)> = (0..NODES)
-        .map(|i| (node_name(i), vec![node_ip(i)]))
-        .collect();
-    let refs: Vec<(&str, &[IpAddr])> = nodes
-        .iter()
-        .map(|(n, ips)| (n.as_str(), ips.as_slice()))
-        .collect();
-    let pki = TestPki::new(&refs);
-    let ips: Vec<String> = (0..NODES).map(|i| node_ip(i).to_string()).collect();
-    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
-    let port = free_port_on(&ip_refs);
-    let mut services = Vec::new();
-    for i in 0..NODES {
-        services.push(node_service(node_ip(i), port, node_name(i)).await);
-    }
+    let (pki, port, services) = edge_nodes(NODES).await;
     let replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
     let lb = Nginx::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
 
@@ -1196,9 +1146,7 @@ async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica() {
 async fn peer_links_to_a_restarted_replica_are_made_again() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
-    let pki = TestPki::new(&[(&node_name(0), &[node_ip(0)])]);
-    let port = free_port_on(&[&node_ip(0).to_string()]);
-    let service = node_service(node_ip(0), port, node_name(0)).await;
+    let (pki, port, services) = edge_nodes(1).await;
     let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
     let config = agent_config(&pki, 0, replicas[0].tunnel, port, TransportChoice::Quic);
     let agent = RunningAgent::start(config, Some(&replicas[0].id)).await;
@@ -1233,7 +1181,9 @@ async fn peer_links_to_a_restarted_replica_are_made_again() {
     println!("a restarted replica was linked again after {relinked:?}");
     agent.stop().await;
     drop(replicas);
-    service.abort();
+    for service in services {
+        service.abort();
+    }
 }
 
 /// A dnsmasq on 127.0.0.1 answering `name` with `ips`, and nothing else. Killed on drop.
@@ -1276,9 +1226,7 @@ async fn dnsmasq(name: &str, ips: &[IpAddr]) -> (tokio::process::Child, SocketAd
 async fn replicas_find_each_other_by_a_dns_name() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
-    let pki = TestPki::new(&[(&node_name(0), &[node_ip(0)])]);
-    let port = free_port_on(&[&node_ip(0).to_string()]);
-    let service = node_service(node_ip(0), port, node_name(0)).await;
+    let (pki, port, services) = edge_nodes(1).await;
     // Three replicas on one port of three addresses, as pods behind a headless Service.
     let ips: Vec<IpAddr> = (1..=3).map(|n| IpAddr::from([127, 0, 0, n])).collect();
     let texts: Vec<String> = ips.iter().map(ToString::to_string).collect();
@@ -1309,5 +1257,7 @@ async fn replicas_find_each_other_by_a_dns_name() {
     }
     agent.stop().await;
     drop(replicas);
-    service.abort();
+    for service in services {
+        service.abort();
+    }
 }
