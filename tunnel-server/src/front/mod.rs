@@ -27,11 +27,14 @@ use tunnel_process::throttle::LogThrottle;
 
 use crate::config::ServerConfig;
 use crate::peers::{Found, MOVE_WAIT, Peers};
-
-/// How often the replicas are asked again while a node's agent moves between them.
-const MOVE_POLL: Duration = Duration::from_millis(100);
 use crate::ports::Ports;
 use crate::registry::Registry;
+
+/// While a node's agent moves between replicas, the replicas are asked again after this,
+/// doubling up to [`MOVE_POLL_MAX`] (many clients may wait for one node; each asks every peer),
+/// and at once when an agent registers here.
+const MOVE_POLL: Duration = Duration::from_millis(100);
+const MOVE_POLL_MAX: Duration = Duration::from_millis(800);
 
 /// How long a finished stream waits for the agent to acknowledge its last bytes.
 pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -323,6 +326,8 @@ impl Fronts {
             source,
         };
         let started = Instant::now();
+        let mut poll = MOVE_POLL;
+        let mut registered = self.registry.subscribe();
         // The session here that closed under an open, and how.
         let mut closed: Option<(u64, OpenError)> = None;
         loop {
@@ -356,7 +361,12 @@ impl Fronts {
                 });
             }
             debug!(%node, "the node's agent is moving between replicas; waiting for it");
-            tokio::time::sleep(MOVE_POLL).await;
+            tokio::select! {
+                () = tokio::time::sleep(poll) => {}
+                // The sender lives in the registry, which outlives this open.
+                _ = registered.changed() => {}
+            }
+            poll = (poll * 2).min(MOVE_POLL_MAX);
         }
     }
 
