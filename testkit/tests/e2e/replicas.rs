@@ -111,7 +111,7 @@ impl Drop for Replica {
 
 /// `n` replicas whose tunnel ports are one another's `--peers` (each finds itself in the list).
 async fn replicas(pki: &TestPki, n: usize, port: u16) -> Vec<Replica> {
-    let tunnel_ports: Vec<u16> = (0..n).map(|_| free_port_on(&["127.0.0.1"])).collect();
+    let tunnel_ports: Vec<u16> = (0..n).map(|_| free_tunnel_port()).collect();
     let mut out = Vec::new();
     for i in 0..n {
         out.push(start_replica(pki, i, &tunnel_ports, port).await);
@@ -420,7 +420,7 @@ async fn a_replica_started_later_is_found_and_serves_the_others_nodes() {
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     let (pki, port, services) = edge_nodes(1).await;
     // Three replicas listed everywhere; the third not started yet.
-    let tunnel_ports: Vec<u16> = (0..3).map(|_| free_port_on(&["127.0.0.1"])).collect();
+    let tunnel_ports: Vec<u16> = (0..3).map(|_| free_tunnel_port()).collect();
     let first = start_replica(&pki, 0, &tunnel_ports, port).await;
     let second = start_replica(&pki, 1, &tunnel_ports, port).await;
     links_up(2).await;
@@ -593,7 +593,7 @@ impl ReplicaProcess {
     /// `n` replica processes, each with the others (and itself) as `--peers`, the service
     /// `port` dialed on the node's IP.
     async fn start_all(pki: &TestPki, n: usize, port: u16, extra: &[&str]) -> Vec<Self> {
-        let tunnel_ports: Vec<u16> = (0..n).map(|_| free_port_on(&["127.0.0.1"])).collect();
+        let tunnel_ports: Vec<u16> = (0..n).map(|_| free_tunnel_port()).collect();
         let peers = tunnel_ports
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
@@ -759,6 +759,19 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// A port free on 127.0.0.1 for both TCP and UDP at the time of asking, as a tunnel port
+/// needs (the many QUIC endpoints of parallel tests hold ephemeral UDP ports a TCP check
+/// alone would not see).
+fn free_tunnel_port() -> u16 {
+    for _ in 0..100 {
+        let port = free_port_on(&["127.0.0.1"]);
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both TCP and UDP on 127.0.0.1");
 }
 
 /// A UDP port free on 127.0.0.1 at the time of asking.
@@ -1098,7 +1111,8 @@ async fn with_server_redundancy_2_a_killed_replica_loses_no_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica() {
+async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica_and_move_when_one_dies()
+{
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 30;
@@ -1128,6 +1142,33 @@ async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica() {
     assert!(
         spread.iter().all(|n| *n > 0.0),
         "the hash reaches every replica: {spread:?}"
+    );
+    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    all_served(&fronts, NODES, port).await;
+
+    // A replica dies. Nothing tells its QUIC agents: the next keep-alive (5 s) goes through
+    // nginx to another replica, whose stateless reset (the key follows the shared private
+    // key) sends the agent to connect again at once.
+    let mut replicas = replicas;
+    let mut dead = replicas.remove(1);
+    let lost = dead.agents().await;
+    dead.child.start_kill().expect("SIGKILL");
+    let _ = dead.child.wait().await;
+    let started = tokio::time::Instant::now();
+    loop {
+        let now = held(&replicas).await;
+        if now.iter().sum::<f64>() >= NODES as f64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "QUIC agents of the killed replica back on the others: {now:?} of {NODES}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "{lost} QUIC agents of the killed replica held by the others after {:?}",
+        started.elapsed()
     );
     let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
     all_served(&fronts, NODES, port).await;
