@@ -103,11 +103,13 @@ impl Default for SessionConfig {
 
 impl SessionConfig {
     /// The settings of a peer link between replicas: as these, with room for 16 times the
-    /// streams, since one peer link carries the forwarded streams of every node the dialing
-    /// replica holds (each node is still bounded by its own agent link's `max_streams`).
+    /// streams and 4 times the link's receive window, since one peer link carries the
+    /// forwarded streams of every node the dialing replica holds (each node is still bounded
+    /// by its own agent link's).
     pub fn for_peer_links(&self) -> Self {
         Self {
             max_streams: self.max_streams.saturating_mul(16),
+            connection_window: self.connection_window.saturating_mul(4),
             ..self.clone()
         }
     }

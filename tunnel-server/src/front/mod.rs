@@ -361,10 +361,26 @@ impl Fronts {
                 });
             }
             debug!(%node, "the node's agent is moving between replicas; waiting for it");
-            tokio::select! {
-                () = tokio::time::sleep(poll) => {}
-                // The sender lives in the registry, which outlives this open.
-                _ = registered.changed() => {}
+            let timer = tokio::time::sleep(poll);
+            tokio::pin!(timer);
+            loop {
+                tokio::select! {
+                    () = &mut timer => break,
+                    changed = registered.changed() => {
+                        let arrived = self.registry.lookup(node).is_some_and(|(session, _)| {
+                            closed.as_ref().is_none_or(|(id, _)| *id != session.id())
+                        });
+                        // Only this node's agent arriving here ends the wait early; the
+                        // peers are asked again on the timer alone.
+                        if arrived {
+                            break;
+                        }
+                        if changed.is_err() {
+                            (&mut timer).await;
+                            break;
+                        }
+                    }
+                }
             }
             poll = (poll * 2).min(MOVE_POLL_MAX);
         }

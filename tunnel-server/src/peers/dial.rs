@@ -57,6 +57,10 @@ impl Membership {
                 Ok(ips) => {
                     last.insert(host.clone(), ips.iter().collect());
                 }
+                // An answer: the name has no replicas now (the Service has no endpoints).
+                Err(e) if e.is_no_records_found() => {
+                    last.insert(host.clone(), Vec::new());
+                }
                 Err(e) => {
                     debug!(peer.host = %host, error = %e, "peer name does not resolve; keeping its last answer")
                 }
@@ -163,7 +167,14 @@ async fn keep_link(addr: SocketAddr, dialing: Arc<Dialing>) {
     };
     let mut wait = REDIAL_FIRST;
     let mut failures = 0u32;
+    // The replica this address answered as, last time.
+    let mut known: Option<String> = None;
     loop {
+        // Linked to it through another address already: no second link (each would replace
+        // the other on its side), until that one ends.
+        while known.as_ref().is_some_and(|id| dialing.is_linked(id)) {
+            tokio::time::sleep(jittered(REDIAL_MAX)).await;
+        }
         let connect = dialing.connector.connect_over(
             TransportChoice::Quic,
             addr,
@@ -176,23 +187,24 @@ async fn keep_link(addr: SocketAddr, dialing: Arc<Dialing>) {
                 link.close(CloseCause::Refused);
                 return;
             }
-            Ok(link) => match Linked::claim(&dialing, link.server_id()) {
-                Some(_linked) => {
-                    info!(peer.id = %link.server_id(), "peer link up");
-                    wait = REDIAL_FIRST;
-                    failures = 0;
-                    let reason = serve(link, &dialing).await;
-                    info!(%reason, "peer link ended");
+            Ok(link) => {
+                known = Some(link.server_id().to_owned());
+                match Linked::claim(&dialing, link.server_id()) {
+                    Some(_linked) => {
+                        info!(peer.id = %link.server_id(), "peer link up");
+                        wait = REDIAL_FIRST;
+                        failures = 0;
+                        let reason = serve(link, &dialing).await;
+                        info!(%reason, "peer link ended");
+                    }
+                    None => {
+                        // The same replica under another address (an AAAA record beside its A
+                        // record, or in both lists): one link is enough.
+                        debug!(peer.id = %link.server_id(), "already linked to this replica at another address");
+                        link.close(CloseCause::Replaced);
+                    }
                 }
-                None => {
-                    // The same replica under another address (an AAAA record beside its A
-                    // record, or in both lists): one link is enough, and two would keep
-                    // replacing each other on its side.
-                    debug!(peer.id = %link.server_id(), "already linked to this replica at another address");
-                    link.close(CloseCause::Replaced);
-                    wait = REDIAL_MAX;
-                }
-            },
+            }
             Err(e) => {
                 failures += 1;
                 // A replica still starting, or one going away: say so once, then quietly.
@@ -214,6 +226,16 @@ struct Linked {
     dialing: Arc<Dialing>,
     server_id: String,
     gauge: metrics::Gauge,
+}
+
+impl Dialing {
+    /// Whether a link to the replica `server_id` is up.
+    fn is_linked(&self, server_id: &str) -> bool {
+        self.linked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(server_id)
+    }
 }
 
 impl Linked {
@@ -263,6 +285,15 @@ async fn serve(link: AgentSession, dialing: &Arc<Dialing>) -> tunnel_core::Close
                 }
                 Err(_) => return link.closed().await,
             },
+            // The peer sends no more streams here: let its streams finish, and dial again.
+            state = link.draining() => {
+                if let tunnel_core::LinkState::Draining(reason) = state {
+                    while streams.join_next().await.is_some() {}
+                    link.close(CloseCause::GoAway);
+                    return reason;
+                }
+                return link.closed().await;
+            }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
     }

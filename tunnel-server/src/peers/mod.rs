@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 use tunnel_core::{
-    CloseCause, CloseReason, NodeRef, OpenError, OpenRequest, Refusal, ReplicaSession, TunnelStream,
+    CloseCause, CloseReason, LinkState, NodeRef, OpenError, OpenRequest, Refusal, ReplicaSession,
+    TunnelStream,
 };
 
 use dial::{Dialing, Membership, Serving, dial};
@@ -61,9 +62,6 @@ pub(crate) enum Found {
     },
 }
 
-/// How long streams on a replica's older peer link may run once a newer link replaced it.
-const REPLACED_DRAIN: Duration = Duration::from_secs(30);
-
 /// The peer links other replicas dialed to this one, and where nodes were last found.
 #[derive(Debug)]
 pub(crate) struct Peers {
@@ -75,8 +73,10 @@ pub(crate) struct Peers {
 
 #[derive(Debug, Default)]
 struct State {
-    /// By the server id each replica registered with.
-    links: HashMap<String, ReplicaSession>,
+    /// By the server id each replica registered with, oldest first. Usually one each; a
+    /// replica's new link comes before its old one is known dead (a restart), and both are
+    /// kept: each leaves when it closes, and the newest serving one is used.
+    links: HashMap<String, Vec<ReplicaSession>>,
     /// Node → where it was last found.
     holders: HashMap<NodeRef, Holder>,
 }
@@ -125,7 +125,13 @@ impl Peers {
             let mut links: Vec<(String, ReplicaSession)> = state
                 .links
                 .iter()
-                .map(|(id, link)| (id.clone(), link.clone()))
+                .filter_map(|(id, links)| {
+                    let serving = links
+                        .iter()
+                        .rev()
+                        .find(|l| matches!(l.state(), LinkState::Active));
+                    serving.map(|link| (id.clone(), link.clone()))
+                })
                 .collect();
             // The remembered holder first, then the others in a stable order.
             links.sort_by_key(|(id, _)| (Some(id) != cached, id.clone()));
@@ -180,8 +186,7 @@ impl Peers {
     }
 
     /// Takes the peer links the tunnel listener accepts until its queue closes. A link from
-    /// this replica itself (found in its own peer list) is closed; a newer link of a replica
-    /// replaces its older one, which may finish what it carries.
+    /// this replica itself (found in its own peer list) is closed.
     pub(crate) async fn accept(&self, mut links: mpsc::Receiver<ReplicaSession>) {
         let mut ends = JoinSet::new();
         loop {
@@ -205,11 +210,13 @@ impl Peers {
             return;
         }
         info!(peer.id = %id, peer.addr = %link.remote_addr(), "peer link accepted");
-        let replaced = self.state().links.insert(id.clone(), link.clone());
-        match replaced {
-            Some(old) => old.go_away(CloseCause::Replaced, REPLACED_DRAIN),
-            None => links_gauge().increment(1.0),
+        let mut state = self.state();
+        let links = state.links.entry(id.clone()).or_default();
+        if links.is_empty() {
+            links_gauge().increment(1.0);
         }
+        links.push(link.clone());
+        drop(state);
         ends.spawn(async move {
             let reason = link.closed().await;
             (id, link.id(), reason)
@@ -218,7 +225,11 @@ impl Peers {
 
     fn forget(&self, id: &str, session: u64, reason: &CloseReason) {
         let mut state = self.state();
-        if state.links.get(id).is_some_and(|l| l.id() == session) {
+        let Some(links) = state.links.get_mut(id) else {
+            return;
+        };
+        links.retain(|l| l.id() != session);
+        if links.is_empty() {
             state.links.remove(id);
             // Its agents are on their way to the other replicas.
             let now = Instant::now();
