@@ -13,6 +13,7 @@ pub mod logs;
 pub mod netns;
 pub mod pki;
 pub mod target;
+pub mod tools;
 
 pub use cluster::{AgentHandle, TestCluster};
 pub use configmap::ConfigMapDir;

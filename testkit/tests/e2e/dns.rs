@@ -4,73 +4,16 @@
 //! (`--tunnel-service-ip`, here 10.96.0.7) once their agent connects.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use edge_tunnel_testkit::tools::{dnsmasq, program};
 use edge_tunnel_testkit::{TestCluster, TestPki, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const SERVICE_IP: &str = "10.96.0.7";
-
-/// A program from PATH or the sbin directories a non-root PATH leaves out.
-fn program(name: &str) -> PathBuf {
-    let dirs = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&dirs)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| panic!("{name} not found; `scripts/test --install-only` installs it"))
-}
-
-/// A loopback port free for both UDP and TCP at the time of asking.
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let port = udp.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for UDP and TCP");
-}
-
-/// A dnsmasq on 127.0.0.1 with `args`, answering from its own records only (no resolv.conf,
-/// no /etc/hosts), in the foreground.
-async fn dnsmasq(args: &[String]) -> (Child, SocketAddr) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut command = Command::new(program("dnsmasq"));
-    command
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--except-interface=nonexistent",
-            "--pid-file",
-            "--user=root",
-            "--log-facility=-",
-        ])
-        .arg(format!("--port={}", addr.port()))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = command.spawn().expect("dnsmasq runs");
-    // Ready once it answers (REFUSED for a name it does not know is an answer).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dig(addr, &["ready.invalid", "A"]).await.status.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "dnsmasq never answered on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (child, addr)
-}
 
 /// What dig printed of one answer.
 #[derive(Debug)]

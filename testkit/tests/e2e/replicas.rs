@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edge_tunnel_testkit::tools::{dnsmasq, free_udp_tcp_port, program};
 use edge_tunnel_testkit::{TestPki, client, free_port_on, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -111,7 +112,7 @@ impl Drop for Replica {
 
 /// `n` replicas whose tunnel ports are one another's `--peers` (each finds itself in the list).
 async fn replicas(pki: &TestPki, n: usize, port: u16) -> Vec<Replica> {
-    let tunnel_ports: Vec<u16> = (0..n).map(|_| free_tunnel_port()).collect();
+    let tunnel_ports: Vec<u16> = (0..n).map(|_| free_udp_tcp_port()).collect();
     let mut out = Vec::new();
     for i in 0..n {
         out.push(start_replica(pki, i, &tunnel_ports, port).await);
@@ -420,7 +421,7 @@ async fn a_replica_started_later_is_found_and_serves_the_others_nodes() {
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     let (pki, port, services) = edge_nodes(1).await;
     // Three replicas listed everywhere; the third not started yet.
-    let tunnel_ports: Vec<u16> = (0..3).map(|_| free_tunnel_port()).collect();
+    let tunnel_ports: Vec<u16> = (0..3).map(|_| free_udp_tcp_port()).collect();
     let first = start_replica(&pki, 0, &tunnel_ports, port).await;
     let second = start_replica(&pki, 1, &tunnel_ports, port).await;
     links_up(2).await;
@@ -518,7 +519,7 @@ impl Haproxy {
         }
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).expect("write haproxy.cfg");
-        let child = tokio::process::Command::new("haproxy")
+        let child = tokio::process::Command::new(program("haproxy"))
             .arg("-db")
             .arg("-f")
             .arg(&path)
@@ -582,10 +583,27 @@ fn spawn_replica(args: &[std::ffi::OsString]) -> tokio::process::Child {
 }
 
 impl ReplicaProcess {
-    /// Kills it (SIGKILL) and starts it again with the same flags, ports and certificate.
-    async fn restart(&mut self) {
+    /// Kills it with SIGKILL (nothing is closed gracefully, as when a pod's node dies) and
+    /// waits until it is gone.
+    async fn kill(&mut self) {
         self.child.start_kill().expect("SIGKILL");
         let _ = self.child.wait().await;
+    }
+
+    /// Sends it `signal` (`TERM`, `STOP`…).
+    async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = tokio::process::Command::new(program("kill"))
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "SIG{signal} sent to {}", self.id);
+    }
+
+    /// Kills it and starts it again with the same flags, ports and certificate.
+    async fn restart(&mut self) {
+        self.kill().await;
         self.child = spawn_replica(&self.args);
         self.wait_ready().await;
     }
@@ -593,7 +611,7 @@ impl ReplicaProcess {
     /// `n` replica processes, each with the others (and itself) as `--peers`, the service
     /// `port` dialed on the node's IP.
     async fn start_all(pki: &TestPki, n: usize, port: u16, extra: &[&str]) -> Vec<Self> {
-        let tunnel_ports: Vec<u16> = (0..n).map(|_| free_tunnel_port()).collect();
+        let tunnel_ports: Vec<u16> = (0..n).map(|_| free_udp_tcp_port()).collect();
         let peers = tunnel_ports
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
@@ -719,7 +737,7 @@ struct Nginx {
 impl Nginx {
     async fn start(backends: &[SocketAddr]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_udp_port();
+        let port = free_udp_tcp_port();
         let servers: String = backends
             .iter()
             .map(|addr| format!("    server {addr};\n"))
@@ -730,7 +748,7 @@ impl Nginx {
         );
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, config).expect("write nginx.conf");
-        let child = tokio::process::Command::new("nginx")
+        let child = tokio::process::Command::new(program("nginx"))
             .arg("-p")
             .arg(dir.path())
             .arg("-e")
@@ -761,25 +779,14 @@ impl Drop for Nginx {
     }
 }
 
-/// A port free on 127.0.0.1 for both TCP and UDP at the time of asking, as a tunnel port
-/// needs (the many QUIC endpoints of parallel tests hold ephemeral UDP ports a TCP check
-/// alone would not see).
-fn free_tunnel_port() -> u16 {
-    for _ in 0..100 {
-        let port = free_port_on(&["127.0.0.1"]);
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for both TCP and UDP on 127.0.0.1");
+/// The replicas' tunnel ports.
+fn tunnels(replicas: &[ReplicaProcess]) -> Vec<SocketAddr> {
+    replicas.iter().map(|r| r.tunnel).collect()
 }
 
-/// A UDP port free on 127.0.0.1 at the time of asking.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
+/// The replicas' HTTP fronts.
+fn fronts(replicas: &[ReplicaProcess]) -> Vec<SocketAddr> {
+    replicas.iter().map(|r| r.http).collect()
 }
 
 /// Every node answers through every replica of `http_fronts`.
@@ -805,6 +812,52 @@ async fn held(replicas: &[ReplicaProcess]) -> Vec<f64> {
     out
 }
 
+/// Waits until `replicas` hold `want` agent sessions together, `within` at most; returns
+/// how they are spread and how long it took.
+async fn until_held(
+    replicas: &[ReplicaProcess],
+    want: usize,
+    within: Duration,
+) -> (Vec<f64>, Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let spread = held(replicas).await;
+        if spread.iter().sum::<f64>() >= want as f64 {
+            return (spread, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < within,
+            "{want} agent sessions held within {within:?}: {spread:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Agents for nodes `0..n`, each connected (through `server`, a load balancer) before the
+/// next starts, with `redundancy` sessions each.
+async fn start_agents(
+    pki: &TestPki,
+    n: usize,
+    server: SocketAddr,
+    port: u16,
+    transport: TransportChoice,
+    redundancy: usize,
+) -> Vec<RunningAgent> {
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let mut config = agent_config(pki, i, server, port, transport);
+        config.server_redundancy = redundancy;
+        agents.push(RunningAgent::start(config, None).await);
+    }
+    agents
+}
+
+async fn stop_agents(agents: Vec<RunningAgent>) {
+    for agent in agents {
+        agent.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_haproxy_every_node_answers_through_every_replica_and_survives_losing_one() {
     edge_tunnel_testkit::init_tracing();
@@ -812,64 +865,29 @@ async fn behind_haproxy_every_node_answers_through_every_replica_and_survives_lo
     const NODES: usize = 30;
     let (pki, port, services) = edge_nodes(NODES).await;
     let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    for replica in &replicas {
-        while replica.peers_in().await < 2.0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} has its peers",
-                replica.id
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    let lb = Haproxy::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
+    let lb = Haproxy::start(&tunnels(&replicas)).await;
 
     // The agents know only the load balancer; gRPC, since haproxy carries TCP.
-    let mut agents = Vec::new();
-    for i in 0..NODES {
-        let config = agent_config(&pki, i, lb.addr, port, TransportChoice::Grpc);
-        agents.push(RunningAgent::start(config, None).await);
-    }
-    let spread = held(&replicas).await;
+    let agents = start_agents(&pki, NODES, lb.addr, port, TransportChoice::Grpc, 1).await;
+    let (spread, _) = until_held(&replicas, NODES, Duration::from_secs(20)).await;
     println!("agents per replica through haproxy: {spread:?}");
     assert_eq!(spread.iter().sum::<f64>(), NODES as f64, "{spread:?}");
     assert!(
         spread.iter().all(|n| *n > 0.0),
         "round robin reaches every replica: {spread:?}"
     );
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
-    all_served(&fronts, NODES, port).await;
+    all_served(&fronts(&replicas), NODES, port).await;
 
     // One replica is killed. Its agents come back through the load balancer to the others,
     // and every node answers through both again.
     let mut dead = replicas.remove(1);
     let lost = dead.agents().await;
-    let started = tokio::time::Instant::now();
-    dead.child.start_kill().expect("SIGKILL");
-    let _ = dead.child.wait().await;
-    let deadline = started + Duration::from_secs(30);
-    loop {
-        let now = held(&replicas).await;
-        if now.iter().sum::<f64>() >= NODES as f64 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agents back on the other replicas: {now:?} of {NODES}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    println!(
-        "{lost} agents of the killed replica held again by the others after {:?}",
-        started.elapsed()
-    );
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
-    all_served(&fronts, NODES, port).await;
+    dead.kill().await;
+    let (_, back) = until_held(&replicas, NODES, Duration::from_secs(30)).await;
+    println!("{lost} agents of the killed replica held again by the others after {back:?}");
+    all_served(&fronts(&replicas), NODES, port).await;
 
-    for agent in agents {
-        agent.stop().await;
-    }
+    stop_agents(agents).await;
     drop(lb);
     drop(replicas);
     for service in services {
@@ -934,8 +952,7 @@ async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
         "1",
     ];
     let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &replicas).await;
-    let tunnels: Vec<SocketAddr> = replicas.iter().map(|r| r.tunnel).collect();
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
+    let (tunnels, http_fronts) = (tunnels(&replicas), fronts(&replicas));
     let metas: Vec<SocketAddr> = replicas.iter().map(|r| r.meta).collect();
     // The load balancer sends agents to the tunnel ports, clients to the HTTP fronts of the
     // replicas whose /readyz says so.
@@ -945,22 +962,14 @@ async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
             ready: None,
         },
         Some(Frontend {
-            backends: &fronts,
+            backends: &http_fronts,
             ready: Some(&metas),
         }),
     )
     .await;
     let front = front.expect("fronts frontend");
-    let mut agents = Vec::new();
-    for i in 0..NODES {
-        let config = agent_config(&pki, i, lb.addr, port, TransportChoice::Grpc);
-        agents.push(RunningAgent::start(config, None).await);
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while held(&replicas).await.iter().sum::<f64>() < NODES as f64 {
-        assert!(tokio::time::Instant::now() < deadline, "agents registered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let agents = start_agents(&pki, NODES, lb.addr, port, TransportChoice::Grpc, 1).await;
+    until_held(&replicas, NODES, Duration::from_secs(20)).await;
     all_served(&[front], NODES, port).await;
 
     // 10 followed logs, and 200 short requests a second (2,000 at most, 10 s at most).
@@ -994,15 +1003,8 @@ async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut leaving = replicas.remove(1);
     let held_before = leaving.agents().await;
-    let pid = leaving.child.id().expect("running").to_string();
     let sigterm = tokio::time::Instant::now();
-    println!("SIGTERM at {sigterm:?}");
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .expect("kill runs");
-    assert!(killed.success());
+    leaving.signal("TERM").await;
     let exit = tokio::time::timeout(
         DELAY + DRAIN + Duration::from_secs(10),
         leaving.child.wait(),
@@ -1054,57 +1056,39 @@ async fn sigterm_drains_a_replica_behind_haproxy_without_failing_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_server_redundancy_2_a_killed_replica_loses_no_node() {
+async fn with_server_redundancy_2_a_replica_lost_loses_no_node() {
     edge_tunnel_testkit::init_tracing();
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 12;
     let (pki, port, services) = edge_nodes(NODES).await;
     let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
-    let lb = Haproxy::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
+    let lb = Haproxy::start(&tunnels(&replicas)).await;
 
     // Two sessions per agent, each to a different replica, both through the load balancer.
-    let mut agents = Vec::new();
-    for i in 0..NODES {
-        let mut config = agent_config(&pki, i, lb.addr, port, TransportChoice::Grpc);
-        config.server_redundancy = 2;
-        agents.push(RunningAgent::start(config, None).await);
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let spread = held(&replicas).await;
-        // A replica holds one session per node: 2 × NODES in all means two replicas each.
-        if spread.iter().sum::<f64>() >= 2.0 * NODES as f64 {
-            println!("sessions per replica with redundancy 2: {spread:?}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "every agent holds two sessions: {spread:?} of {}",
-            2 * NODES
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
-    all_served(&fronts, NODES, port).await;
+    // A replica holds one session per node: 2 × NODES in all means two replicas each.
+    let agents = start_agents(&pki, NODES, lb.addr, port, TransportChoice::Grpc, 2).await;
+    let (spread, _) = until_held(&replicas, 2 * NODES, Duration::from_secs(30)).await;
+    println!("sessions per replica with redundancy 2: {spread:?}");
+    all_served(&fronts(&replicas), NODES, port).await;
 
-    // A replica dies. Every node still has a session on another one: it answers through the
-    // two left at once, before any agent has connected again.
-    let mut dead = replicas.remove(1);
-    dead.child.start_kill().expect("SIGKILL");
-    let _ = dead.child.wait().await;
-    let killed = tokio::time::Instant::now();
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
-    all_served(&fronts, NODES, port).await;
+    // A replica freezes (SIGSTOP): it closes nothing, so no agent notices or connects again
+    // (the ping deadline is 25 s away). Every node answers through the two others all the
+    // same, over the session it already holds there.
+    let frozen = replicas.remove(1);
+    frozen.signal("STOP").await;
+    let lost = tokio::time::Instant::now();
+    all_served(&fronts(&replicas), NODES, port).await;
     println!(
-        "every node answered through both replicas left within {:?} of the kill",
-        killed.elapsed()
+        "every node answered through the two replicas left within {:?} of losing the third",
+        lost.elapsed()
+    );
+    assert!(
+        lost.elapsed() < Duration::from_secs(20),
+        "served before any agent could have noticed the frozen replica"
     );
 
-    for agent in agents {
-        agent.stop().await;
-    }
-    drop(lb);
-    drop(replicas);
+    stop_agents(agents).await;
+    drop((lb, frozen, replicas));
     for service in services {
         service.abort();
     }
@@ -1117,65 +1101,30 @@ async fn behind_nginx_udp_hashing_quic_agents_answer_through_every_replica_and_m
     let _exclusive = edge_tunnel_testkit::exclusive().await;
     const NODES: usize = 30;
     let (pki, port, services) = edge_nodes(NODES).await;
-    let replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
-    let lb = Nginx::start(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>()).await;
+    let mut replicas = ReplicaProcess::start_all(&pki, 3, port, &[]).await;
+    let lb = Nginx::start(&tunnels(&replicas)).await;
 
     // QUIC only: the agents know only nginx's UDP port.
-    let mut agents = Vec::new();
-    for i in 0..NODES {
-        let config = agent_config(&pki, i, lb.addr, port, TransportChoice::Quic);
-        agents.push(RunningAgent::start(config, None).await);
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let spread = loop {
-        let spread = held(&replicas).await;
-        if spread.iter().sum::<f64>() >= NODES as f64 {
-            break spread;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agents registered: {spread:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let agents = start_agents(&pki, NODES, lb.addr, port, TransportChoice::Quic, 1).await;
+    let (spread, _) = until_held(&replicas, NODES, Duration::from_secs(20)).await;
     println!("QUIC agents per replica through nginx: {spread:?}");
     assert!(
         spread.iter().all(|n| *n > 0.0),
         "the hash reaches every replica: {spread:?}"
     );
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
-    all_served(&fronts, NODES, port).await;
+    all_served(&fronts(&replicas), NODES, port).await;
 
     // A replica dies. Nothing tells its QUIC agents: the next keep-alive (5 s) goes through
     // nginx to another replica, whose stateless reset (the key follows the shared private
     // key) sends the agent to connect again at once.
-    let mut replicas = replicas;
     let mut dead = replicas.remove(1);
     let lost = dead.agents().await;
-    dead.child.start_kill().expect("SIGKILL");
-    let _ = dead.child.wait().await;
-    let started = tokio::time::Instant::now();
-    loop {
-        let now = held(&replicas).await;
-        if now.iter().sum::<f64>() >= NODES as f64 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "QUIC agents of the killed replica back on the others: {now:?} of {NODES}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!(
-        "{lost} QUIC agents of the killed replica held by the others after {:?}",
-        started.elapsed()
-    );
-    let fronts: Vec<SocketAddr> = replicas.iter().map(|r| r.http).collect();
-    all_served(&fronts, NODES, port).await;
+    dead.kill().await;
+    let (_, back) = until_held(&replicas, NODES, Duration::from_secs(20)).await;
+    println!("{lost} QUIC agents of the killed replica held by the others after {back:?}");
+    all_served(&fronts(&replicas), NODES, port).await;
 
-    for agent in agents {
-        agent.stop().await;
-    }
+    stop_agents(agents).await;
     drop(lb);
     drop(replicas);
     for service in services {
@@ -1227,42 +1176,6 @@ async fn peer_links_to_a_restarted_replica_are_made_again() {
     }
 }
 
-/// A dnsmasq on 127.0.0.1 answering `name` with `ips`, and nothing else. Killed on drop.
-async fn dnsmasq(name: &str, ips: &[IpAddr]) -> (tokio::process::Child, SocketAddr) {
-    let port = free_udp_port();
-    let mut command = tokio::process::Command::new("dnsmasq");
-    command.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--except-interface=nonexistent",
-        "--pid-file",
-        "--user=root",
-        "--log-facility=-",
-    ]);
-    command.arg(format!("--port={port}"));
-    for ip in ips {
-        command.arg(format!("--host-record={name},{ip}"));
-    }
-    let child = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("dnsmasq runs (scripts/test installs it)");
-    // Ready once it holds its UDP port.
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    for _ in 0..100 {
-        if std::net::UdpSocket::bind(addr).is_err() {
-            return (child, addr);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("dnsmasq does not listen on {addr}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_find_each_other_by_a_dns_name() {
     edge_tunnel_testkit::init_tracing();
@@ -1272,7 +1185,11 @@ async fn replicas_find_each_other_by_a_dns_name() {
     let ips: Vec<IpAddr> = (1..=3).map(|n| IpAddr::from([127, 0, 0, n])).collect();
     let texts: Vec<String> = ips.iter().map(ToString::to_string).collect();
     let tunnel_port = free_port_on(&texts.iter().map(String::as_str).collect::<Vec<_>>());
-    let (_dns, dns_server) = dnsmasq("replicas.test", &ips).await;
+    let records: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("--host-record=replicas.test,{ip}"))
+        .collect();
+    let (_dns, dns_server) = dnsmasq(&records).await;
     let mut replicas = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
         let peers = PeerConfig {
