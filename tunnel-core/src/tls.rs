@@ -226,41 +226,38 @@ pub const REPLICA_URI: &str = "urn:edge-tunnel:replica";
 /// Whether `der`, a verified certificate, carries the replica mark ([`REPLICA_URI`]).
 pub fn is_replica_certificate(der: &CertificateDer<'_>) -> Result<bool, IdentityError> {
     use x509_parser::extensions::GeneralName;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparseable)?;
-    Ok(cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|san| {
-            san.value
-                .general_names
-                .iter()
-                .any(|name| matches!(name, GeneralName::URI(uri) if *uri == REPLICA_URI))
-        }))
+    with_alt_names(der, |names| {
+        names
+            .iter()
+            .any(|name| matches!(name, GeneralName::URI(uri) if *uri == REPLICA_URI))
+    })
 }
 
 /// The DNS names among `der`'s subject alternative names, in order: a replica verifies its
 /// peers by the first of its own (they serve the same certificate).
 pub fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, IdentityError> {
     use x509_parser::extensions::GeneralName;
+    with_alt_names(der, |names| {
+        names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// `read` applied to the subject alternative names of `der` (none when it has no such
+/// extension, or one that does not parse).
+fn with_alt_names<T>(
+    der: &CertificateDer<'_>,
+    read: impl FnOnce(&[x509_parser::extensions::GeneralName<'_>]) -> T,
+) -> Result<T, IdentityError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparseable)?;
-    Ok(cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    GeneralName::DNSName(d) => Some((*d).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default())
+    let san = cert.subject_alternative_name().ok().flatten();
+    Ok(read(san.map_or(&[][..], |san| &san.value.general_names)))
 }
 
 /// Who an agent is, taken from its verified certificate: nothing else decides it.
