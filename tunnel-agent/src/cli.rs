@@ -111,10 +111,7 @@ pub fn main() -> anyhow::Result<()> {
     let mut config = cli.into_config();
     config.validate().context("invalid configuration")?;
     config.metrics = Some(telemetry::install_recorder()?);
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(async {
-        crate::run(config, signal::shutdown_signal())
-            .await
-            .context("tunnel agent")
-    })
+    signal::run_until_signal(|shutdown| crate::run(config, shutdown))
+        .context("starting the runtime")?
+        .context("tunnel agent")
 }
