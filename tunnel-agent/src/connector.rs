@@ -78,7 +78,7 @@ impl ConnectError {
 }
 
 /// Resolves the server and connects to the first address that works.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServerConnector {
     host: String,
     port: u16,

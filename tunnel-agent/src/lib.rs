@@ -109,10 +109,11 @@ impl Agent {
         let ready = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::new(config.server_redundancy, status, ready.clone()));
         let drain_timeout = config.drain_timeout;
-        let mut all = Vec::new();
-        for slot in 0..config.server_redundancy {
-            all.push(Links::prepare(config.clone(), slots.clone(), slot).await?);
-        }
+        let redundancy = config.server_redundancy;
+        let first = Links::prepare(config, slots).await?;
+        let others: Vec<Links> = (1..redundancy).map(|slot| first.slot(slot)).collect();
+        let mut all = vec![first];
+        all.extend(others);
         let meta = all[0].start_meta(ready).await?;
         // The slots connect, serve and reconnect side by side on this task until the
         // shutdown (the streams they carry run on tasks of their own).
@@ -243,11 +244,7 @@ type Shutdown<'a, F> = Pin<&'a mut F>;
 impl Links {
     /// Validates the configuration and loads what connecting needs: the certificate, the
     /// connector, the claims to register with, the allowlist.
-    async fn prepare(
-        config: AgentConfig,
-        slots: Arc<Slots>,
-        slot: usize,
-    ) -> Result<Self, AgentError> {
+    async fn prepare(config: AgentConfig, slots: Arc<Slots>) -> Result<Self, AgentError> {
         let loaded = certs::load(&config).await?;
         let reconnect = Reconnect::new(config.backoff.clone());
         let connector = Connector::new(loaded.client, config.session.clone(), config.transport)
@@ -285,7 +282,7 @@ impl Links {
             node.ips = ?loaded.dial_ips,
             server = %config.server_address,
             transport = config.transport.as_str(),
-            slot,
+            server_redundancy = config.server_redundancy,
             "tunnel agent starting"
         );
         // Every reason is a series from the start, so that a rate over it works before the
@@ -310,11 +307,30 @@ impl Links {
             server,
             register,
             slots,
-            slot,
+            slot: 0,
             streams: JoinSet::new(),
             reconnect,
             live: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Another slot beside this one: the same configuration, certificate and connector, its
+    /// own sessions, reconnect state and instance id (to the servers, each slot is an agent
+    /// process of its own).
+    fn slot(&self, slot: usize) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            server: self.server.clone(),
+            register: proto::Register {
+                instance_id: rand::random::<u64>() | 1,
+                ..self.register.clone()
+            },
+            slots: self.slots.clone(),
+            slot,
+            streams: JoinSet::new(),
+            reconnect: Reconnect::new(self.shared.config.backoff.clone()),
+            live: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// What we register with now: the claims, and how many sessions this process still serves
