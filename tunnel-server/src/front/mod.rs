@@ -331,14 +331,12 @@ impl Fronts {
         // The session here that closed under an open, and how.
         let mut closed: Option<(u64, OpenError)> = None;
         loop {
-            if let Some((session, host)) = self.registry.lookup(node)
-                && closed.as_ref().is_none_or(|(id, _)| *id != session.id())
-            {
+            let skip = closed.as_ref().map(|(id, _)| *id);
+            if let Some((session, host)) = self.local(node, skip) {
                 match open_on(&session, host, port).await {
                     Err(OpenError::LinkClosed(reason)) => {
-                        let first = closed.is_none();
                         closed = Some((session.id(), OpenError::LinkClosed(reason)));
-                        if first && self.peers.is_none() {
+                        if skip.is_none() && self.peers.is_none() {
                             debug!(%node, "session closed while opening; looking for its successor");
                             continue;
                         }
@@ -361,28 +359,45 @@ impl Fronts {
                 });
             }
             debug!(%node, "the node's agent is moving between replicas; waiting for it");
-            let timer = tokio::time::sleep(poll);
-            tokio::pin!(timer);
-            loop {
-                tokio::select! {
-                    () = &mut timer => break,
-                    changed = registered.changed() => {
-                        let arrived = self.registry.lookup(node).is_some_and(|(session, _)| {
-                            closed.as_ref().is_none_or(|(id, _)| *id != session.id())
-                        });
-                        // Only this node's agent arriving here ends the wait early; the
-                        // peers are asked again on the timer alone.
-                        if arrived {
-                            break;
-                        }
-                        if changed.is_err() {
-                            (&mut timer).await;
-                            break;
-                        }
+            let skip = closed.as_ref().map(|(id, _)| *id);
+            self.arrival(node, skip, poll, &mut registered).await;
+            poll = (poll * 2).min(MOVE_POLL_MAX);
+        }
+    }
+
+    /// The session serving `node` on this replica, unless it is session `skip` (one that
+    /// closed under an open).
+    fn local(&self, node: &NodeRef, skip: Option<u64>) -> Option<(ServerSession, TargetHost)> {
+        self.registry
+            .lookup(node)
+            .filter(|(session, _)| Some(session.id()) != skip)
+    }
+
+    /// Waits `poll`, or less if `node`'s agent (other than session `skip`) registers here
+    /// meanwhile. Other registrations do not end the wait: the peers are asked again on the
+    /// timer alone.
+    async fn arrival(
+        &self,
+        node: &NodeRef,
+        skip: Option<u64>,
+        poll: Duration,
+        registered: &mut watch::Receiver<u64>,
+    ) {
+        let timer = tokio::time::sleep(poll);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                () = &mut timer => return,
+                changed = registered.changed() => {
+                    if self.local(node, skip).is_some() {
+                        return;
+                    }
+                    if changed.is_err() {
+                        // The registry is gone: nobody will register.
+                        return timer.await;
                     }
                 }
             }
-            poll = (poll * 2).min(MOVE_POLL_MAX);
         }
     }
 

@@ -170,8 +170,8 @@ async fn keep_link(addr: SocketAddr, dialing: Arc<Dialing>) {
     // The replica this address answered as, last time.
     let mut known: Option<String> = None;
     loop {
-        // Linked to it through another address already: no second link (each would replace
-        // the other on its side), until that one ends.
+        // Linked to that replica through another address already: one link is enough, until
+        // that one ends.
         while known.as_ref().is_some_and(|id| dialing.is_linked(id)) {
             tokio::time::sleep(jittered(REDIAL_MAX)).await;
         }

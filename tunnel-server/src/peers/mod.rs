@@ -134,7 +134,11 @@ impl Peers {
                 })
                 .collect();
             // The remembered holder first, then the others in a stable order.
-            links.sort_by_key(|(id, _)| (Some(id) != cached, id.clone()));
+            links.sort_by(|(a, _), (b, _)| {
+                (Some(a) != cached)
+                    .cmp(&(Some(b) != cached))
+                    .then_with(|| a.cmp(b))
+            });
             links
         };
         for (id, link) in candidates {
@@ -160,9 +164,7 @@ impl Peers {
                     let mut state = self.state();
                     if matches!(state.holders.get(node), Some(Holder::At(holder)) if *holder == id)
                     {
-                        state
-                            .holders
-                            .insert(node.clone(), Holder::Left(Instant::now()));
+                        state.remember(node, Holder::Left(Instant::now()));
                     }
                 }
                 Err(e) => {
