@@ -136,8 +136,8 @@ pub(crate) async fn follow_agents<S: AgentLink>(
 /// How a sink paces its writes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pacing {
-    /// How long a change waits for the rest of its burst (a Node list, agents arriving
-    /// together) before it is written, so that a burst becomes one write.
+    /// How long the records must stay unchanged before a change is written (a Node list,
+    /// agents arriving together), so that a burst becomes one write.
     pub(crate) settle: Duration,
     /// Fewest time between two writes.
     pub(crate) interval: Duration,
@@ -147,8 +147,8 @@ pub(crate) struct Pacing {
 }
 
 /// Follows the records until `stop` and puts each new set into `sink` with `write`, paced by
-/// `pacing`: after the source's first publish, each change waits `pacing.settle` for the rest of
-/// its burst; a write is followed by `pacing.interval` without another; a failed write is tried
+/// `pacing`: after the source's first publish, each change waits for the rest of its burst
+/// (until `pacing.settle` passes without another, `pacing.interval` at most); a write is followed by `pacing.interval` without another; a failed write is tried
 /// again after [`RETRY`], doubling up to [`MAX_RETRY`]. `write` gets the rendered records and
 /// answers whether it wrote (false: the sink held them already). `target` names the sink in
 /// the log.
@@ -172,9 +172,20 @@ pub(crate) async fn drive_sink<W, F, E>(
     let mut written: Option<String> = None;
     let mut retry = RETRY;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(pacing.settle) => {}
-            () = stopped(&mut stop) => return,
+        // The rest of the burst: until `settle` passes without a change, `interval` at most
+        // (a burst that trickles in, as a busy source publishes it, is still one write; a
+        // stream of changes is still written at the sink's pace).
+        let burst = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(pacing.settle) => break,
+                changed = records.changed() => {
+                    if changed.is_err() || burst.elapsed() >= pacing.interval {
+                        break;
+                    }
+                }
+                () = stopped(&mut stop) => return,
+            }
         }
         let content = records.borrow_and_update().render();
         if written.as_deref() == Some(content.as_str()) {
