@@ -284,18 +284,9 @@ async fn try_ask(front: SocketAddr, node: &str, port: u16) -> Result<(u16, Strin
 
 /// What the HTTP front of `front` answers for node `node` on `port`: status and body.
 async fn ask(front: SocketAddr, node: &str, port: u16) -> (u16, String) {
-    let tcp = tokio::net::TcpStream::connect(front)
+    try_ask(front, node, port)
         .await
-        .expect("front accepts");
-    let mut sender = client::http1(tcp).await.expect("http/1");
-    let (status, body) = tokio::time::timeout(
-        Duration::from_secs(20),
-        client::get(&mut sender, &format!("{node}:{port}"), "/"),
-    )
-    .await
-    .expect("an answer in time")
-    .expect("a response");
-    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+        .unwrap_or_else(|e| panic!("{node} through {front}: {e}"))
 }
 
 /// Waits until every replica has a peer link from each other one.
